@@ -1,0 +1,267 @@
+"""GPT-2 in Flax linen, with every architecture switch of `GPTConfig`.
+
+Parameter names follow GPT-2 (wte, wpe, h_0 ... h_{L-1} with ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj, then ln_f, and lm_head only when untied), so Hugging Face checkpoints map one to one.
+Dense kernels are [in, out], exactly GPT-2's Conv1D layout.
+
+The model knows nothing of LoRA (a transform of the params pytree) and nothing of quantization beyond three
+helpers (`matmul`, `embed`, `attend`) that hand any non-array weight leaf to that leaf's own method.
+The KV cache is an argument and a return value: `apply(..., cache=c)` returns `(logits, new_cache)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.rope import apply_rope
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight helpers: arrays are multiplied here; any other leaf (a quantized weight) brings its own method.
+
+
+def _is_array(w: Any) -> bool:
+    return isinstance(w, (jax.Array, np.ndarray))
+
+
+def matmul(x: jax.Array, w: Any, dtype: Any) -> jax.Array:
+    """x [..., in] @ w [in, out] in `dtype`."""
+    if _is_array(w):
+        return jnp.dot(x.astype(dtype), w.astype(dtype))
+    return w.matmul(x, dtype)
+
+
+def embed(w: Any, ids: jax.Array, dtype: Any) -> jax.Array:
+    """Rows of w [V, C] for ids [...] -> [..., C]."""
+    if _is_array(w):
+        return jnp.take(w, ids, axis=0).astype(dtype)
+    return w.embed(ids, dtype)
+
+
+def attend(x: jax.Array, w: Any, dtype: Any) -> jax.Array:
+    """x [..., C] @ w.T for an embedding table w [V, C] (the tied head)."""
+    if _is_array(w):
+        return jnp.dot(x.astype(dtype), w.astype(dtype).T)
+    return w.attend(x, dtype)
+
+
+def _weight(module: nn.Module, name: str, init: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A parameter; quantized leaves (not arrays) are returned as they are, skipping flax's shape check."""
+    if module.has_variable("params", name):
+        w = module.get_variable("params", name)
+        if not _is_array(w):
+            return w
+    return module.param(name, init, shape, dtype)
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
+    """Fixed sin/cos position codes (Vaswani et al.) for integer positions [B, T] -> [B, T, dim] float32."""
+    inv = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))  # [dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, dim/2]
+    # interleave: even channels sin, odd channels cos
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias, kernel [in, out] (GPT-2 Conv1D layout)."""
+
+    features: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _weight(self, "kernel", nn.initializers.normal(self.std), (x.shape[-1], self.features),
+                         self.param_dtype)
+        y = matmul(x, kernel, self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """A table [num, features] read by id, and (tied head) multiplied by its transpose."""
+
+    num: int
+    features: int
+    dtype: Any
+    param_dtype: Any
+
+    def setup(self) -> None:
+        self.embedding = _weight(self, "embedding", nn.initializers.normal(0.02), (self.num, self.features),
+                                 self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return embed(self.embedding, ids, self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return attend(x, self.embedding, self.dtype)
+
+
+def make_norm(config: GPTConfig, name: str) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype,
+                          param_dtype=config.params_dtype, name=name)
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_bias=config.bias, dtype=config.compute_dtype,
+                        param_dtype=config.params_dtype, name=name)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+                          impl: str = "xla", dropout_rate: float = 0.0,
+                          dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Softmax attention. q [B, T, H, D], k/v [B, S, H, D], mask [B, 1, T, S] bool or None (causal).
+
+    "manual" is einsum + float32 softmax and is the only path with attention dropout; "xla" and "cudnn"
+    call `jax.nn.dot_product_attention` with that implementation.
+    """
+    if impl == "manual" or (dropout_rate > 0.0 and dropout_rng is not None):
+        T, S = q.shape[1], k.shape[1]
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(q.shape[-1])
+        if mask is None:
+            mask = jnp.tril(jnp.ones((T, S), bool))[None, None]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if dropout_rate > 0.0 and dropout_rng is not None:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+            probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+        return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=impl)
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any,
+                 deterministic: bool) -> tuple[jax.Array, Any]:
+        cfg = self.config
+        B, T, C = x.shape  # [B, T, C]
+        H, D = cfg.n_head, cfg.head_dim
+        qkv = Dense(3 * C, cfg.bias, cfg.compute_dtype, cfg.params_dtype, name="c_attn")(x)  # [B, T, 3C]
+        q, k, v = (t.reshape(B, T, H, D) for t in jnp.split(qkv, 3, axis=-1))  # [B, T, H, D] each
+        if cfg.pos_embedding == "rope":
+            q = apply_rope(q, positions, cfg.rope_theta)
+            k = apply_rope(k, positions, cfg.rope_theta)
+
+        if layer_cache is None:
+            mask = None  # plain causal over the T tokens
+        else:
+            layer_cache = layer_cache.write(k, v, positions[:, 0])
+            k, v = layer_cache.read(cfg.compute_dtype)  # [B, S, H, D]
+            S = k.shape[1]
+            # key j is visible to the query at position p iff j <= p; rows may sit at different offsets
+            mask = jnp.arange(S)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+
+        use_dropout = cfg.dropout > 0.0 and not deterministic
+        y = dot_product_attention(
+            q, k, v, mask, impl=cfg.attention, dropout_rate=cfg.dropout if use_dropout else 0.0,
+            dropout_rng=self.make_rng("dropout") if use_dropout else None)
+        y = y.reshape(B, T, C)
+        y = Dense(C, cfg.bias, cfg.compute_dtype, cfg.params_dtype, std=0.02 / math.sqrt(2 * cfg.n_layer),
+                  name="c_proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), layer_cache
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        h = Dense(4 * cfg.n_embd, cfg.bias, cfg.compute_dtype, cfg.params_dtype, name="c_fc")(x)
+        h = nn.gelu(h, approximate=True)  # GPT-2's tanh GELU ("gelu_new")
+        h = Dense(cfg.n_embd, cfg.bias, cfg.compute_dtype, cfg.params_dtype,
+                  std=0.02 / math.sqrt(2 * cfg.n_layer), name="c_proj")(h)
+        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any,
+                 deterministic: bool) -> tuple[jax.Array, Any]:
+        cfg = self.config
+        ln_1, ln_2 = make_norm(cfg, "ln_1"), make_norm(cfg, "ln_2")
+        attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
+        if cfg.norm_position == "pre":  # GPT-2: x + f(LN(x))
+            a, layer_cache = attn(ln_1(x), positions, layer_cache, deterministic)
+            x = x + a
+            x = x + mlp(ln_2(x), deterministic)
+        else:  # original Transformer: LN(x + f(x))
+            a, layer_cache = attn(x, positions, layer_cache, deterministic)
+            x = ln_1(x + a)
+            x = ln_2(x + mlp(x, deterministic))
+        return x, layer_cache
+
+
+class GPT(nn.Module):
+    """tokens [B, T] -> logits [B, T, V] (float32); with a cache, (logits, new cache)."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: Any = None,
+                 deterministic: bool = True) -> Any:
+        cfg = self.config
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.arange(T, dtype=jnp.int32)[None, :]
+            if cache is not None:
+                positions = positions + cache.lengths[:, None]
+            elif cfg.pos_embedding == "learned" and T > cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size} (learned positions); "
+                                 "crop the input or raise block_size")
+        positions = jnp.broadcast_to(positions, (B, T)).astype(jnp.int32)  # [B, T]
+
+        wte = Embed(cfg.vocab_size, cfg.n_embd, cfg.compute_dtype, cfg.params_dtype, name="wte")
+        x = wte(tokens)  # [B, T, C]
+        if cfg.pos_embedding == "learned":
+            x = x + Embed(cfg.block_size, cfg.n_embd, cfg.compute_dtype, cfg.params_dtype, name="wpe")(positions)
+        elif cfg.pos_embedding == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, cfg.n_embd).astype(cfg.compute_dtype)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+        new_layers = []
+        for i in range(cfg.n_layer):
+            layer_cache = None if cache is None else cache.layers[i]
+            x, layer_cache = Block(cfg, name=f"h_{i}")(x, positions, layer_cache, deterministic)
+            new_layers.append(layer_cache)
+
+        if cfg.norm_position == "pre":
+            x = make_norm(cfg, "ln_f")(x)
+        if cfg.tie_embeddings:
+            logits = wte.attend(x)
+        else:
+            logits = Dense(cfg.vocab_size, False, cfg.compute_dtype, cfg.params_dtype, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)  # [B, T, V]
+        if cache is None:
+            return logits
+        return logits, cache.replace(layers=tuple(new_layers), lengths=positions[:, -1] + 1)
+
+
+def init_params(config: GPTConfig, rng: jax.Array | int = 0) -> Any:
+    """Freshly initialised parameters (GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2L))."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    tokens = jnp.zeros((1, min(8, config.block_size)), jnp.int32)
+    return jax.jit(lambda r: GPT(config).init(r, tokens)["params"])(rng)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a params pytree (quantized leaves count their weight's elements)."""
+    return sum(int(np.prod(getattr(x, "shape", ()))) for x in
+               jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "matmul")))
