@@ -1,0 +1,240 @@
+"""Sharding over devices and hosts: a ("data", "fsdp") mesh and the partition specs that go with it.
+
+JAX is the distributed engine; this module only decides where each array lives:
+
+- the mesh is a 2-D grid of all devices, axes ("data", "fsdp"); `make_mesh(data=-1, fsdp=1)` is plain data
+  parallelism, `make_mesh(data=1, fsdp=-1)` is fully sharded (ZeRO-3 style) data parallelism;
+- a batch is split along its first dimension over both axes (every device sees different rows);
+- each large parameter is split along its largest dimension divisible by the fsdp size and replicated over
+  "data"; small ones (norms, biases) are replicated. The rule reads only a leaf's shape, so the same
+  function shards an optimizer state (Adam's mu and nu have their parameter's shape) or a whole train state.
+
+`jax.jit(step, in_shardings=..., out_shardings=...)` then inserts the all-gathers and reduce-scatters.
+Multi-host runs call `maybe_initialize_distributed` first, before anything touches a device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, FSDP = "data", "fsdp"
+AXES = (DATA, FSDP)
+BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every device
+DEFAULT_MIN_SIZE = 2**14  # leaves with fewer elements are replicated (norms, biases: gathering them costs more)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mesh
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh of `devices` (default: every device of every host) with axes ("data", "fsdp").
+
+    One of the two sizes may be -1, meaning "all remaining devices". data * fsdp must equal the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if n == 0:
+        raise ValueError("make_mesh got an empty device list; pass devices=None to use every device")
+    for name, size in (("data", data), ("fsdp", fsdp)):
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"make_mesh: {name}={size!r} is not valid; use a positive integer or -1 (all the rest)")
+    if data == -1 and fsdp == -1:
+        raise ValueError("make_mesh: data and fsdp are both -1; fix one of them (e.g. fsdp=1)")
+    if data == -1 or fsdp == -1:
+        fixed = fsdp if data == -1 else data
+        if n % fixed:
+            raise ValueError(f"make_mesh: {n} devices cannot be split into groups of {fixed}; "
+                             f"use a size that divides {n}")
+        data, fsdp = (n // fixed, fixed) if data == -1 else (fixed, n // fixed)
+    if data * fsdp != n:
+        raise ValueError(f"make_mesh: data={data} x fsdp={fsdp} = {data * fsdp} but there are {n} devices; "
+                         "make the product equal the device count, or set one axis to -1")
+    try:  # topology-aware placement on TPU/GPU; on CPU this is a plain reshape
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
+    return Mesh(grid, AXES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Partition specs
+
+
+def partition_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_MIN_SIZE) -> P:
+    """The spec of one array: its largest dimension divisible by `fsdp_size` goes over "fsdp".
+
+    Replicated (P()) when fsdp_size is 1, the array has fewer than `min_size` elements, or no dimension
+    divides evenly. Ties go to the earlier dimension.
+    """
+    shape = tuple(int(d) for d in shape)
+    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    order = sorted(range(len(shape)), key=lambda i: (-shape[i], i))  # largest first, earlier dim on ties
+    for axis in order:
+        if shape[axis] % fsdp_size == 0:
+            return P(*([None] * axis + [FSDP]))
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Any:
+    """A NamedSharding for every array leaf of `tree` (params, an optax state, a whole train state).
+
+    Leaves may be arrays or `jax.ShapeDtypeStruct`s (from `jax.eval_shape`), so the shardings can be chosen
+    before anything is allocated. Scalars (step counters) are replicated.
+    """
+    fsdp_size = mesh.shape[FSDP]
+
+    def one(leaf: Any) -> NamedSharding:
+        return NamedSharding(mesh, partition_spec(getattr(leaf, "shape", ()), fsdp_size, min_size))
+
+    return jax.tree.map(one, tree)
+
+
+def param_shardings(params: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Any:
+    """NamedShardings for a params pytree (arrays or abstract shapes): large leaves split over "fsdp"."""
+    return tree_shardings(params, mesh, min_size)
+
+
+def opt_state_shardings(opt_state: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Any:
+    """NamedShardings for an optax state. Moments have their parameter's shape, so they get its sharding."""
+    return tree_shardings(opt_state, mesh, min_size)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a batch [B, ...] split over every device ("data" and "fsdp" together); the rest unsplit."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same value on every device (losses, metrics, step counters)."""
+    return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Placing arrays
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    # Several hosts: every process holds the full value (same seed / same file); each keeps its own pieces.
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_params(tree: Any, shardings: Any) -> Any:
+    """Place a pytree (params, optimizer state) held whole by every process onto `shardings`."""
+    return jax.tree.map(_put, tree, shardings)
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Turn each process's rows of the global batch into one global array split over all devices.
+
+    batch: a pytree of host arrays [B_local, ...]; with one process B_local is the global batch. Rows are
+    concatenated in process order, so process p holds rows [p * B_local, (p + 1) * B_local).
+    """
+    sharding = batch_sharding(mesh)
+    n_local = len(mesh.local_devices)
+
+    def one(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] % n_local:
+            raise ValueError(f"shard_batch: a batch leaf of shape {x.shape} cannot be split over {n_local} local "
+                             f"devices; use a per-process batch size that is a multiple of {n_local}")
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(one, batch)
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any,
+                 min_size: int = DEFAULT_MIN_SIZE) -> tuple[Any, Any]:
+    """Run `init_fn(*args)` under jit so its outputs are born sharded (no full copy on one device).
+
+    Returns (tree, shardings). Use it for params or a whole train state: `sharded_init(create_state, mesh, rng)`.
+    """
+    shardings = tree_shardings(jax.eval_shape(init_fn, *args), mesh, min_size)
+    return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
+
+
+def spec_summary(tree: Any) -> dict[str, tuple]:
+    """{"h_0/attn/c_attn/kernel": (None, "fsdp"), ...}: the spec of every leaf of an array or sharding tree."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        sharding = leaf if isinstance(leaf, NamedSharding) else leaf.sharding
+        key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        out[key] = tuple(sharding.spec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several hosts
+
+
+def distributed_args(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None,
+                     environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """Decide whether (and how) to call `jax.distributed.initialize`; None means a single-process run.
+
+    In order: explicit arguments (command-line flags); JAX's own variables JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID; JAXGPT_DISTRIBUTED=1 (Cloud TPU pod slices, where JAX finds the
+    coordinator itself); a multi-task Slurm or Open MPI job (JAX reads their variables).
+    """
+    env = os.environ if environ is None else environ
+    if coordinator is None and num_processes is None and process_id is None:
+        if "JAX_COORDINATOR_ADDRESS" in env:
+            coordinator = env["JAX_COORDINATOR_ADDRESS"]
+            try:
+                num_processes = int(env["JAX_NUM_PROCESSES"])
+                process_id = int(env["JAX_PROCESS_ID"])
+            except (KeyError, ValueError) as e:
+                raise ValueError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                                 f"integers too ({type(e).__name__}: {e}); export all three") from None
+        elif env.get("JAXGPT_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
+            return {}  # let JAX detect the cluster (Cloud TPU metadata, GKE, Slurm, Open MPI)
+        elif int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+            return {}
+        elif int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1 and "OMPI_MCA_orte_hnp_uri" in env:
+            return {}
+        else:
+            return None
+    missing = [n for n, v in (("coordinator", coordinator), ("num_processes", num_processes),
+                              ("process_id", process_id)) if v is None]
+    if missing:
+        raise ValueError(f"multi-host run needs coordinator, num_processes and process_id together; "
+                         f"missing {', '.join(missing)}")
+    num_processes, process_id = int(num_processes), int(process_id)
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} is not valid for num_processes={num_processes}; "
+                         f"use 0 .. {num_processes - 1}")
+    if ":" not in str(coordinator):
+        raise ValueError(f"coordinator={coordinator!r} has no port; use host:port, e.g. 10.0.0.1:1234")
+    if num_processes == 1:
+        return None
+    return {"coordinator_address": str(coordinator), "num_processes": num_processes, "process_id": process_id}
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None,
+                                 environ: Mapping[str, str] | None = None) -> bool:
+    """Call `jax.distributed.initialize` when flags or the environment describe a multi-process run.
+
+    Must run before any computation or `jax.devices()`. No-op (returns False) for a single process or when
+    already initialized; returns True when it initialized. On CPU, cross-process collectives use gloo.
+    """
+    args = distributed_args(coordinator, num_processes, process_id, environ)
+    if args is None or jax.distributed.is_initialized():
+        return False
+    # Cross-process collectives of the CPU backend (CPU-only runs and tests); accelerators are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**args)
+    return True
