@@ -1,0 +1,20 @@
+"""Shared test fixtures: the ../shared data folder beside the repo."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: the test data folder must sit beside the repository")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe_file(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "gpt2.tiktoken"
