@@ -108,9 +108,12 @@ def opt_state_shardings(opt_state: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_
     return tree_shardings(opt_state, mesh, min_size)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a batch [B, ...] split over every device ("data" and "fsdp" together); the rest unsplit."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
+    """Rows of a batch split over every device ("data" and "fsdp" together); other dimensions unsplit.
+
+    batch_dim: where the rows are: 0 for [B, T]; 1 for [A, B, T] (gradient-accumulation micro-batches first).
+    """
+    return NamedSharding(mesh, P(*([None] * batch_dim), BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -137,20 +140,23 @@ def shard_params(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(_put, tree, shardings)
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
+def shard_batch(batch: Any, mesh: Mesh, batch_dim: int = 0) -> Any:
     """Turn each process's rows of the global batch into one global array split over all devices.
 
-    batch: a pytree of host arrays [B_local, ...]; with one process B_local is the global batch. Rows are
-    concatenated in process order, so process p holds rows [p * B_local, (p + 1) * B_local).
+    batch: a pytree of host arrays [B_local, ...] (rows along `batch_dim`); with one process B_local is the
+    global batch. Rows are concatenated in process order: process p holds rows [p * B_local, (p + 1) * B_local).
+    (When every process holds the whole global batch instead, `jax.device_put(batch, batch_sharding(mesh))`
+    places it.)
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, batch_dim)
     n_local = len(mesh.local_devices)
 
     def one(x: Any) -> jax.Array:
         x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] % n_local:
+        if x.ndim <= batch_dim or x.shape[batch_dim] % n_local:
             raise ValueError(f"shard_batch: a batch leaf of shape {x.shape} cannot be split over {n_local} local "
-                             f"devices; use a per-process batch size that is a multiple of {n_local}")
+                             f"devices along dim {batch_dim}; use a per-process batch size that is a multiple "
+                             f"of {n_local}")
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(one, batch)

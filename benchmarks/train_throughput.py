@@ -1,0 +1,187 @@
+"""Training throughput (tokens/s) and MFU at a model shape, for several device meshes in one run.
+
+Each mesh "DxF" is data=D by fsdp=F over the first D*F devices; "1x1" is the single-device peer every other
+row is compared with. The step is a full AdamW train step (forward, backward, update) jitted with the
+in/out shardings of `jaxgpt.sharding`, so FSDP meshes pay their all-gathers and reduce-scatters.
+
+On a CPU, --devices N splits the host into N fake XLA devices (they share the same cores and memory, so this
+shows the cost of the sharded program, not a speed-up; a mesh whose replicated state would not fit in host
+memory is refused up front, e.g. 8x1 at 124M needs ~16 GiB). MFU needs a peak: known accelerators are looked up; otherwise
+pass --peak-tflops (per device), or it prints n/a.
+
+    python benchmarks/train_throughput.py --size gpt2 --devices 8 --mesh 1x1 --mesh 2x4 --mesh 1x8 \\
+        --batch 8 --seq 64 --steps 2
+    python benchmarks/train_throughput.py --size nano --devices 8 --batch 16 --steps 5  # 1x1, 8x1, 2x4
+    python benchmarks/train_throughput.py --size gpt2 --batch 16 --seq 1024 --dtype bfloat16 --attention cudnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Peak dense bf16 FLOP/s per device (vendor figures), matched against jax's device_kind.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v6": 918e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v4": 275e12}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="gpt2", help="GPTConfig preset: gpt2 (124M), gpt2-medium, nano, tiny, ...")
+    p.add_argument("--mesh", action="append", default=None,
+                   help="DATAxFSDP, repeatable (default: 1x1, then Nx1 and 2x(N/2) for N devices)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="CPU only: split the host into this many XLA devices (sets XLA_FLAGS before jax loads)")
+    p.add_argument("--batch", type=int, default=8, help="global batch (rows); must divide by each mesh's size")
+    p.add_argument("--seq", type=int, default=64, help="tokens per row (<= block_size)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per mesh (after one warm-up step)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn", "manual"])
+    p.add_argument("--min-size", type=int, default=None, help="leaves below this many elements are replicated")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device, for MFU")
+    p.add_argument("--out", type=Path, default=None, help="append one JSON line per mesh to this file")
+    return p.parse_args(argv)
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    try:
+        data, fsdp = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--mesh {text!r} is not DATAxFSDP; write it like 2x4") from None
+    return data, fsdp
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.devices:  # must happen before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.devices}").strip()
+
+    import jax
+    import numpy as np
+    import optax
+    from tqdm import tqdm
+
+    from jaxgpt import sharding as sh
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.model import GPT, init_params
+
+    cfg = GPTConfig.preset(args.size, dtype=args.dtype, attention=args.attention)
+    if args.seq > cfg.block_size:
+        raise SystemExit(f"--seq {args.seq} exceeds block_size {cfg.block_size} of --size {args.size}")
+    n = jax.device_count()
+    meshes = [parse_mesh(m) for m in args.mesh] if args.mesh else [(1, 1)] + ([(n, 1), (2, n // 2)] if n > 1 else [])
+    if (1, 1) not in meshes:
+        meshes.insert(0, (1, 1))
+    for d, f in meshes:
+        if d * f > n:
+            raise SystemExit(f"mesh {d}x{f} needs {d * f} devices but there are {n}; use --devices on CPU")
+        if args.batch % (d * f):
+            raise SystemExit(f"--batch {args.batch} does not split over mesh {d}x{f}; use a multiple of {d * f}")
+
+    # FLOPs per token (PaLM appendix B / nanoGPT): 6 per weight that is multiplied (every weight but the
+    # position table; the tied wte counts once, as the head) + 12 * layers * seq * width for attention.
+    n_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(cfg, 0))))
+    n_matmul = n_params - (cfg.block_size * cfg.n_embd if cfg.pos_embedding == "learned" else 0)
+    flops_per_token = 6 * n_matmul + 12 * cfg.n_layer * args.seq * cfg.n_embd
+    device = jax.devices()[0]
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
+        (v for k, v in PEAK_FLOPS.items() if k.lower() in device.device_kind.lower()), None)
+    if device.platform == "cpu" and not args.peak_tflops:
+        peak = None
+
+    if device.platform == "cpu":  # fake devices share host memory: refuse meshes that cannot fit
+        avail = available_memory()
+        for d, f in meshes:
+            need = d * 4 * n_params * 4  # params, grads, Adam mu and nu in f32, replicated `data` times
+            if avail and need > 0.6 * avail:
+                raise SystemExit(f"mesh {d}x{f} would keep ~{need / 2**30:.1f} GiB of params, grads and Adam "
+                                 f"moments in host memory ({avail / 2**30:.1f} GiB available); use more fsdp "
+                                 "(e.g. 1x8) or a smaller --size")
+
+    model, tx = GPT(cfg), optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)
+
+    def loss_fn(params, x, y):
+        logits = model.apply({"params": params}, x)  # [B, T, V]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq + 1), dtype=np.int32)
+    min_size = {} if args.min_size is None else {"min_size": args.min_size}
+    print(f"{args.size}: {n_params / 1e6:.1f}M params, batch {args.batch} x seq {args.seq}, {args.dtype}, "
+          f"{n} x {device.device_kind} ({device.platform}), {args.steps} timed steps per mesh", flush=True)
+
+    rows = []
+    bar = tqdm(total=len(meshes) * (args.steps + 1), desc="steps", file=sys.stderr)
+    for data, fsdp in meshes:
+        mesh = sh.make_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
+        params, p_sh = sh.sharded_init(lambda key: init_params(cfg, key), mesh, jax.random.PRNGKey(0), **min_size)
+        opt_state, o_sh = sh.sharded_init(tx.init, mesh, params, **min_size)
+        b_sh = sh.batch_sharding(mesh)
+        step_fn = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, b_sh),
+                          out_shardings=(p_sh, o_sh, sh.replicated(mesh)), donate_argnums=(0, 1))
+        x, y = sh.shard_batch(tokens[:, :-1], mesh), sh.shard_batch(tokens[:, 1:], mesh)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(params, opt_state, x, y).compile()
+        compile_s = time.perf_counter() - t0
+        params, opt_state, loss = compiled(params, opt_state, x, y)  # warm-up
+        loss.block_until_ready()
+        bar.update()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            params, opt_state, loss = compiled(params, opt_state, x, y)
+            loss.block_until_ready()
+            times.append(time.perf_counter() - t0)
+            bar.update()
+        step_s = statistics.median(times)
+        tps = args.batch * args.seq / step_s
+        state_bytes = max(sum(s.data.nbytes for leaf in jax.tree.leaves((params, opt_state))
+                              for s in leaf.addressable_shards if s.device == dev) for dev in mesh.devices.flat)
+        mfu = flops_per_token * tps / (peak * data * fsdp) if peak else None
+        rows.append(dict(size=args.size, mesh=f"{data}x{fsdp}", devices=data * fsdp, batch=args.batch, seq=args.seq,
+                         dtype=args.dtype, compile_s=compile_s, step_s=step_s, tokens_per_s=tps, mfu=mfu,
+                         state_mib_per_device=state_bytes / 2**20, loss=float(loss), device=device.device_kind))
+        del params, opt_state
+    bar.close()
+
+    base = rows[0]["tokens_per_s"]
+    print(f"\n| mesh (data x fsdp) | devices | compile s | step s | tokens/s | vs 1x1 | MFU | "
+          f"params+Adam MiB/device |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"| {r['mesh']} | {r['devices']} | {r['compile_s']:.1f} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} "
+              f"| {r['tokens_per_s'] / base:.2f}x | {mfu} | {r['state_mib_per_device']:,.0f} |")
+    print(f"\nFLOPs/token {flops_per_token / 1e6:.0f}M; peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}"
+          " per device")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
