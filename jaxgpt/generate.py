@@ -1,0 +1,365 @@
+"""Autoregressive decoding with the KV cache as explicit state: one prefill, then `lax.scan`.
+
+Prompts of different lengths are right-padded into one [B, T] array. The prefill pass writes every prompt
+position into the cache and reads each row's logits at its own last prompt token; the cache then records
+each row's true length, so row b's next token is written at position len_b and the causal mask (key j is
+visible iff j <= the query's position) hides the padding slots until they are overwritten. No left padding,
+no position shifts: every row sees exactly the positions it would see alone.
+
+The decode loop carries (cache, last token, rng, done) through `lax.scan`. `generate` jits prefill + scan as
+one function (one compile per batch / prompt length / new-token count); `stream` runs the same steps in
+chunks of a few tokens, carrying the state between calls, so text can be shown as it is produced;
+`generate_uncached` re-runs the whole sequence for every token and is the reference for tests and
+benchmarks. All three draw the same random numbers, so for a given seed they emit the same tokens.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.kv_cache import KVCache, init_cache
+from jaxgpt.model import GPT
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling: pure functions on logits [..., V]
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """Set every logit below the k-th largest to -inf (ties with the k-th are kept, as in transformers)."""
+    kth = lax.top_k(logits, k)[0][..., -1:]  # [..., 1]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to >= p.
+
+    A token is kept when the probability of all tokens ranked above it is < p, so the most likely
+    token always survives. p may be a traced scalar.
+    """
+    sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # [..., V] descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs  # [..., V]
+    keep = mass_above < p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # [..., 1]
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float | jax.Array = 1.0,
+                  top_k: int | None = None, top_p: float | jax.Array | None = None) -> jax.Array:
+    """One token per row from logits [B, V] -> [B] int32.
+
+    A Python temperature of 0 is greedy (argmax; top-k / top-p cannot change it). Otherwise the logits are
+    divided by the temperature, filtered by top-k then top-p (the order transformers uses), and sampled.
+    """
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        logits = top_k_mask(logits, top_k)
+    if top_p is not None:
+        logits = top_p_mask(logits, top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class Sampler:
+    """Sampling settings. Scalars are traced (changing them does not recompile); the flags are static."""
+
+    temperature: jax.Array  # [] float32, unused when greedy
+    top_p: jax.Array  # [] float32, unused unless use_top_p
+    eos_id: jax.Array  # [] int32, -1 = never stop
+    pad_id: jax.Array  # [] int32, emitted after a row's eos
+    greedy: bool = flax.struct.field(pytree_node=False)
+    top_k: int | None = flax.struct.field(pytree_node=False)
+    use_top_p: bool = flax.struct.field(pytree_node=False)
+
+    def sample(self, rng: jax.Array, logits: jax.Array) -> jax.Array:
+        """logits [B, V] -> tokens [B] int32."""
+        if self.greedy:
+            return sample_logits(rng, logits, 0.0)
+        return sample_logits(rng, logits, self.temperature, self.top_k, self.top_p if self.use_top_p else None)
+
+
+def make_sampler(config: GPTConfig, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None, pad_id: int | None = None) -> Sampler:
+    """Validate the sampling settings; greedy when temperature == 0 (top-k / top-p are then ignored)."""
+    V = config.vocab_size
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < np.inf:
+        raise ValueError(f"temperature={temperature!r} is not valid; use 0 (greedy) or a positive number")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} is not valid; use a positive integer or None (no top-k)")
+        top_k = int(top_k) if top_k < V else None  # keeping the whole vocabulary is no filter
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r} is not valid; use a value in (0, 1] or None (no top-p)")
+    for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if tok is not None and (isinstance(tok, bool) or not isinstance(tok, (int, np.integer)) or not 0 <= tok < V):
+            raise ValueError(f"{name}={tok!r} is outside the vocabulary [0, {V}); pass a valid token id or None")
+    if pad_id is None:
+        pad_id = eos_id if eos_id is not None else 0
+    greedy = temperature == 0
+    return Sampler(
+        temperature=jnp.float32(temperature), top_p=jnp.float32(1.0 if top_p is None else top_p),
+        eos_id=jnp.int32(-1 if eos_id is None else eos_id), pad_id=jnp.int32(pad_id), greedy=greedy,
+        top_k=None if greedy else top_k, use_top_p=not greedy and top_p is not None and top_p < 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def prepare_prompts(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
+                    prompt_lengths: Any = None, bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts -> (tokens [B, T] int32 right-padded, lengths [B] int32), validated.
+
+    `prompt_tokens` is a list of token-id lists, or a [B, T] array with optional `prompt_lengths` [B].
+    An empty prompt starts from `bos_id` (GPT-2: <|endoftext|>).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is not valid; use a positive integer")
+    if isinstance(prompt_tokens, (np.ndarray, jax.Array)) or prompt_lengths is not None:
+        tokens = np.asarray(prompt_tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"prompt_tokens array has shape {tokens.shape} and dtype {tokens.dtype}; "
+                             "pass integer token ids shaped [batch, length]")
+        B, T = tokens.shape
+        lengths = np.full((B,), T, np.int64) if prompt_lengths is None else np.asarray(prompt_lengths)
+        if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"prompt_lengths has shape {lengths.shape}; pass one integer per row, shape ({B},)")
+        if (lengths < 0).any() or (lengths > T).any():
+            raise ValueError(f"prompt_lengths {lengths.tolist()} must lie in [0, {T}] (the array's length)")
+        rows = [tokens[b, :n].tolist() for b, n in enumerate(lengths)]
+    else:
+        if not isinstance(prompt_tokens, Sequence) or not all(
+                isinstance(r, (Sequence, np.ndarray)) and not isinstance(r, str) for r in prompt_tokens):
+            raise ValueError("prompt_tokens must be a list of token-id lists or a [batch, length] array; "
+                             "wrap a single prompt as [ids]")
+        rows = [list(r) for r in prompt_tokens]
+    if not rows:
+        raise ValueError("prompt_tokens is empty; pass at least one prompt (an empty prompt [] is fine)")
+    V = config.vocab_size
+    for b, row in enumerate(rows):
+        bad = [t for t in row if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt row {b} has token ids {bad[:5]} outside the vocabulary [0, {V}); "
+                             "encode the prompt with the model's tokenizer")
+        if not row:
+            if bos_id is None:
+                raise ValueError(f"prompt row {b} is empty and there is no start token; pass eos_id or bos_id "
+                                 "(GPT-2: 50256, <|endoftext|>) or a non-empty prompt")
+            row.append(int(bos_id))
+    lengths = np.array([len(r) for r in rows], np.int32)
+    T = int(lengths.max())
+    longest = T + int(max_new_tokens)
+    if config.pos_embedding == "learned" and longest > config.block_size:
+        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = {longest} exceeds block_size "
+                         f"{config.block_size} (learned positions); shorten the prompt or generate fewer tokens")
+    tokens = np.zeros((len(rows), T), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = row
+    return tokens, lengths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cached decoding
+
+
+class Generation(NamedTuple):
+    """tokens [B, N] int32 (after a row's eos: pad_id); lengths [B] valid tokens, eos included;
+    logits [B, N, V] float32 of each emitted token (only with return_logits)."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    logits: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """What the decode loop carries from one token to the next."""
+
+    cache: KVCache
+    last: jax.Array  # [B] int32 latest emitted token (fed next)
+    rng: jax.Array  # PRNG key
+    done: jax.Array  # [B] bool: the row has emitted eos
+    count: jax.Array  # [B] int32 valid tokens emitted so far
+
+
+def _sample_next(state: DecodeState, logits: jax.Array, sampler: Sampler) -> DecodeState:
+    """Sample one token per row from logits [B, V] and record it; rows already done emit pad_id instead."""
+    rng, sub = jax.random.split(state.rng)
+    tok = jnp.where(state.done, sampler.pad_id, sampler.sample(sub, logits))  # [B]
+    return state.replace(last=tok, rng=rng, count=state.count + (~state.done).astype(jnp.int32),
+                         done=state.done | (tok == sampler.eos_id))
+
+
+def _initial_state(cache: KVCache | None, rng: jax.Array, batch: int) -> DecodeState:
+    return DecodeState(cache=cache, last=jnp.zeros((batch,), jnp.int32), rng=rng,
+                       done=jnp.zeros((batch,), bool), count=jnp.zeros((batch,), jnp.int32))
+
+
+def _prefill(params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, sampler: Sampler, *,
+             config: GPTConfig, max_len: int, cache_kind: str, cache_dtype: str) -> tuple[DecodeState, jax.Array]:
+    """Run the padded prompts [B, T] once, write the cache, emit the first token. Returns (state, logits [B, V])."""
+    B = tokens.shape[0]
+    cache = init_cache(config, B, max_len, jnp.dtype(cache_dtype), kind=cache_kind)
+    logits, cache = GPT(config).apply({"params": params}, tokens, cache=cache)  # [B, T, V]
+    logits = logits[jnp.arange(B), lengths - 1]  # [B, V] at each row's last prompt token
+    cache = cache.replace(lengths=lengths)  # padding slots past a row's length get overwritten
+    return _sample_next(_initial_state(cache, rng, B), logits, sampler), logits
+
+
+def _decode(params: Any, state: DecodeState, sampler: Sampler, *, config: GPTConfig, n_steps: int,
+            return_logits: bool) -> tuple[DecodeState, jax.Array, jax.Array | None]:
+    """`n_steps` tokens by lax.scan: feed the last token, sample the next. -> (state, [B, n], [B, n, V] or None)."""
+    model = GPT(config)
+
+    def step(state: DecodeState, _: None) -> tuple[DecodeState, tuple[jax.Array, jax.Array | None]]:
+        logits, cache = model.apply({"params": params}, state.last[:, None], cache=state.cache)
+        logits = logits[:, 0]  # [B, V]
+        state = _sample_next(state.replace(cache=cache), logits, sampler)
+        return state, (state.last, logits if return_logits else None)
+
+    state, (toks, logits) = lax.scan(step, state, None, length=n_steps)
+    return state, toks.T, None if logits is None else jnp.swapaxes(logits, 0, 1)
+
+
+_STATIC = ("config", "max_len", "cache_kind", "cache_dtype")
+_prefill_jit = jax.jit(_prefill, static_argnames=_STATIC)
+_decode_jit = jax.jit(_decode, static_argnames=("config", "n_steps", "return_logits"))
+
+
+@partial(jax.jit, static_argnames=_STATIC + ("n_steps", "return_logits"))
+def _generate_jit(params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, sampler: Sampler, *,
+                  config: GPTConfig, max_len: int, cache_kind: str, cache_dtype: str, n_steps: int,
+                  return_logits: bool) -> Generation:
+    state, logits0 = _prefill(params, tokens, lengths, rng, sampler, config=config, max_len=max_len,
+                              cache_kind=cache_kind, cache_dtype=cache_dtype)
+    tok0 = state.last
+    state, toks, logits = _decode(params, state, sampler, config=config, n_steps=n_steps,
+                                  return_logits=return_logits)
+    out_tokens = jnp.concatenate([tok0[:, None], toks], axis=1)  # [B, N]
+    out_logits = jnp.concatenate([logits0[:, None], logits], axis=1) if return_logits else None
+    return Generation(out_tokens, state.count, out_logits)
+
+
+def _setup(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, rng: Any, temperature: float,
+           top_k: int | None, top_p: float | None, eos_id: int | None, pad_id: int | None, bos_id: int | None,
+           prompt_lengths: Any) -> tuple[np.ndarray, np.ndarray, jax.Array, Sampler]:
+    """Shared validation of generate / stream / generate_uncached."""
+    sampler = make_sampler(config, temperature, top_k, top_p, eos_id, pad_id)
+    tokens, lengths = prepare_prompts(config, prompt_tokens, max_new_tokens, prompt_lengths,
+                                      eos_id if bos_id is None else bos_id)
+    if rng is None:
+        if not sampler.greedy:
+            raise ValueError(f"sampling with temperature={temperature} needs a seed: pass rng=<int> or "
+                             "rng=jax.random.PRNGKey(seed) (or temperature=0 for greedy)")
+        rng = 0
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        rng = jax.random.PRNGKey(int(rng))
+    return tokens, lengths, rng, sampler
+
+
+def generate(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *,
+             rng: Any = None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, pad_id: int | None = None, bos_id: int | None = None,
+             prompt_lengths: Any = None, cache_kind: str = "dense", cache_dtype: Any = None,
+             return_logits: bool = False) -> Generation:
+    """Continue each prompt by `max_new_tokens` tokens with a KV cache; prefill + lax.scan in one jit.
+
+    prompt_tokens: list of token-id lists (ragged), or a [B, T] int array with optional prompt_lengths [B].
+    rng: a PRNG key or int seed (needed unless temperature == 0, which is greedy).
+    eos_id: rows that emit it stop; their remaining tokens are pad_id (default eos_id). Empty prompts start
+    from bos_id (default eos_id). cache_dtype defaults to the config's compute dtype.
+    Returns Generation(tokens [B, N], lengths [B], logits [B, N, V] if return_logits).
+    """
+    tokens, lengths, rng, sampler = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
+                                           top_p, eos_id, pad_id, bos_id, prompt_lengths)
+    return _generate_jit(params, tokens, lengths, rng, sampler, config=config,
+                         max_len=tokens.shape[1] + max_new_tokens - 1, cache_kind=cache_kind,
+                         cache_dtype=jnp.dtype(cache_dtype or config.compute_dtype).name,
+                         n_steps=max_new_tokens - 1, return_logits=return_logits)
+
+
+def stream(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *, chunk_size: int = 16,
+           rng: Any = None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           eos_id: int | None = None, pad_id: int | None = None, bos_id: int | None = None,
+           prompt_lengths: Any = None, cache_kind: str = "dense",
+           cache_dtype: Any = None) -> Iterator[Generation]:
+    """Like `generate`, but yields Generation chunks as they are produced: first the prefill's token, then
+    `chunk_size` tokens per scan (the cache is carried between scans). Each chunk's `lengths` counts its
+    valid tokens. Stops early once every row is done; concatenated, the chunks equal `generate`'s output.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} is not valid; use a positive integer")
+    tokens, lengths, rng, sampler = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
+                                           top_p, eos_id, pad_id, bos_id, prompt_lengths)
+    state, _ = _prefill_jit(params, tokens, lengths, rng, sampler, config=config,
+                            max_len=tokens.shape[1] + max_new_tokens - 1, cache_kind=cache_kind,
+                            cache_dtype=jnp.dtype(cache_dtype or config.compute_dtype).name)
+    yield Generation(state.last[:, None], state.count)
+    left = max_new_tokens - 1
+    while left > 0 and not bool(state.done.all()):
+        n = min(chunk_size, left)
+        count = state.count
+        state, toks, _ = _decode_jit(params, state, sampler, config=config, n_steps=n, return_logits=False)
+        left -= n
+        yield Generation(toks, state.count - count)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference path without a cache
+
+
+@partial(jax.jit, static_argnames=("config",))
+def _logits_at(params: Any, tokens: jax.Array, at: jax.Array, *, config: GPTConfig) -> jax.Array:
+    """Full causal forward over tokens [B, L]; logits [B, V] at positions at [B]."""
+    logits = GPT(config).apply({"params": params}, tokens)  # [B, L, V]
+    return logits[jnp.arange(tokens.shape[0]), at]
+
+
+_sample_next_jit = jax.jit(_sample_next)
+
+
+def generate_uncached(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *,
+                      rng: Any = None, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, eos_id: int | None = None, pad_id: int | None = None,
+                      bos_id: int | None = None, prompt_lengths: Any = None, bucket: int = 64,
+                      return_logits: bool = False) -> Generation:
+    """Reference decoding without a cache: every token re-runs the model over the whole sequence so far.
+
+    The sequence is padded up to a multiple of `bucket` positions (causal attention makes the padding
+    invisible), so the forward pass compiles once per bucket rather than once per token. Same arguments,
+    random numbers and result as `generate`.
+    """
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
+        raise ValueError(f"bucket={bucket!r} is not valid; use a positive integer")
+    tokens, lengths, rng, sampler = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
+                                           top_p, eos_id, pad_id, bos_id, prompt_lengths)
+    B, T = tokens.shape
+    total = T + max_new_tokens - 1  # the last emitted token is never fed back
+    seq = np.zeros((B, total), np.int32)
+    seq[:, :T] = tokens
+    rows = np.arange(B)
+    state = _initial_state(None, rng, B)
+    out_tokens, out_logits = [], []
+    for i in range(max_new_tokens):
+        L = min(-(-(T + i) // bucket) * bucket, total)  # row b reads positions < lengths[b] + i <= T + i
+        logits = _logits_at(params, seq[:, :L], lengths + i - 1, config=config)  # [B, V]
+        state = _sample_next_jit(state, logits, sampler)
+        tok = np.asarray(state.last)
+        if i < max_new_tokens - 1:
+            seq[rows, lengths + i] = tok
+        out_tokens.append(tok)
+        if return_logits:
+            out_logits.append(logits)
+    return Generation(jnp.asarray(np.stack(out_tokens, axis=1)), state.count,
+                      jnp.stack(out_logits, axis=1) if return_logits else None)
