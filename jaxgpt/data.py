@@ -1,0 +1,216 @@
+"""Text -> token memmaps (`train.bin` / `val.bin`, uint16) + `meta.json`, and deterministic batch sampling.
+
+A prepared dataset directory holds:
+  train.bin, val.bin   uint16 token ids, the first 90% of the text and the last 10% (nanoGPT's layout)
+  meta.json            {"kind": "char", "chars": ...} or {"kind": "gpt2"}, plus vocab_size and token counts;
+                       `jaxgpt.tokenizer.from_meta(meta)` rebuilds the tokenizer
+
+Batches are random windows of the memmap drawn with a NumPy RNG seeded by (seed, split, step): the batch of a
+step depends on nothing else, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+
+Command line:
+  python -m jaxgpt.data --dataset pydoc --tokenizer char --out data/pydoc_char
+  python -m jaxgpt.data --dataset shakespeare --tokenizer char --out data/shakespeare_char [--input FILE]
+  python -m jaxgpt.data --dataset text --input corpus.txt --tokenizer gpt2 --bpe-path gpt2.tiktoken --out data/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxgpt.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer
+
+# Named datasets. "pydoc" is built in (the documentation text that ships with every CPython); the others are
+# downloaded from their public URL unless a local copy is passed with --input; "text" needs --input.
+DATASET_URLS = {
+    "shakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+}
+DATASETS = ("pydoc", "text", *DATASET_URLS)
+TOKENIZERS = ("char", "gpt2")
+SPLITS = ("train", "val")
+MAX_UINT16_VOCAB = 2**16
+
+
+def builtin_corpus() -> str:
+    """The English documentation text of `pydoc_data.topics` (about 465k characters), present in every CPython."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def download(url: str, dest: str | os.PathLike) -> Path:
+    """Fetch `url` to `dest` (written to a temporary name, then renamed)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"cannot download {url} ({e}); offline, pass a local copy with --input FILE "
+                           "(config: --config.data.input=FILE)") from e
+    os.replace(tmp, dest)
+    return dest
+
+
+def load_text(dataset: str, input_path: str | os.PathLike | None = None,
+              cache_dir: str | os.PathLike | None = None) -> str:
+    """The raw text of a named dataset: `input_path` when given, else built in or downloaded into cache_dir."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
+    if input_path:
+        p = Path(input_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"input file {p} does not exist; pass the path of a UTF-8 text file")
+        text = p.read_text(encoding="utf-8")
+    elif dataset == "pydoc":
+        text = builtin_corpus()
+    elif dataset == "text":
+        raise ValueError("dataset 'text' needs an input file; pass --input FILE (config: data.input)")
+    else:
+        cache = Path(cache_dir or ".") / f"{dataset}.txt"
+        if not cache.is_file():
+            download(DATASET_URLS[dataset], cache)
+        text = cache.read_text(encoding="utf-8")
+    if not text:
+        raise ValueError(f"dataset {dataset!r} ({input_path or 'built in'}) is empty; pass a non-empty text file")
+    return text
+
+
+def make_tokenizer(kind: str, text: str, bpe_path: str | os.PathLike | None = None) -> Tokenizer:
+    """A char tokenizer over the characters of `text`, or GPT-2 BPE (offline from `bpe_path` when given)."""
+    if kind == "char":
+        return CharTokenizer.from_text(text)
+    if kind == "gpt2":
+        return gpt2_tokenizer(bpe_path)
+    raise ValueError(f"unknown tokenizer {kind!r}; use one of {', '.join(TOKENIZERS)}")
+
+
+def tokenizer_meta(tok: Tokenizer) -> dict[str, Any]:
+    """The dict `jaxgpt.tokenizer.from_meta` rebuilds `tok` from."""
+    if tok.kind == "char":
+        return {"kind": "char", "chars": tok.chars, "vocab_size": tok.vocab_size}
+    return {"kind": tok.kind, "vocab_size": tok.vocab_size}
+
+
+def encode(tok: Tokenizer, text: str) -> np.ndarray:
+    """Token ids of `text` as uint16 [N] (GPT-2 BPE: ordinary text, `<|endoftext|>` is not special here)."""
+    if tok.vocab_size > MAX_UINT16_VOCAB:
+        raise ValueError(f"vocab_size {tok.vocab_size} does not fit uint16 memmaps (max {MAX_UINT16_VOCAB})")
+    ids = tok.encode_ordinary(text) if hasattr(tok, "encode_ordinary") else tok.encode(text)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def prepare(out_dir: str | os.PathLike, *, dataset: str = "pydoc", tokenizer: str = "char",
+            input_path: str | os.PathLike | None = None, bpe_path: str | os.PathLike | None = None,
+            val_fraction: float = 0.1, overwrite: bool = False) -> dict[str, Any]:
+    """Tokenize a dataset into out_dir/{train.bin, val.bin, meta.json}; returns the meta dict.
+
+    The text is split by characters (first 1 - val_fraction for training, the rest for validation) before
+    tokenizing, as nanoGPT does. Files are written into a temporary folder and moved in place, so an
+    interrupted run never leaves a half-written dataset; an existing dataset is kept unless overwrite=True.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} is not valid; use a value in (0, 1), e.g. 0.1")
+    out = Path(out_dir)
+    if (out / "meta.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a prepared dataset; pass overwrite=True (--overwrite) "
+                              "or choose another --out")
+    cache = out.parent if dataset in DATASET_URLS else None
+    text = load_text(dataset, input_path, cache)
+    tok = make_tokenizer(tokenizer, text, bpe_path)
+    n = int(len(text) * (1.0 - val_fraction))
+    splits = {"train": encode(tok, text[:n]), "val": encode(tok, text[n:])}
+    meta = {**tokenizer_meta(tok), "dataset": dataset, "source": str(input_path or dataset),
+            "train_tokens": int(splits["train"].size), "val_tokens": int(splits["val"].size)}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, ids in splits.items():
+            ids.tofile(tmp / f"{name}.bin")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        out.mkdir(exist_ok=True)
+        for name in ("train.bin", "val.bin", "meta.json"):  # meta.json last: its presence marks a complete set
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """meta.json of a prepared dataset directory."""
+    f = Path(data_dir) / "meta.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist; prepare the data first (python -m jaxgpt.data --out {data_dir})")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); prepare the data again with --overwrite") from e
+
+
+def load_split(data_dir: str | os.PathLike, split: str, block_size: int) -> np.memmap:
+    """The uint16 token memmap of one split, checked to hold at least block_size + 1 tokens."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    f = Path(data_dir) / f"{split}.bin"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist; prepare the data first (python -m jaxgpt.data --out {data_dir})")
+    size = f.stat().st_size
+    if size % 2:
+        raise ValueError(f"{f} has an odd number of bytes ({size}), so it is not a uint16 token file; "
+                         "prepare the data again with --overwrite")
+    if size // 2 < block_size + 1:
+        raise ValueError(f"{f} holds {size // 2} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                         "use more text or a smaller block_size")
+    return np.memmap(f, dtype=np.uint16, mode="r")
+
+
+def batch_rng(seed: int, step: int, split: str = "train", stream: int = 0) -> np.random.Generator:
+    """The RNG of one batch: a function of (seed, split, step, stream) only (stream 0 trains, 1 evaluates)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    return np.random.default_rng([int(seed), SPLITS.index(split), int(step), int(stream)])
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Random windows: inputs x [B, T] and next-token targets y [B, T] (int32)."""
+    n = len(data) - block_size
+    if n < 1:
+        raise ValueError(f"data holds {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                         "use more text or a smaller block_size")
+    starts = rng.integers(0, n, size=batch_size)  # [B]
+    idx = starts[:, None] + np.arange(block_size + 1)[None, :]  # [B, T+1]
+    window = np.asarray(data[idx], dtype=np.int32)
+    return window[:, :-1], window[:, 1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Tokenize a dataset into train.bin / val.bin / meta.json.")
+    p.add_argument("--dataset", default="pydoc", choices=DATASETS)
+    p.add_argument("--tokenizer", default="char", choices=TOKENIZERS)
+    p.add_argument("--input", default=None, help="local text file (offline copy of a named dataset)")
+    p.add_argument("--bpe-path", default=None, help="local gpt2.tiktoken for offline GPT-2 BPE")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    meta = prepare(a.out, dataset=a.dataset, tokenizer=a.tokenizer, input_path=a.input, bpe_path=a.bpe_path,
+                   val_fraction=a.val_fraction, overwrite=a.overwrite)
+    print(f"{a.out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
+          f"vocab {meta['vocab_size']} ({meta['kind']})")
+
+
+if __name__ == "__main__":
+    main()
