@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq + 1), dtype=np.int32)
     min_size = {} if args.min_size is None else {"min_size": args.min_size}
-    print(f"{args.size}: {n_params / 1e6:.1f}M params, batch {args.batch} x seq {args.seq}, {args.dtype}, "
+    print(f"{args.size}: {n_params / 1e6:.4g}M params, batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"{n} x {device.device_kind} ({device.platform}), {args.steps} timed steps per mesh", flush=True)
 
     rows = []
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"| {r['mesh']} | {r['devices']} | {r['compile_s']:.1f} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} "
-              f"| {r['tokens_per_s'] / base:.2f}x | {mfu} | {r['state_mib_per_device']:,.0f} |")
-    print(f"\nFLOPs/token {flops_per_token / 1e6:.0f}M; peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}"
+              f"| {r['tokens_per_s'] / base:.2f}x | {mfu} | {r['state_mib_per_device']:,.1f} |")
+    print(f"\nFLOPs/token {flops_per_token:.4g}; peak {'n/a' if peak is None else f'{peak / 1e12:.4g} TFLOP/s'}"
           " per device")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
