@@ -206,11 +206,21 @@ def _initial_state(cache: KVCache | None, rng: jax.Array, batch: int) -> DecodeS
                        done=jnp.zeros((batch,), bool), count=jnp.zeros((batch,), jnp.int32))
 
 
+def new_cache(config: GPTConfig, batch: int, max_len: int, kind: str = "dense", dtype: Any = None) -> KVCache:
+    """An empty cache: "dense" holds keys/values in `dtype` (default: the compute dtype); any other kind is a
+    compressed one of `jaxgpt.kv_compress` ("int8", "turbo3", ...)."""
+    if kind == "dense":
+        return init_cache(config, batch, max_len, jnp.dtype(dtype or config.compute_dtype))
+    from jaxgpt.kv_compress import init_compressed_cache
+
+    return init_compressed_cache(config, batch, max_len, kind)
+
+
 def _prefill(params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, sampler: Sampler, *,
              config: GPTConfig, max_len: int, cache_kind: str, cache_dtype: str) -> tuple[DecodeState, jax.Array]:
     """Run the padded prompts [B, T] once, write the cache, emit the first token. Returns (state, logits [B, V])."""
     B = tokens.shape[0]
-    cache = init_cache(config, B, max_len, jnp.dtype(cache_dtype), kind=cache_kind)
+    cache = new_cache(config, B, max_len, cache_kind, cache_dtype)
     logits, cache = GPT(config).apply({"params": params}, tokens, cache=cache)  # [B, T, V]
     logits = logits[jnp.arange(B), lengths - 1]  # [B, V] at each row's last prompt token
     cache = cache.replace(lengths=lengths)  # padding slots past a row's length get overwritten
@@ -253,8 +263,12 @@ def _generate_jit(params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.A
 
 def _setup(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, rng: Any, temperature: float,
            top_k: int | None, top_p: float | None, eos_id: int | None, pad_id: int | None, bos_id: int | None,
-           prompt_lengths: Any) -> tuple[np.ndarray, np.ndarray, jax.Array, Sampler]:
+           prompt_lengths: Any, cache_kind: str = "dense") -> tuple[np.ndarray, np.ndarray, jax.Array, Sampler]:
     """Shared validation of generate / stream / generate_uncached."""
+    if cache_kind != "dense":
+        from jaxgpt.kv_compress import parse_kind
+
+        parse_kind(cache_kind)  # a clear ValueError for an unknown kind, before anything is traced
     sampler = make_sampler(config, temperature, top_k, top_p, eos_id, pad_id)
     tokens, lengths = prepare_prompts(config, prompt_tokens, max_new_tokens, prompt_lengths,
                                       eos_id if bos_id is None else bos_id)
@@ -278,11 +292,11 @@ def generate(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens:
     prompt_tokens: list of token-id lists (ragged), or a [B, T] int array with optional prompt_lengths [B].
     rng: a PRNG key or int seed (needed unless temperature == 0, which is greedy).
     eos_id: rows that emit it stop; their remaining tokens are pad_id (default eos_id). Empty prompts start
-    from bos_id (default eos_id). cache_dtype defaults to the config's compute dtype.
+    from bos_id (default eos_id). cache_kind / cache_dtype: see `new_cache`.
     Returns Generation(tokens [B, N], lengths [B], logits [B, N, V] if return_logits).
     """
     tokens, lengths, rng, sampler = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
-                                           top_p, eos_id, pad_id, bos_id, prompt_lengths)
+                                           top_p, eos_id, pad_id, bos_id, prompt_lengths, cache_kind)
     return _generate_jit(params, tokens, lengths, rng, sampler, config=config,
                          max_len=tokens.shape[1] + max_new_tokens - 1, cache_kind=cache_kind,
                          cache_dtype=jnp.dtype(cache_dtype or config.compute_dtype).name,
@@ -301,7 +315,7 @@ def stream(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: i
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is not valid; use a positive integer")
     tokens, lengths, rng, sampler = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
-                                           top_p, eos_id, pad_id, bos_id, prompt_lengths)
+                                           top_p, eos_id, pad_id, bos_id, prompt_lengths, cache_kind)
     state, _ = _prefill_jit(params, tokens, lengths, rng, sampler, config=config,
                             max_len=tokens.shape[1] + max_new_tokens - 1, cache_kind=cache_kind,
                             cache_dtype=jnp.dtype(cache_dtype or config.compute_dtype).name)

@@ -8,8 +8,8 @@ semantics are the same as [B, H, S, D]. Buffers never change shape: a step write
 A layer entry is any pytree with two methods, which is how compressed caches plug in:
   write(k, v, starts) -> new entry    k, v: [B, T, H, D]; starts: [B] int32 first position of each row
   read(dtype) -> (k, v)               dense [B, S, H, D] for attention
-`init_cache(..., kind=...)` and `cache_bytes(..., kind=...)` pick the entry type; "dense" (LayerKV) is the
-uncompressed one, and compressed kinds add a branch to both.
+`init_cache` builds the uncompressed entries (LayerKV); `jaxgpt.kv_compress.init_compressed_cache` builds
+int8 / TurboQuant ones into the same KVCache.
 
 Writes past the end of the buffer cannot raise inside jit (lax.dynamic_update_slice clamps the offset), so
 callers size the buffer for the whole sequence up front: `jaxgpt.generate` uses prompt + new tokens.
@@ -25,9 +25,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxgpt.config import GPTConfig
-
-
-CACHE_KINDS = ("dense",)
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
@@ -73,15 +70,8 @@ class KVCache:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in CACHE_KINDS:
-        raise ValueError(f"unknown KV cache kind {kind!r}; use one of {', '.join(CACHE_KINDS)}")
-
-
-def init_cache(config: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
-               kind: str = "dense") -> KVCache:
-    """An empty cache for `batch` rows of up to `max_len` positions; `kind` picks the layer entry type."""
-    _check_kind(kind)
+def init_cache(config: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` positions."""
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must both be positive")
     shape = (batch, max_len, config.n_head, config.head_dim)
@@ -91,11 +81,9 @@ def init_cache(config: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.flo
     return KVCache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def cache_bytes(config: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
-                kind: str = "dense") -> int:
+def cache_bytes(config: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> int:
     """Bytes of the key/value buffers: layers x 2 x batch x max_len x n_embd x bytes per value.
 
     Excludes the [B] int32 lengths (KVCache.nbytes counts them).
     """
-    _check_kind(kind)
     return config.n_layer * 2 * batch * max_len * config.n_embd * jnp.dtype(dtype).itemsize

@@ -237,6 +237,15 @@ def test_params_with_non_array_leaves(base):
     np.testing.assert_allclose(got.logits, dense.logits, atol=1e-5, rtol=0)
 
 
+def test_compressed_cache_plugs_in(base):
+    """An int8 cache (jaxgpt.kv_compress) flows through prefill and scan; its logits stay near the dense ones."""
+    cfg, params = base
+    dense = greedy(params, cfg, PROMPTS)
+    int8 = greedy(params, cfg, PROMPTS, cache_kind="int8")
+    assert not np.array_equal(int8.logits, dense.logits)  # the int8 entries were really used
+    np.testing.assert_allclose(int8.logits, dense.logits, atol=0.03, rtol=0)  # absmax/127 per vector
+
+
 def test_bad_input_errors(base):
     cfg, params = base  # learned positions, block_size 32, vocab 97
     gen = lambda prompts, n=4, **kw: G.generate(params, cfg, prompts, n, **{"temperature": 0, **kw})  # noqa: E731
@@ -265,6 +274,8 @@ def test_bad_input_errors(base):
         gen(np.ones((2, 3), np.int32), prompt_lengths=[1, 4])
     with pytest.raises(ValueError, match="prompt_tokens is empty"):
         gen([])
+    with pytest.raises(ValueError, match="unknown KV-cache kind 'int3'"):
+        gen([[1]], cache_kind="int3")
     with pytest.raises(ValueError, match="chunk_size"):
         next(G.stream(params, cfg, [[1]], 4, temperature=0, chunk_size=0))
     with pytest.raises(ValueError, match="bucket"):

@@ -56,10 +56,6 @@ class LayerWriteTest(chex.TestCase):
 
 def test_bad_cache_arguments():
     cfg = GPTConfig.preset("tiny")
-    with pytest.raises(ValueError, match="kind"):
-        init_cache(cfg, 1, 8, kind="int3")
-    with pytest.raises(ValueError, match="kind"):
-        cache_bytes(cfg, 1, 8, kind="int3")
     with pytest.raises(ValueError, match="batch=0"):
         init_cache(cfg, 0, 8)
     layer = init_cache(cfg, 1, 4).layers[0]
