@@ -25,8 +25,8 @@ loop compiles once. What is stored per (token, head) vector of D values:
   spaced on [-m, m] with m the vector's absmax stored as float16 (b + 16/D bits per value, the same
   budget as turbo{b}); mixed settings use the same channel split.
 
-Norms and scales are float16 (clipped to its largest finite value, 65504): half an ulp is 2^-11, which
-adds < 1e-6 relative error to a reconstructed vector. Rotations, QJL matrices and the channel order are
+Norms and scales are float16 (clipped to its largest finite value, 65504): rounding changes a vector's
+scale by at most 2^-11 (< 3e-7 in relative squared error, far below any quantization error here). Rotations, QJL matrices and the channel order are
 part of the pytree and are counted by `KVCache.nbytes`.
 """
 

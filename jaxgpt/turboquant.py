@@ -280,7 +280,8 @@ def prod_codec(d: int, bits: int, seed: int | np.random.SeedSequence = 0) -> Pro
     """A TurboQuant_prod codec; its rotation and QJL matrix come from independent streams of `seed`."""
     _check_dim_bits(d, bits)
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    rot_seed, sketch_seed = ss.spawn(2)
+    # two independent child streams, derived without spawn() (which would advance the caller's SeedSequence)
+    rot_seed, sketch_seed = (np.random.SeedSequence(ss.entropy, spawn_key=(*ss.spawn_key, i)) for i in (0, 1))
     mse = mse_codec(d, bits - 1, rot_seed) if bits > 1 else None
     return ProdCodec(sketch=jnp.asarray(gaussian_sketch(d, sketch_seed), jnp.float32), mse=mse, bits=bits)
 
