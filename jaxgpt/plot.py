@@ -1,0 +1,55 @@
+"""Train / val loss curves of a training workdir as a PNG: `python -m jaxgpt.plot WORKDIR [--out FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from jaxgpt.train_lib import read_metrics
+
+
+def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw train loss (per logged step) and eval train/val loss from workdir/metrics.jsonl into loss.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wd = Path(workdir)
+    if not (wd / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{wd / 'metrics.jsonl'} does not exist; pass a training workdir")
+    records = read_metrics(wd / "metrics.jsonl")
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train (step)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", ms=3, label="train (eval)")
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="val (eval)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(wd.name)
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(out) if out else wd / "loss.png"
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Redraw the loss curves of a training workdir.")
+    p.add_argument("workdir")
+    p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
+    a = p.parse_args(argv)
+    print(plot_metrics(a.workdir, a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Train a GPT: `python train.py [--config=configs/default.py] [--config.max_iters=2000 ...] [--workdir=DIR]`.
+
+With no arguments it trains the default config (a small character model on the documentation text that ships
+with Python), offline, in a few minutes on a laptop CPU, then prints a sample. Rerunning the same command
+resumes from the latest checkpoint in the workdir. The logic lives in `jaxgpt.train_lib`.
+"""
+
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxgpt import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(Path(__file__).resolve().parent / "configs" / "default.py"),
+    "ml_collections config file; override fields with --config.<field>=<value>")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); default workdirs/<config name>")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.<field>=<value>")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    config_path = flags.FLAGS["config"].config_filename
+    workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path.split(":")[0]).stem)
+    summary = train_lib.train(_CONFIG.value, workdir)
+    if summary.get("interrupted"):
+        return 1  # stopped by a signal after saving: not finished
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
