@@ -3,6 +3,9 @@
 With no arguments it trains the default config (a small character model on the documentation text that ships
 with Python), offline, in a few minutes on a laptop CPU, then prints a sample. Rerunning the same command
 resumes from the latest checkpoint in the workdir. The logic lives in `jaxgpt.train_lib`.
+
+Every device takes part (config.mesh: data parallel by default, --config.mesh.fsdp=N shards the parameters).
+LoRA fine-tuning: `--config=configs/finetune_lora.py --config.init_path=<Hugging Face GPT-2 dir>`.
 """
 
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import train_lib
+from jaxgpt import sharding, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parent / "configs" / "default.py"),
@@ -25,6 +28,7 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config_path = flags.FLAGS["config"].config_filename
     workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path.split(":")[0]).stem)
+    sharding.maybe_initialize_distributed()  # multi-host runs (from the environment); before any device use
     summary = train_lib.train(_CONFIG.value, workdir)
     if summary.get("interrupted"):
         return 1  # stopped by a signal after saving: not finished

@@ -94,6 +94,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_path = ""
     c.init_which = "latest"  # for init_from="run": "latest", "best" or a step number
 
+    # LoRA fine-tuning of a loaded model (rank 0 = off): only the adapters are trained and checkpointed; at the
+    # end the adapters are saved to <workdir>/lora and merged into a Hugging Face export (<workdir>/hf)
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.targets = ("attn/c_attn",)  # path patterns (jaxgpt.lora), e.g. ("attn/c_attn/q", "attn/c_attn/v")
+    c.lora.rank_stabilized = False  # True: RsLoRA scale alpha / sqrt(r) instead of alpha / r
+    c.lora.export = True  # merged Hugging Face GPT-2 export at the end (GPT-2 architectures only)
+    c.lora.export_dir = ""  # empty: <workdir>/hf
+
+    # device mesh (jaxgpt.sharding): data * fsdp = the device count (-1: all the rest); the batch rows are
+    # split over every device, parameters with >= min_shard_size elements over "fsdp"
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.min_shard_size = 2**14
+
     # data: a prepared directory (train.bin, val.bin, meta.json); empty dir means <workdir>/data, prepared
     # from `dataset` on first use
     c.data = ml_collections.ConfigDict()
@@ -260,7 +277,7 @@ def make_train_step(cfg: GPTConfig, tx: optax.GradientTransformation,
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if shardings is not None:
         kwargs["in_shardings"] = (shardings.state, shardings.batch, shardings.rng, shardings.frozen)
-        kwargs["out_shardings"] = (shardings.state, None)
+        kwargs["out_shardings"] = (shardings.state, shardings.rng)  # metrics replicated (readable by every host)
     return jax.jit(step_fn, **kwargs)
 
 
@@ -468,6 +485,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.beta1={config.beta1} / beta2={config.beta2} are not valid; use values in [0, 1)")
 
 
+def lora_config_of(config: ml_collections.ConfigDict):
+    """The jaxgpt.lora.LoraConfig of config.lora, or None when config.lora.rank is 0 (LoRA off)."""
+    from jaxgpt import lora
+
+    lc = config.get("lora")
+    if lc is None or lc.rank == 0:
+        return None
+    if config.init_from == "scratch":
+        raise ValueError("config.lora.rank > 0 fine-tunes a loaded model, but config.init_from='scratch'; set "
+                         "config.init_from to 'hf' or 'run' (and config.init_path), or config.lora.rank=0")
+    targets = (lc.targets,) if isinstance(lc.targets, str) else tuple(lc.targets)
+    try:
+        return lora.LoraConfig(rank=lc.rank, alpha=float(lc.alpha), targets=targets,
+                               rank_stabilized=lc.rank_stabilized)
+    except ValueError as e:
+        raise ValueError(f"config.lora: {e}") from None
+
+
+def mesh_shardings_fn(config: ml_collections.ConfigDict, batch_rows: int):
+    """A Mesh over jax.devices() from config.mesh and the `shardings_fn(state, frozen)` that places the train
+    state (large leaves over "fsdp"), the [A, B, T] batch (rows over every device) and the frozen params."""
+    from jaxgpt import sharding as sh
+
+    mc = config.get("mesh") or ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=sh.DEFAULT_MIN_SIZE))
+    mesh = sh.make_mesh(int(mc.data), int(mc.fsdp))
+    if batch_rows % mesh.size:
+        raise ValueError(f"config.batch_size={batch_rows} cannot be split over the {mesh.size} devices of the mesh "
+                         f"(data={mesh.shape[sh.DATA]}, fsdp={mesh.shape[sh.FSDP]}); use a batch_size that is a "
+                         f"multiple of {mesh.size}")
+    m = int(mc.min_shard_size)
+
+    def shardings_fn(state: TrainState, frozen: Params) -> StepShardings:
+        return StepShardings(state=sh.tree_shardings(state, mesh, m), batch=sh.batch_sharding(mesh, batch_dim=1),
+                             rng=sh.replicated(mesh),
+                             frozen=None if frozen is None else sh.param_shardings(frozen, mesh, m))
+
+    return mesh, shardings_fn
+
+
+class _NoLog:
+    """The metrics log of processes other than 0 in a multi-host run: they compute but do not write."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        del record
+
+
 def _write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary name, then rename)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -477,6 +540,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The loop
+
+LORA_RUN_FILE = "lora_run.json"  # LoRA settings and base of a LoRA run (its checkpoints hold adapters only)
 
 
 class _Stop:
@@ -500,17 +565,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     `tx` replaces the optimizer built from the config; `split(params) -> (trainable, frozen)` and
     `combine(trainable, frozen) -> params` choose what is trained (LoRA); `shardings_fn(state, frozen)`
-    places state, batches and frozen params on a mesh.
+    places state, batches and frozen params on a mesh (default: a mesh over jax.devices() from config.mesh).
+    With config.lora.rank > 0 the loaded model is frozen and LoRA adapters are trained (see `lora_config_of`).
     Raises FloatingPointError naming the step when the loss (or gradient) stops being finite.
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
-    from jaxgpt import plot
+    from jaxgpt import lora, plot
+    from jaxgpt import sharding as sh
 
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     validate(config)
+    main = jax.process_index() == 0  # only process 0 writes metrics, JSON, the plot, the sample and exports
+    lora_cfg = lora_config_of(config)
+    if lora_cfg is not None:
+        if split is not no_split or combine is not identity_combine:
+            raise ValueError("config.lora.rank > 0 chooses split/combine itself; pass either LoRA settings or "
+                             "split/combine, not both")
+        seed_ = int(config.seed)
+        split = lambda params: (lora.init_lora(jax.random.PRNGKey(seed_), params, lora_cfg,  # noqa: E731
+                                               jax.tree.leaves(params)[0].dtype), params)
+        combine = lambda adapters, base: lora.apply_lora(base, adapters, lora_cfg)  # noqa: E731
     ddir = ensure_data(config, wd)
     data_meta = data_lib.load_meta(ddir)
     init = initial_model(config, data_meta)
@@ -519,6 +596,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         raise ValueError(f"the data has {data_meta['vocab_size']} token ids but the model only "
                          f"{cfg.vocab_size}; set config.model.vocab_size >= {data_meta['vocab_size']} (or 0)")
     T, B, A = cfg.block_size, int(config.batch_size), int(config.grad_accum)
+    if lora_cfg is not None and config.lora.export:  # refuse before training, not after
+        gpt2_arch = (cfg.pos_embedding == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "pre"
+                     and cfg.bias)
+        if not gpt2_arch:
+            raise ValueError("config.lora.export=True needs a GPT-2 architecture (learned positions, pre-LN "
+                             "LayerNorm, biases) for the Hugging Face export; set config.lora.export=False to "
+                             "keep the adapters only")
+    mesh = None
+    if shardings_fn is None:
+        mesh, shardings_fn = mesh_shardings_fn(config, B)
     train_data = data_lib.load_split(ddir, "train", T)
     val_data = data_lib.load_split(ddir, "val", T)
     seed = int(config.seed)
@@ -535,19 +622,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
             diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
             raise ValueError(f"{wd} holds a run of another model (saved, now: {diff}); resume with the same "
                              "config or use a new --workdir")
+        # LoRA runs checkpoint the adapters alone: their settings and base are part of the run's identity
+        lora_file = wd / LORA_RUN_FILE
+        lora_now = None if lora_cfg is None else {**lora_cfg.to_dict(), "init_from": config.init_from,
+                                                  "init_path": str(config.init_path)}
+        lora_saved = json.loads(lora_file.read_text()) if lora_file.is_file() else None
+        if steps and lora_saved != lora_now:
+            raise ValueError(f"{wd} holds a run with LoRA settings {lora_saved} but config.lora gives {lora_now}; "
+                             "resume with the same config.lora, init_from and init_path, or use a new --workdir")
     except Exception:
         mngr.close()
         raise
-    _write_json(cfg_file, cfg.to_dict())
-    _write_json(wd / "tokenizer.json", tok_meta)
-    _write_json(wd / "train_config.json", json.loads(config.to_json_best_effort()))
+    if main:
+        _write_json(cfg_file, cfg.to_dict())
+        _write_json(wd / "tokenizer.json", tok_meta)
+        _write_json(wd / "train_config.json", json.loads(config.to_json_best_effort()))
+        if lora_now is not None:
+            _write_json(lora_file, lora_now)
 
     trainable, frozen = split(init.params)
     del init
     lr_fn = lr_schedule(config) if tx is None else None
     tx = tx or make_optimizer(config)
     state = init_state(trainable, tx)
-    log = MetricsLog(wd / "metrics.jsonl")
+    log = MetricsLog(wd / "metrics.jsonl") if main else _NoLog()
     start = steps[-1] if steps else 0
     if steps:
         try:
@@ -565,10 +663,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         log.write({"kind": "event", "event": "resume", "step": start, "time": time.time()})
 
     shardings = shardings_fn(state, frozen) if shardings_fn else None
+    # one process: device_put (shardings may be pytree prefixes); several: each process keeps its own pieces
+    place = jax.device_put if jax.process_count() == 1 else sh.shard_params
     if shardings is not None:
-        state = jax.device_put(state, shardings.state)
+        state = place(state, shardings.state)
         if frozen is not None:
-            frozen = jax.device_put(frozen, shardings.frozen)
+            frozen = place(frozen, shardings.frozen)
     else:
         state = jax.device_put(state)
     train_step = make_train_step(cfg, tx, combine, shardings)
@@ -578,7 +678,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     def batch_at(step: int) -> Batch:
         x, y = data_lib.get_batch(train_data, A * B, T, data_lib.batch_rng(seed, step, "train"))
         batch = (x.reshape(A, B, T), y.reshape(A, B, T))  # [A, B, T] each
-        return jax.device_put(batch, shardings.batch) if shardings is not None else jax.device_put(batch)
+        return place(batch, (shardings.batch,) * 2) if shardings is not None else jax.device_put(batch)
 
     # fixed evaluation batches (their own RNG stream), so successive evaluations are comparable
     eval_sets = {split_name: [data_lib.get_batch(d, B, T, data_lib.batch_rng(seed, k, split_name, stream=1))
@@ -611,7 +711,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     last_eval: dict[str, float] = {}
     last_saved = start if steps else None
     timer = {"t": time.perf_counter(), "steps": 0}
-    bar = tqdm(total=max_iters, initial=start, disable=not config.progress, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=max_iters, initial=start, disable=not (config.progress and main), dynamic_ncols=True, desc="train")
 
     def flush() -> None:
         """Bring pending step metrics to the host, stop on a non-finite one, log them."""
@@ -707,13 +807,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if start >= max_iters:
         print(f"{wd} already holds a finished run at step {start}; raise --config.max_iters to train further, "
               "or use a new --workdir")
-    summary["plot"] = str(plot.plot_metrics(wd))
+    if main:
+        summary["plot"] = str(plot.plot_metrics(wd))
+    if lora_cfg is not None:
+        summary.update(finish_lora(cfg, frozen, state.params, lora_cfg, config, wd, main))
     if config.sample_tokens > 0:
         text = sample_text(cfg, combine(state.params, frozen), tok_meta, config)
-        (wd / "sample.txt").write_text(text)
+        if main:
+            (wd / "sample.txt").write_text(text)
+            print(f"---------- sample (step {step}) ----------\n{text}\n----------------------------------")
         summary["sample"] = text
-        print(f"---------- sample (step {step}) ----------\n{text}\n----------------------------------")
     return summary
+
+
+def finish_lora(cfg: GPTConfig, base: Params, adapters: Params, lora_cfg: Any, config: ml_collections.ConfigDict,
+                workdir: Path, main: bool = True) -> dict[str, Any]:
+    """End of a LoRA run: the adapters alone to <workdir>/lora (jaxgpt.lora.load_adapters reads them) and,
+    when config.lora.export, merge(base, adapters) as a Hugging Face GPT-2 directory (config.lora.export_dir,
+    default <workdir>/hf). Both are written atomically, replacing the previous ones."""
+    from jaxgpt import lora
+
+    out: dict[str, Any] = {"lora_trainable": lora.lora_param_count(base, lora_cfg)["trainable"]}
+    adapters = jax.device_get(adapters)
+    merged = lora.merge(base, adapters, lora_cfg) if config.lora.export else None
+    if not main:
+        return out
+    out["adapters"] = str(lora.save_adapters(workdir / "lora", adapters, lora_cfg, force=True))
+    if merged is not None:
+        out["export"] = str(checkpoint.export_hf_gpt2(cfg, merged, config.lora.export_dir or workdir / "hf"))
+    return out
 
 
 def sample_text(cfg: GPTConfig, params: Params, tok_meta: dict[str, Any], config: ml_collections.ConfigDict) -> str:
