@@ -558,27 +558,30 @@ def load_quantized(path: str | os.PathLike) -> Any:
 # Inspecting what XLA emits
 
 
-def hlo_float_buffers(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(opcode, shape) of every float array an optimized HLO module writes to memory.
+def hlo_float_buffers(hlo_text: str) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(opcode, shape, in_loop) of every float array an optimized HLO module writes to memory.
 
     Only instructions of non-fused computations (the entry, loop bodies) get buffers; what happens inside a
-    fusion stays in registers. A float buffer with a weight's shape means a dequantized copy of that weight.
-    Pass `jax.jit(f).lower(...).compile().as_text()`.
+    fusion stays in registers. A float buffer with a weight's shape means a dequantized copy of that weight:
+    in_loop=True, written at every step of a while loop (a decode scan); False, written once per call (for
+    example hoisted out of the loop, where it doubles the memory instead). Pass `jit(f).lower(..).compile().as_text()`.
     """
     import re
 
-    called = set(re.findall(r"(?:calls|to_apply)=(%[\w.\-]+)", hlo_text))
-    out: list[tuple[str, tuple[int, ...]]] = []
+    called = set(re.findall(r"(?:calls|to_apply|condition)=(%[\w.\-]+)", hlo_text))
+    bodies = set(re.findall(r"body=(%[\w.\-]+)", hlo_text))
+    out: list[tuple[str, tuple[int, ...], bool]] = []
     skip = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
     for block in hlo_text.split("\n\n"):
         lines = block.strip().splitlines()
         if not lines:
             continue
         head = lines[0]
-        if not (head.startswith("%") or head.startswith("ENTRY")) or head.split()[0] in called:
+        name = head.split()[0]
+        if not (head.startswith("%") or head.startswith("ENTRY")) or name in called:
             continue
         for line in lines[1:]:
             m = re.match(r"\s*(?:ROOT )?%\S+ = (bf16|f16|f32|f64)\[([\d,]*)\]\S* ([\w\-]+)\(", line)
             if m and m.group(3) not in skip:
-                out.append((m.group(3), tuple(int(d) for d in m.group(2).split(",") if d)))
+                out.append((m.group(3), tuple(int(d) for d in m.group(2).split(",") if d), name in bodies))
     return out
