@@ -12,8 +12,8 @@ is fitted (-1 and 0 expected). Writes docs/figures/lora_variance.json and .png.
 Part 2 (learning). A small char-level jaxgpt is trained on Tiny Shakespeare (the base; cached under
 workdirs/lora_rank/), then fine-tuned on different text, the Python reference documentation shipped with
 CPython (`pydoc_data.topics`), with adapters on every block kernel at ranks 4, 16, 64 and 256, LoRA and RsLoRA,
-all with one learning rate, one alpha, the same batches and the same adapter seed. A full fine-tune at the
-same learning rate and the untouched base are reference lines. Writes docs/figures/lora_rank_learning.json
+all with one learning rate, one alpha, and per seed the same batches and adapter draw (mean over seeds). A full
+fine-tune at the same learning rate and the untouched base are reference lines. Writes docs/figures/lora_rank_learning.json
 and .png, and per-eval metrics to workdirs/lora_rank/metrics.jsonl.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import shutil
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -50,19 +48,20 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 def variance_study(ranks: tuple[int, ...] = tuple(2 ** i for i in range(11)), dim: int = 1024, alpha: float = 16.0,
                    seeds: int = 4) -> dict[str, Any]:
-    """Var(scale * A @ B) for A [dim, r], B [r, dim] ~ N(0, 1), both scalings, `seeds` fresh draws per rank."""
+    """Var(scale * A @ B) for A [dim, r], B [r, dim] ~ N(0, 1) (NumPy float64), both scalings, `seeds` fresh
+    draws per rank."""
     from tqdm import tqdm
 
-    @functools.partial(jax.jit, static_argnums=1)
-    def var_ab(key: jax.Array, r: int) -> jax.Array:
-        ka, kb = jax.random.split(key)
-        a = jax.random.normal(ka, (dim, r))  # [d, r]
-        b = jax.random.normal(kb, (r, dim))  # [r, d]
-        return jnp.var(jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))  # unscaled Var(A @ B)
+    rng = np.random.default_rng(0)
+
+    def var_ab(r: int) -> float:
+        a = rng.standard_normal((dim, r))  # [d, r]
+        b = rng.standard_normal((r, dim))  # [r, d]
+        return float(np.var(a @ b))  # unscaled Var(A @ B), float64
 
     rows = []
     for r in tqdm(ranks, desc="variance vs rank", leave=False):
-        v = np.array([float(var_ab(jax.random.PRNGKey(1000 * r + s), int(r))) for s in range(seeds)])
+        v = np.array([var_ab(int(r)) for _ in range(seeds)])
         row = {"rank": int(r), "var_AB": float(v.mean()), "var_AB_std": float(v.std())}
         for name, stable in (("lora", False), ("rslora", True)):
             scale = lora.lora_scale(lora.LoraConfig(rank=int(r), alpha=alpha, rank_stabilized=stable))
@@ -129,8 +128,8 @@ class LearningConfig:
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 256  # rank 256 needs min(in, out) >= 256 for every adapted kernel
-    block_size: int = 64
-    batch_size: int = 32
+    block_size: int = 32
+    batch_size: int = 16
     base_steps: int = 600
     base_lr: float = 2e-3
     ft_steps: int = 200
@@ -139,13 +138,14 @@ class LearningConfig:
     ranks: tuple[int, ...] = (4, 16, 64, 256)
     targets: tuple[str, ...] = ("all",)
     eval_every: int = 25
-    eval_windows: int = 64
+    eval_windows: int = 128
     full_finetune: bool = True
-    seed: int = 0
+    seed: int = 0  # the base model's init and batches
+    ft_seeds: tuple[int, ...] = (1, 2)  # every fine-tune runs once per seed (adapter init, batch order)
 
 
-FULL = dict(n_layer=4, n_head=6, n_embd=384, block_size=128, base_steps=2500, ft_steps=800, eval_every=50,
-            eval_windows=128)
+FULL = dict(n_layer=4, n_head=6, n_embd=384, block_size=128, batch_size=32, base_steps=2500, ft_steps=800,
+            eval_every=50, eval_windows=128)
 
 
 def load_corpora(base_text: str) -> tuple[CharTokenizer, dict[str, np.ndarray]]:
@@ -209,7 +209,11 @@ def train_loop(cfg: GPTConfig, effective: Callable[[Any, Any], Any], trainable: 
         return optax.apply_updates(tr, updates), state, loss
 
     eval_loss = jax.jit(loss_fn)
-    state = opt.init(trainable)
+    # commit everything to one device up front: jit outputs are committed, and mixing committed and
+    # uncommitted inputs between the first and later calls would compile every function twice
+    device = jax.devices()[0]
+    trainable, frozen = jax.device_put((trainable, frozen), device)
+    state = jax.device_put(opt.init(trainable), device)
     records: list[dict[str, Any]] = []
     recent: list[float] = []
     t0 = time.time()
@@ -286,25 +290,38 @@ def learning_study(lc: LearningConfig) -> dict[str, Any]:
             for r in lc.ranks:
                 lcfg = lora.LoraConfig(rank=r, alpha=lc.alpha, targets=lc.targets, rank_stabilized=stable)
                 name = f"{'rslora' if stable else 'lora'}_r{r}"
-                adapters = lora.init_lora(jax.random.PRNGKey(lc.seed + 1), params, lcfg)
                 t0 = time.time()
-                _, records = train_loop(
-                    cfg, lambda ad, p, lcfg=lcfg: lora.apply_lora(p, ad, lcfg), adapters, params, opt,
-                    _batches(data["target_train"], T, lc.batch_size, lc.seed + 1), lc.ft_steps, evals,
-                    lc.eval_every, name, log, name)
+                per_seed = []
+                for seed in lc.ft_seeds:  # seed: adapter init and the order of target batches
+                    adapters = lora.init_lora(jax.random.PRNGKey(seed), params, lcfg)
+                    per_seed.append(train_loop(
+                        cfg, lambda ad, p, lcfg=lcfg: lora.apply_lora(p, ad, lcfg), adapters, params, opt,
+                        _batches(data["target_train"], T, lc.batch_size, seed), lc.ft_steps, evals,
+                        lc.eval_every, f"{name} seed {seed}", log, f"{name}/seed{seed}")[1])
                 results["runs"][name] = {
                     "method": "rslora" if stable else "lora", "rank": r, "scale": lora.lora_scale(lcfg),
                     "trainable": lora.lora_param_count(params, lcfg)["trainable"],
-                    "seconds": time.time() - t0, "curve": records, "final": records[-1]}
+                    "seconds": time.time() - t0, **_seed_summary(per_seed)}
         if lc.full_finetune:
             t0 = time.time()
-            _, records = train_loop(cfg, lambda tr, fr: tr, params, None, opt,
-                                    _batches(data["target_train"], T, lc.batch_size, lc.seed + 1), lc.ft_steps,
-                                    evals, lc.eval_every, "full", log, "full")
+            per_seed = [train_loop(cfg, lambda tr, fr: tr, params, None, opt,
+                                   _batches(data["target_train"], T, lc.batch_size, seed), lc.ft_steps, evals,
+                                   lc.eval_every, f"full seed {seed}", log, f"full/seed{seed}")[1]
+                        for seed in lc.ft_seeds]
             results["runs"]["full"] = {"method": "full", "rank": None, "trainable": results["param_count"],
-                                       "seconds": time.time() - t0, "curve": records, "final": records[-1]}
+                                       "seconds": time.time() - t0, **_seed_summary(per_seed)}
     results["base_on_target"] = results["runs"][next(iter(results["runs"]))]["curve"][0]["target_val_loss"]
     return results
+
+
+def _seed_summary(per_seed: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Eval records of every seed plus their step-wise mean ("curve", "final") and the final spread."""
+    keys = ("target_val_loss", "base_val_loss")
+    curve = [{"step": recs[0]["step"], **{k: float(np.mean([r[k] for r in recs])) for k in keys}}
+             for recs in zip(*per_seed)]
+    finals = [recs[-1]["target_val_loss"] for recs in per_seed]
+    return {"curve": curve, "final": curve[-1], "final_target_per_seed": finals,
+            "final_target_spread": float(max(finals) - min(finals)), "curves_per_seed": per_seed}
 
 
 def plot_learning(res: dict[str, Any], path: Path) -> None:
@@ -337,15 +354,18 @@ def plot_learning(res: dict[str, Any], path: Path) -> None:
     ax = axes[2]
     for method, marker, color in (("lora", "o-", "C0"), ("rslora", "s-", "C3")):
         ax.plot(ranks, [res["runs"][f"{method}_r{r}"]["final"]["target_val_loss"] for r in ranks], marker,
-                color=color, label="LoRA" if method == "lora" else "RsLoRA")
+                color=color, label=("LoRA" if method == "lora" else "RsLoRA") + " (mean)")
+        for r in ranks:  # every seed's final loss
+            finals = res["runs"][f"{method}_r{r}"]["final_target_per_seed"]
+            ax.plot([r] * len(finals), finals, ".", color=color, alpha=0.5, ms=5)
     if "full" in res["runs"]:
         ax.axhline(res["runs"]["full"]["final"]["target_val_loss"], color="k", ls="--", lw=1, label="full fine-tune")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xlabel("rank r")
     ax.set_ylabel("final held-out target loss")
-    ax.set_title(f"after {res['study']['ft_steps']} steps, lr {res['study']['ft_lr']:g}, alpha {res['study']['alpha']:g}",
-                 fontsize=9)
+    ax.set_title(f"after {res['study']['ft_steps']} steps, lr {res['study']['ft_lr']:g}, alpha {res['study']['alpha']:g}; "
+                 f"dots: {len(res['study']['ft_seeds'])} seeds", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.suptitle("Fine-tuning a Tiny-Shakespeare char model on Python docs: LoRA vs RsLoRA across ranks", fontsize=10)
@@ -374,12 +394,14 @@ def summary_learning(res: dict[str, Any]) -> str:
     lines = [f"base: {res['param_count']:,} params, {res['study']['base_steps']} steps, base val loss "
              f"{res['base']['final']['base_val_loss']:.4f}; on the target text before fine-tuning "
              f"{res['base_on_target']:.4f}",
-             "| run | rank | scale | trainable | target val loss | base val loss (forgetting) | s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"fine-tuning: {res['study']['ft_steps']} steps, mean over seeds {res['study']['ft_seeds']}",
+             "| run | rank | scale | trainable | target val loss | seed spread | base val loss (forgetting) | s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in res["runs"].items():
         scale = f"{run['scale']:.4g}" if "scale" in run else "-"
         lines.append(f"| {name} | {run['rank'] or '-'} | {scale} | {run['trainable']:,} | "
-                     f"{run['final']['target_val_loss']:.4f} | {run['final']['base_val_loss']:.4f} | "
+                     f"{run['final']['target_val_loss']:.4f} | {run['final_target_spread']:.4f} | "
+                     f"{run['final']['base_val_loss']:.4f} | "
                      f"{run['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -397,6 +419,7 @@ def main() -> None:
     ap.add_argument("--ft-lr", type=float)
     ap.add_argument("--alpha", type=float)
     ap.add_argument("--ranks", help="comma-separated, e.g. 4,16,64,256")
+    ap.add_argument("--ft-seeds", help="comma-separated fine-tuning seeds, e.g. 1 for a quicker look")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -411,6 +434,8 @@ def main() -> None:
                                       ("ft_lr", args.ft_lr), ("alpha", args.alpha)) if v is not None}
         if args.ranks:
             changes["ranks"] = tuple(int(r) for r in args.ranks.split(","))
+        if args.ft_seeds:
+            changes["ft_seeds"] = tuple(int(s) for s in args.ft_seeds.split(","))
         lc = dataclasses.replace(lc, **changes)
         res = learning_study(lc)
         stem = "lora_rank_learning_full" if args.full else "lora_rank_learning"

@@ -258,8 +258,9 @@ def _uniform_fan_in(rng: jax.Array, shapes: tuple[tuple[int, int], ...], dtype: 
     return [jax.random.uniform(k, s, dtype, -1.0 / math.sqrt(s[0]), 1.0 / math.sqrt(s[0])) for k, s in zip(keys, shapes)]
 
 
-def _add_delta(params: Any, adapters: Any, scale: float, sign: float) -> dict:
+def _add_delta(params: Any, adapters: Any, cfg: LoraConfig, sign: float) -> dict:
     """params with W += sign * scale * A @ B at every adapter (the delta computed in float32)."""
+    scale = lora_scale(cfg)
     out = params
     for apath, ab in _adapter_items(adapters):
         mpath, third = _split_adapter_path(apath)
@@ -268,6 +269,9 @@ def _add_delta(params: Any, adapters: Any, scale: float, sign: float) -> dict:
             raise ValueError(f"{'/'.join(mpath)}/kernel is a {type(w).__name__}, not an array; LoRA needs a "
                              "dense base: apply LoRA before quantizing, or dequantize first")
         a, b = ab["A"], ab["B"]  # [in, r], [r, out]
+        if a.ndim == 2 and a.shape[1] != cfg.rank:
+            raise ValueError(f"adapter {'/'.join(apath)} has rank {a.shape[1]} but LoraConfig.rank is {cfg.rank}; "
+                             "pass the LoraConfig the adapters were made with (its scale depends on the rank)")
         fan_out = w.shape[1] // 3 if third is not None else w.shape[1]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or (a.shape[0], b.shape[1]) != (w.shape[0], fan_out):
             raise ValueError(f"adapter {'/'.join(apath)} has A {tuple(a.shape)}, B {tuple(b.shape)}, which do not fit "
@@ -288,17 +292,17 @@ def apply_lora(params: Any, adapters: Any, cfg: LoraConfig) -> dict:
 
     Use inside the jitted loss with the base closed over, so gradients reach the adapters only.
     """
-    return _add_delta(params, adapters, lora_scale(cfg), 1.0)
+    return _add_delta(params, adapters, cfg, 1.0)
 
 
 def merge(params: Any, adapters: Any, cfg: LoraConfig) -> dict:
     """Fold the adapters into the base for export or fast inference: the same numbers as apply_lora."""
-    return _add_delta(params, adapters, lora_scale(cfg), 1.0)
+    return _add_delta(params, adapters, cfg, 1.0)
 
 
 def unmerge(merged: Any, adapters: Any, cfg: LoraConfig) -> dict:
     """The base back from merged params: W - scale * A @ B (exact up to float rounding of the weights)."""
-    return _add_delta(merged, adapters, lora_scale(cfg), -1.0)
+    return _add_delta(merged, adapters, cfg, -1.0)
 
 
 def split(merged: Any, base: Any, cfg: LoraConfig) -> dict:

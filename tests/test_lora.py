@@ -344,6 +344,8 @@ def test_save_load_roundtrip_and_shape_errors(tmp_path):
     wide = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes(n_embd=32))
     with pytest.raises(ValueError, match=r"do not fit the weight \[32, 32\]"):
         lora.apply_lora(wide, ad, lcfg)
+    with pytest.raises(ValueError, match=r"has rank 3 but LoraConfig.rank is 4"):
+        lora.apply_lora(params, ad, lcfg.replace(rank=4))
     new = _random_adapters(params, lcfg, 6)
     lora.save_adapters(path, new, lcfg, force=True)
     chex.assert_trees_all_equal(lora.load_adapters(path, params)[0], new)
