@@ -140,15 +140,19 @@ def prepare_prompts(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
         rows = [tokens[b, :n].tolist() for b, n in enumerate(lengths)]
     else:
         if not isinstance(prompt_tokens, Sequence) or not all(
-                isinstance(r, (Sequence, np.ndarray)) and not isinstance(r, str) for r in prompt_tokens):
+                isinstance(r, (Sequence, np.ndarray, jax.Array)) and not isinstance(r, str) for r in prompt_tokens):
             raise ValueError("prompt_tokens must be a list of token-id lists or a [batch, length] array; "
                              "wrap a single prompt as [ids]")
-        rows = [list(r) for r in prompt_tokens]
+        rows = [np.asarray(r).tolist() if isinstance(r, (np.ndarray, jax.Array)) else list(r) for r in prompt_tokens]
     if not rows:
         raise ValueError("prompt_tokens is empty; pass at least one prompt (an empty prompt [] is fine)")
     V = config.vocab_size
     for b, row in enumerate(rows):
-        bad = [t for t in row if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < V]
+        bad = [t for t in row if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+        if bad:
+            raise ValueError(f"prompt row {b} holds {bad[:5]}, which are not integer token ids; encode the prompt "
+                             "with the model's tokenizer")
+        bad = [t for t in row if not 0 <= t < V]
         if bad:
             raise ValueError(f"prompt row {b} has token ids {bad[:5]} outside the vocabulary [0, {V}); "
                              "encode the prompt with the model's tokenizer")
@@ -282,6 +286,20 @@ def _setup(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, rng: Any,
     return tokens, lengths, rng, sampler
 
 
+def _generate_call(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *,
+                   rng: Any = None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   eos_id: int | None = None, pad_id: int | None = None, bos_id: int | None = None,
+                   prompt_lengths: Any = None, cache_kind: str = "dense", cache_dtype: Any = None,
+                   return_logits: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Validated (arguments, static arguments) of `_generate_jit`."""
+    tokens, lengths, rng, sampler = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
+                                           top_p, eos_id, pad_id, bos_id, prompt_lengths, cache_kind)
+    static = dict(config=config, max_len=tokens.shape[1] + max_new_tokens - 1, cache_kind=cache_kind,
+                  cache_dtype=jnp.dtype(cache_dtype or config.compute_dtype).name, n_steps=max_new_tokens - 1,
+                  return_logits=return_logits)
+    return (params, tokens, lengths, rng, sampler), static
+
+
 def generate(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *,
              rng: Any = None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, pad_id: int | None = None, bos_id: int | None = None,
@@ -290,17 +308,25 @@ def generate(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens:
     """Continue each prompt by `max_new_tokens` tokens with a KV cache; prefill + lax.scan in one jit.
 
     prompt_tokens: list of token-id lists (ragged), or a [B, T] int array with optional prompt_lengths [B].
-    rng: a PRNG key or int seed (needed unless temperature == 0, which is greedy).
-    eos_id: rows that emit it stop; their remaining tokens are pad_id (default eos_id). Empty prompts start
-    from bos_id (default eos_id). cache_kind / cache_dtype: see `new_cache`.
+    rng: a PRNG key or int seed (needed unless temperature == 0, which is greedy). top-k, then top-p, as
+    transformers. eos_id: rows that emit it stop; their remaining tokens are pad_id (default eos_id).
+    Empty prompts start from bos_id (default eos_id). cache_kind / cache_dtype: see `new_cache`.
     Returns Generation(tokens [B, N], lengths [B], logits [B, N, V] if return_logits).
     """
-    tokens, lengths, rng, sampler = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
-                                           top_p, eos_id, pad_id, bos_id, prompt_lengths, cache_kind)
-    return _generate_jit(params, tokens, lengths, rng, sampler, config=config,
-                         max_len=tokens.shape[1] + max_new_tokens - 1, cache_kind=cache_kind,
-                         cache_dtype=jnp.dtype(cache_dtype or config.compute_dtype).name,
-                         n_steps=max_new_tokens - 1, return_logits=return_logits)
+    args, static = _generate_call(
+        params, config, prompt_tokens, max_new_tokens, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_id=eos_id, pad_id=pad_id, bos_id=bos_id, prompt_lengths=prompt_lengths, cache_kind=cache_kind,
+        cache_dtype=cache_dtype, return_logits=return_logits)
+    return _generate_jit(*args, **static)
+
+
+def lower_generate(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
+                   **kwargs: Any) -> jax.stages.Lowered:
+    """`generate`'s program lowered for these arguments without running it (benchmarks: `.compile()` it to
+    time compilation apart; later `generate` calls with the same shapes reuse the executable). Takes
+    `generate`'s keyword arguments."""
+    args, static = _generate_call(params, config, prompt_tokens, max_new_tokens, **kwargs)
+    return _generate_jit.lower(*args, **static)
 
 
 def stream(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *, chunk_size: int = 16,

@@ -7,10 +7,11 @@
 when online), or a jaxgpt training workdir (config.json, tokenizer.json, checkpoints/). The GPT-2 BPE
 loads offline from --bpe-file or $JAXGPT_GPT2_BPE.
 
-The command is a few small steps: parse arguments -> load (config, params, tokenizer) -> prepare the params
--> decode with `jaxgpt.generate.stream` -> print. An option that changes the weights (quantization,
-adapters) is one more step on the params before decoding; the cache layout is --kv-cache.
-Text goes to stdout as it is produced (one sample: every --chunk-size tokens); the speed goes to stderr.
+The command is a few small steps in `run`: check arguments -> `load_model` (config, params, tokenizer) ->
+`read_prompt` -> decode with `jaxgpt.generate.stream` -> print. An option that changes the weights
+(quantization, LoRA adapters) is one more step on (config, params) after `load_model`; the cache layout
+is --kv-cache. Text goes to stdout as it is produced (one sample: every --chunk-size tokens); the speed
+goes to stderr.
 """
 
 from __future__ import annotations

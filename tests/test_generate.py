@@ -200,7 +200,9 @@ def test_array_prompt_with_lengths_equals_ragged_list(base):
     cfg, params = base
     a = greedy(params, cfg, PROMPTS)
     b = greedy(params, cfg, jnp.asarray(_pad(PROMPTS)), prompt_lengths=np.array([3, 7, 1]))
+    c = greedy(params, cfg, [np.array(PROMPTS[0]), jnp.array(PROMPTS[1]), PROMPTS[2]])
     np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.tokens, c.tokens)
 
 
 def test_empty_prompt_starts_from_eos_and_single_new_token(base):
@@ -268,6 +270,8 @@ def test_bad_input_errors(base):
         gen([1, 2, 3])
     with pytest.raises(ValueError, match="list of token-id lists"):
         gen(["hello"])
+    with pytest.raises(ValueError, match="not integer token ids"):
+        gen([[1.0, 2.0]])
     with pytest.raises(ValueError, match="shape"):
         gen(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="prompt_lengths"):

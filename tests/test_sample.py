@@ -99,7 +99,7 @@ def test_text_stream_holds_back_partial_utf8():
 
 
 def test_training_workdir(tmp_path):
-    """A jaxgpt workdir (config.json, tokenizer.json, orbax checkpoints) with a char tokenizer."""
+    """A jaxgpt workdir (config.json, tokenizer.json, orbax checkpoints) with a char tokenizer and an int8 cache."""
     if not hasattr(checkpoint, "load_run"):
         pytest.skip("jaxgpt.checkpoint.load_run (training workdirs) is not available")
     import orbax.checkpoint as ocp
@@ -115,8 +115,8 @@ def test_training_workdir(tmp_path):
     mngr.wait_until_finished()
     mngr.close()
     out, _, texts = sample(["--init-from", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "8",
-                            "--seed", "2", "--top-k", "0", "--chunk-size", "8"])
-    ref = G.generate(params, cfg, [tok.encode("ROMEO:")], 8, rng=2, temperature=0.8)
+                            "--seed", "2", "--top-k", "0", "--chunk-size", "8", "--kv-cache", "int8"])
+    ref = G.generate(params, cfg, [tok.encode("ROMEO:")], 8, rng=2, temperature=0.8, cache_kind="int8")
     assert texts == [tok.decode(np.asarray(ref.tokens[0]))]
     assert out == "ROMEO:" + texts[0] + "\n"
     with pytest.raises(ValueError, match="prompt is empty"):
