@@ -48,7 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", default="dense",
                    help="cache layout: dense (model dtype) or a compressed kind of jaxgpt.kv_compress (int8, turbo3, ...)")
     p.add_argument("--chunk-size", type=int, default=8, help="tokens per decode call; text is printed after each")
+    p.add_argument("--adapters", default=None,
+                   help="LoRA/RsLoRA adapters folder (jaxgpt.lora.save_adapters, e.g. WORKDIR/lora), merged into the base")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                   help="weight quantization (jaxgpt.quantize): int8 per output channel, int4 group-wise (128)")
     return p
+
+
+def transform_params(params: Any, adapters: str | None, quantize: str) -> Any:
+    """Base params -> merged with LoRA adapters (if any) -> quantized (if asked), in that order."""
+    if adapters:
+        from jaxgpt import lora
+
+        ad, lcfg = lora.load_adapters(adapters, params)
+        params = lora.merge(params, ad, lcfg)
+    if quantize != "none":
+        from jaxgpt.quantize import QuantConfig, quantize as quantize_params
+
+        qcfg = QuantConfig(bits=8) if quantize == "int8" else QuantConfig(bits=4, granularity="group", group_size=128)
+        params = quantize_params(params, qcfg)
+    return params
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -73,6 +92,9 @@ def load_model(init_from: str, bpe_file: str | None = None) -> tuple[GPTConfig, 
     from jaxgpt import checkpoint
 
     path = Path(init_from)
+    if (path / "lora_run.json").is_file() and not is_hf_dir(path):
+        raise ValueError(f"{path} is a LoRA run (its checkpoints hold adapters only); pass its merged export "
+                         f"--init-from {path / 'hf'}, or the base with --adapters {path / 'lora'}")
     if path.is_dir() and not is_hf_dir(path):
         load_run = getattr(checkpoint, "load_run", None)
         if load_run is None:
@@ -125,6 +147,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
 
     check_args(args)
     config, params, tokenizer = load_model(args.init_from, args.bpe_file)
+    params = transform_params(params, args.adapters, args.quantize)
     prompt = read_prompt(args, tokenizer)
     eos = tokenizer.eot_id
     n = args.num_samples
