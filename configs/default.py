@@ -10,10 +10,10 @@ def get_config():
     c = base_config()
     c.data.dataset = "pydoc"
     c.data.tokenizer = "char"
-    c.model.update(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False)
+    c.model.update(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False)
     c.batch_size = 16
-    c.max_iters = 1500
-    c.lr_decay_iters = 1500
+    c.max_iters = 1000
+    c.lr_decay_iters = 1000
     c.warmup_iters = 100
     c.learning_rate = 1e-3
     c.min_lr = 1e-4

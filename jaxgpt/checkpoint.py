@@ -245,6 +245,8 @@ def run_checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, keep_best:
                                  keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=cm.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
+        # orbax writes a step's metrics to disk only when best_fn is set (deletion follows the policy above)
+        best_fn=lambda m: m["val_loss"], best_mode="min",
         create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)  # leftovers of a killed save are incomplete by definition
     return ocp.CheckpointManager(Path(workdir).absolute() / RUN_CKPT_DIR, item_names=RUN_ITEMS, options=options)
@@ -274,6 +276,7 @@ def check_run_checkpoints(workdir: str | os.PathLike, steps: list[int]) -> None:
 
 
 def _run_abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs of a tree of arrays (or of ShapeDtypeStructs)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 

@@ -240,7 +240,7 @@ def make_train_step(cfg: GPTConfig, tx: optax.GradientTransformation,
 
     batch = (x, y), each [A, B, T]; the gradient is the mean over the A micro-batches (accumulated in float32
     with a scan). Dropout keys are fold_in(rng, step) then fold_in(., micro-batch), so they depend on the
-    step number only. metrics: loss (mean over micro-batches), grad_norm (before clipping), lr, and `finite`
+    step number only. metrics: loss (mean over micro-batches), grad_norm (before clipping) and `finite`
     (loss, gradient and the new params are all finite).
     """
     loss_fn = make_loss_fn(cfg, combine)
@@ -407,7 +407,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 class Initial(NamedTuple):
     cfg: GPTConfig
-    params: Params
+    params: Params | None  # None: from scratch, init_params(cfg, config.seed)
     tokenizer: dict[str, Any]
 
 
@@ -432,7 +432,7 @@ def initial_model(config: ml_collections.ConfigDict, data_meta: dict[str, Any]) 
     if src == "scratch":
         cfg = model_config(config, data_meta["vocab_size"])
         tok = {k: v for k, v in data_meta.items() if k in ("kind", "chars", "vocab_size")}
-        return Initial(cfg, init_params(cfg, int(config.seed)), tok)
+        return Initial(cfg, None, tok)  # initialised by `train` unless a checkpoint supplies the values
     if src not in ("hf", "run"):
         raise ValueError(f"config.init_from={src!r} is not valid; use 'scratch', 'hf' or 'run'")
     if not config.init_path:
@@ -640,11 +640,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         if lora_now is not None:
             _write_json(lora_file, lora_now)
 
-    trainable, frozen = split(init.params)
+    params = init.params
     del init
     lr_fn = lr_schedule(config) if tx is None else None
     tx = tx or make_optimizer(config)
-    state = init_state(trainable, tx)
+    abstract = jax.eval_shape(lambda: split(init_params(cfg, seed))) if params is None and steps else None
+    if abstract is not None and not jax.tree.leaves(abstract[1]):
+        # resuming a run from scratch: the structure is enough, the checkpoint holds the values
+        frozen = None
+        state = jax.eval_shape(lambda t: init_state(t, tx), abstract[0])
+    else:
+        trainable, frozen = split(init_params(cfg, seed) if params is None else params)
+        state = init_state(trainable, tx)
+    del params
     log = MetricsLog(wd / "metrics.jsonl") if main else _NoLog()
     start = steps[-1] if steps else 0
     if steps:

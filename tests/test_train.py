@@ -134,9 +134,9 @@ def test_train_steps_match_transformers_and_torch_adamw(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_large_batch():
+    """Four micro-batches of 2 rows give the gradient of one batch of 8 (SGD with lr 1: new = old - grad)."""
     cfg = GPTConfig.preset("tiny")
-    c = train_lib.base_config()
-    tx = train_lib.make_optimizer(c)
+    tx = optax.sgd(1.0)
     params = init_params(cfg, 0)
     rng = np.random.default_rng(2)
     x = rng.integers(0, cfg.vocab_size, (8, 32)).astype(np.int32)
@@ -146,7 +146,8 @@ def test_gradient_accumulation_equals_one_large_batch():
     s4, m4 = step(train_lib.init_state(params, tx), (x.reshape(4, 2, 32), y.reshape(4, 2, 32)), jax.random.PRNGKey(0))
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
-    chex.assert_trees_all_close(s4.params, s1.params, atol=1e-6)
+    chex.assert_trees_all_close(s4.params, s1.params, atol=1e-7)
+    assert float(m1["grad_norm"]) > 0.1
 
 
 def test_mixed_precision_keeps_float32_master_weights():
@@ -158,20 +159,20 @@ def test_mixed_precision_keeps_float32_master_weights():
     tx = train_lib.make_optimizer(c)
     params = init_params(cfg, 0)
     x = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 4, 32)).astype(np.int32)
-    batch = (jnp.asarray(x), jnp.asarray(np.roll(x, -1, axis=-1)))
-    state, m = train_lib.make_train_step(cfg, tx, donate=False)(train_lib.init_state(params, tx), batch,
+    y = np.roll(x, -1, axis=-1)
+    state, m = train_lib.make_train_step(cfg, tx, donate=False)(train_lib.init_state(params, tx), (x, y),
                                                                   jax.random.PRNGKey(0))
-    _, m32 = train_lib.make_train_step(cfg.replace(dtype="float32"), tx, donate=False)(
-        train_lib.init_state(params, tx), batch, jax.random.PRNGKey(0))
+    loss32 = train_lib.make_eval_step(cfg.replace(dtype="float32"))(params, x[0], y[0])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
-    assert bool(m["finite"])
-    np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), atol=2e-2)  # bf16 rounding
-    assert float(m["loss"]) != float(m32["loss"])  # bf16 compute really ran
+    assert bool(m["finite"]) and int(state.step) == 1
+    np.testing.assert_allclose(float(m["loss"]), float(loss32), atol=2e-2)  # bf16 rounding
+    assert float(m["loss"]) != float(loss32)  # bf16 compute really ran
+    assert not np.array_equal(state.params["wte"]["embedding"], params["wte"]["embedding"])
 
 
 def test_dropout_keys_depend_on_the_step_only():
     cfg = GPTConfig.preset("tiny", dropout=0.3)
-    tx = train_lib.make_optimizer(train_lib.base_config())
+    tx = optax.sgd(1e-3)
     params = init_params(cfg, 0)
     x = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (1, 4, 32)), jnp.int32)
     step = train_lib.make_train_step(cfg, tx, donate=False)
@@ -248,18 +249,17 @@ def test_load_run_restores_the_final_params(finished_run, pydoc_dir):
     chex.assert_trees_all_equal(best, params)  # val loss still falling: the best is the last
 
 
-def test_finished_run_is_not_retrained_and_extends_when_asked(finished_run, pydoc_dir, capsys, tmp_path):
+def test_a_finished_run_is_not_retrained(finished_run, pydoc_dir, capsys, tmp_path):
     import shutil
 
     wd = tmp_path / "wd"
     shutil.copytree(finished_run[0], wd)
-    s = train_lib.train(tiny_config(pydoc_dir), wd)
+    s = train_lib.train(tiny_config(pydoc_dir, sample_tokens=0), wd)
     assert s["start_step"] == 40 and s["step"] == 40
     assert "already holds a finished run" in capsys.readouterr().out
-    s = train_lib.train(tiny_config(pydoc_dir, max_iters=44, eval_interval=4, ckpt_interval=4), wd)
-    assert s["start_step"] == 40 and s["step"] == 44
-    steps = [r["step"] for r in train_lib.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"]
-    assert steps == list(range(44))
+    before, after = (finished_run[0] / "metrics.jsonl").read_text(), (wd / "metrics.jsonl").read_text()
+    assert after.startswith(before)
+    assert [json.loads(line)["event"] for line in after[len(before):].splitlines()] == ["resume"]
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pydoc_dir, tmp_path):
@@ -281,24 +281,6 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
     events = [r for r in train_lib.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r.get("event") == "non-finite"]
     assert events and events[0]["step"] == 7
-
-
-def test_mesh_shardings_hook_gives_the_same_run(pydoc_dir, tmp_path, finished_run):
-    """StepShardings from a (one-device) mesh: same per-step losses as the run without shardings."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    replicated = NamedSharding(mesh, P())
-
-    def shardings_fn(state, frozen):
-        return train_lib.StepShardings(state=replicated, batch=NamedSharding(mesh, P(None, "data")),
-                                       rng=replicated, frozen=None)
-
-    c = tiny_config(pydoc_dir, max_iters=6, sample_tokens=0, eval_interval=6, ckpt_interval=6)
-    train_lib.train(c, tmp_path / "wd", shardings_fn=shardings_fn)
-    got = [r["loss"] for r in train_lib.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r["kind"] == "train"]
-    ref = [r["loss"] for r in train_lib.read_metrics(finished_run[0] / "metrics.jsonl") if r["kind"] == "train"]
-    assert got == ref[:6]
 
 
 def test_bad_settings_get_clear_errors(pydoc_dir, tmp_path):
@@ -335,7 +317,7 @@ def finetune_config(data_dir: Path, init_from: str, init_path: Path, bpe: bool =
     c.data.dir = str(data_dir)
     c.data.bpe_path = str(BPE) if bpe else ""
     c.batch_size, c.grad_accum, c.max_iters, c.eval_iters, c.eval_interval, c.ckpt_interval = 2, 2, 3, 1, 3, 3
-    c.sample_tokens, c.progress = 4, False
+    c.sample_tokens, c.progress = 0, False
     return c
 
 
