@@ -8,8 +8,8 @@ not errors: train_lib stops at the first non-finite step and `train_run` records
 Every run lives in workdirs/experiments/runs/<key>/ (metrics.jsonl, loss.png, the final checkpoint), where
 <key> is a hash of its full train_lib config: a run two studies share (e.g. the tied char model of the
 tying study is the learned-positions model of the positions study) is trained once, and a finished run is
-reused, so a study can be re-plotted or resumed without training again; `fresh=True` (the studies'
---fresh flag) trains it again.
+reused, so a study can be re-plotted without training again; an interrupted run (Ctrl-C: train_lib saves a
+checkpoint) resumes where it stopped. `fresh=True` (the studies' --fresh flag) trains every run again.
 """
 
 from __future__ import annotations
@@ -77,6 +77,17 @@ def bpe_data(data_dir: str | os.PathLike | None = None, text: str | os.PathLike 
         except FileExistsError:
             pass
     return d
+
+
+def unigram_entropy(data_dir: str | os.PathLike, split: str = "train") -> float:
+    """Entropy (nats/token) of the token frequencies of a split: the loss of a model that ignores the context.
+
+    A run that ends at this loss has learned the character frequencies and nothing else (stalled).
+    """
+    ids = data_lib.load_split(data_dir, split, 1)
+    p = np.bincount(np.asarray(ids)).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def val_windows(data_dir: str | os.PathLike, length: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +181,13 @@ class RunResult:
         """Non-finite at some step, or ending above `threshold` (studies use ln V: worse than a uniform guess)."""
         return self.non_finite_step is not None or not self.final_loss() <= threshold
 
+    def outcome(self, threshold: float, unigram: float, margin: float = 0.05) -> str:
+        """"diverged" (see `diverged`), "stalled" (ends within `margin` of the unigram entropy or above: it has
+        learned token frequencies only) or "trained"."""
+        if self.diverged(threshold):
+            return "diverged"
+        return "stalled" if self.final_loss() > unigram - margin else "trained"
+
     def params(self) -> Any:
         """The final params, restored from the run's checkpoint."""
         return checkpoint.load_run(self.workdir, "latest")[1]
@@ -198,14 +216,19 @@ def run_dir(spec: RunSpec, data_dir: str | os.PathLike, root: str | os.PathLike 
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _finished(wd: Path, config: ml_collections.ConfigDict, steps: int) -> bool:
-    """True when wd holds a complete run of exactly this config (ended at `steps` or by going non-finite)."""
+def _same_config(wd: Path, config: ml_collections.ConfigDict) -> bool:
+    """True when wd holds a run (finished or not) of exactly this training config."""
     f = wd / "train_config.json"
-    if not f.is_file() or not (wd / "run.json").is_file():
+    if not f.is_file():
         return False
     saved = json.loads(f.read_text())
     saved.pop("progress", None)
-    if saved != _config_key(config):
+    return saved == _config_key(config)
+
+
+def _finished(wd: Path, config: ml_collections.ConfigDict, steps: int) -> bool:
+    """True when wd holds a complete run of exactly this config (ended at `steps` or by going non-finite)."""
+    if not (wd / "run.json").is_file() or not _same_config(wd, config):
         return False
     records = train_lib.read_metrics(wd / "metrics.jsonl")
     if any(r.get("event") == "non-finite" for r in records):
@@ -221,12 +244,16 @@ def train_run(spec: RunSpec, data_dir: str | os.PathLike, root: str | os.PathLik
     config.progress = progress
     t0 = time.perf_counter()
     if fresh or not _finished(wd, config, spec.steps):
-        if wd.exists():  # a stale or partial run of this study's own scratch folder: start it again
+        if wd.exists() and (fresh or not _same_config(wd, config)):  # stale: start again
             shutil.rmtree(wd)
+        (wd / "run.json").unlink(missing_ok=True)  # an unfinished run of this config resumes from its checkpoint
         try:
-            train_lib.train(config, wd)
+            summary = train_lib.train(config, wd)
         except FloatingPointError:
-            pass  # diverged: metrics.jsonl names the step, the curve up to it is kept
+            summary = {}  # diverged: metrics.jsonl names the step, the curve up to it is kept
+        if summary.get("interrupted"):
+            raise KeyboardInterrupt(f"run {spec.name} stopped by {summary['interrupted']}; run the study again to "
+                                    f"resume it from {wd}")
         (wd / "run.json").write_text(json.dumps({"name": spec.name, "wall_s": time.perf_counter() - t0}))
     wall = json.loads((wd / "run.json").read_text())["wall_s"] if (wd / "run.json").is_file() else 0.0
     records = train_lib.read_metrics(wd / "metrics.jsonl")

@@ -12,7 +12,7 @@ Measured: val loss during training at equal steps, parameter counts (jaxgpt.para
 each position of validation windows twice the training context (2 x block_size). The learned table has
 block_size rows, so a learned model cannot be run past block_size at all: its row stops at block_size.
 
-Outputs (docs/figures/, --full adds _full): positions.json, positions_loss.png (val loss vs step; loss vs
+Outputs (docs/figures/, --full adds _full): positions_results.json, positions_loss.png (val loss vs step; loss vs
 position up to 2 x block_size).
 """
 
@@ -89,7 +89,7 @@ def run(s: PositionsStudy, *, data_dir: str | Path | None = None, workdir: str |
            "eval_tokens_per_position": int(s.long_windows), "methods": methods,
            "wall_s": round(time.perf_counter() - t0, 1)}
     out = Path(out_dir)
-    common.write_json(out / f"positions{suffix}.json", res)
+    common.write_json(out / f"positions_results{suffix}.json", res)
     plot(res, out / f"positions_loss{suffix}.png")
     return res
 

@@ -13,7 +13,7 @@ Part 2, counted: parameters of the four GPT-2 sizes, a 7B-class shape (GPT-2 blo
 n_embd 4096, n_head 32, vocab 50257) and GPT-3 175B's shape, tied and untied, from `jaxgpt.param_count`
 and checked against the leaves of the real params pytree (`jax.eval_shape`, nothing allocated).
 
-Outputs (docs/figures/, --full adds _full): tying.json, tying_loss.png (val loss curves and the parameter
+Outputs (docs/figures/, --full adds _full): tying_results.json, tying_loss.png (val loss curves and the parameter
 table as bars of the saved fraction).
 """
 
@@ -124,7 +124,7 @@ def run(s: TyingStudy, *, data_dir: str | Path | None = None, workdir: str | Pat
     res = {"study": dataclasses.asdict(s), "dataset": "Tiny Shakespeare", "trained": trained,
            "param_table": param_table(check_pytree=check_pytree), "wall_s": round(time.perf_counter() - t0, 1)}
     out = Path(out_dir)
-    common.write_json(out / f"tying{suffix}.json", res)
+    common.write_json(out / f"tying_results{suffix}.json", res)
     plot(res, out / f"tying_loss{suffix}.png")
     return res
 

@@ -64,9 +64,9 @@ def test_flops_formulas_match_a_hand_count_and_xla():
 
 def test_kv_study_tiny(tmp_path):
     s = kv_cache_flops.KVStudy(n_layer=1, n_head=2, n_embd=32, vocab_size=50, lengths=(8, 32), rounds=2,
-                               e2e_prompt=4, e2e_new=8, table_lengths=(1, 15, 1024))
+                               e2e_prompt=4, e2e_new=6, table_lengths=(1, 15, 1024))
     res = kv_cache_flops.run(s, out_dir=tmp_path, progress=False)
-    on_disk = json.loads((tmp_path / "kvflops.json").read_text())
+    on_disk = json.loads((tmp_path / "kvflops_results.json").read_text())
     assert on_disk["formulas"] == kv_cache_flops.FORMULAS
     _png(tmp_path / "kvflops_ratio.png")
     rows = {r["n"]: r for r in res["analytic"]["rows"]}
@@ -88,7 +88,7 @@ def test_weight_tying_tiny(tmp_path, data_dir, runs):
     s = weight_tying.TyingStudy(vocabs=("char",), n_layer=1, steps=12, warmup_iters=2, eval_interval=6, **TINY)
     res = weight_tying.run(s, data_dir=data_dir, workdir=runs, out_dir=tmp_path, progress=False,
                            check_pytree=False)  # tracing the 175B-shape pytree takes a minute
-    assert json.loads((tmp_path / "tying.json").read_text())["trained"].keys() == {"char"}
+    assert json.loads((tmp_path / "tying_results.json").read_text())["trained"].keys() == {"char"}
     _png(tmp_path / "tying_loss.png")
     t = res["trained"]["char"]
     # counted from the trained params pytrees: tying removes exactly vocab x n_embd
@@ -127,7 +127,7 @@ def test_positions_tiny(tmp_path, data_dir, runs):
     s = positions.PositionsStudy(methods=("learned", "rope"), n_layer=1, steps=12, warmup_iters=2,
                                  eval_interval=6, long_windows=8, **TINY)
     res = positions.run(s, data_dir=data_dir, workdir=runs, out_dir=tmp_path, progress=False)
-    assert json.loads((tmp_path / "positions.json").read_text())["methods"].keys() == {"learned", "rope"}
+    assert json.loads((tmp_path / "positions_results.json").read_text())["methods"].keys() == {"learned", "rope"}
     _png(tmp_path / "positions_loss.png")
     learned, rope = res["methods"]["learned"], res["methods"]["rope"]
     T, C = s.block_size, s.n_embd
@@ -149,7 +149,7 @@ def test_loss_per_position_matches_numpy(data_dir):
     params = init_params(cfg, 3)
     x, y = common.val_windows(data_dir, 32, 5, seed=1)  # twice block_size: rope has no table
     got = common.loss_per_position(cfg, params, x, y, batch=2)
-    logits = np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(x)), np.float64)  # [5, 32, V]
+    logits = np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, jnp.asarray(x)), np.float64)  # [5, 32, V]
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     want = -np.take_along_axis(logp, y[..., None], -1)[..., 0].mean(0)
@@ -163,7 +163,7 @@ def test_loss_per_position_matches_numpy(data_dir):
 
 def test_norm_placement_tiny(tmp_path, data_dir):
     s = norm_placement.NormStudy(depths=(2,), norms=("layernorm",), warmups=(0,), steps=12, grad_batch=4,
-                                 learning_rate=3e-3, **TINY)
+                                 learning_rate=3e-3, trained=None, lr_sweep=(), lr_sweep_depth=2, **TINY)
     res = norm_placement.run(s, data_dir=data_dir, workdir=tmp_path / "wd", out_dir=tmp_path, progress=False)
     assert json.loads((tmp_path / "norm_placement.json").read_text())["runs"] == res["runs"]
     _png(tmp_path / "norm_curves.png")
@@ -173,11 +173,21 @@ def test_norm_placement_tiny(tmp_path, data_dir):
         assert len(r["loss"]) == s.steps and r["non_finite_step"] is None and not r["diverged"]
         assert np.mean(r["loss"][-3:]) < r["loss"][0] - 0.05  # loss decreases
         assert abs(r["loss"][0] - res["divergence_threshold"]) < 0.3  # starts near ln V
+        assert r["outcome"] == "stalled"  # 12 steps do not get past the character frequencies
+    assert 3.0 < res["unigram_entropy"] < res["divergence_threshold"]
     for g in res["grad_norms_init"].values():
         assert len(g["blocks"]) == 2 and all(math.isfinite(v) and v > 0 for v in g["blocks"])
     # the same seed and batch give the same initial loss for both placements (the only switch is placement)
     losses = [g["loss"] for g in res["grad_norms_init"].values()]
     assert abs(losses[0] - losses[1]) < 0.2
+    # Post-LN's block-0 gradient spike comes from the tiny embedding scale: it shrinks with unit-size embeddings
+    c = res["embedding_scale_check"]
+    assert len(c["embedding_x1"]) == len(c["embedding_x50"]) == 2
+    assert c["embedding_x50"][0] < c["embedding_x1"][0]
+    # the sweep figure, from the grid's runs relabelled as a sweep (no extra training)
+    res["lr_sweep"] = [{**r, "peak_lr": 1e-3} for r in res["runs"]]
+    assert [r["peak_lr"] for r in norm_placement.sweep_points(res)] == [1e-3, 3e-3] * 2
+    _png(norm_placement.plot_lr_sweep(res, tmp_path / "norm_lr_sweep.png"))
 
 
 def _result(loss, non_finite=None) -> common.RunResult:
@@ -192,6 +202,9 @@ def test_divergence_rule_and_climb():
     assert _result([4.2, 3.0, 5.0, 6.0]).diverged(ln_v)  # ends above a uniform guess
     assert _result([4.2, 3.0], non_finite=2).diverged(ln_v)
     assert _result([4.2, 3.0], non_finite=2).final_loss() == math.inf
+    assert _result([4.2, 3.0, 2.5, 2.4]).outcome(ln_v, unigram=3.3) == "trained"
+    assert _result([4.2, 3.4, 3.3, 3.28]).outcome(ln_v, unigram=3.3) == "stalled"  # character frequencies only
+    assert _result([4.2, 3.0], non_finite=2).outcome(ln_v, unigram=3.3) == "diverged"
     assert norm_placement.max_regression([4.0, 3.0, 2.0, 1.0], k=1) == 0.0
     assert norm_placement.max_regression([4.0, 2.0, 3.5, 1.0], k=1) == pytest.approx(1.5)
 
