@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", default=None,
                    help="LoRA/RsLoRA adapters folder (jaxgpt.lora.save_adapters, e.g. WORKDIR/lora), merged into the base")
     p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
-                   help="weight quantization (jaxgpt.quantize): int8 per output channel, int4 group-wise (128)")
+                   help="weight quantization (jaxgpt.quantize) of every matrix and the embeddings (norms and biases stay "
+                        "float): int8 per output channel, int4 group-wise (128)")
     return p
 
 
@@ -65,7 +66,9 @@ def transform_params(params: Any, adapters: str | None, quantize: str) -> Any:
     if quantize != "none":
         from jaxgpt.quantize import QuantConfig, quantize as quantize_params
 
-        qcfg = QuantConfig(bits=8) if quantize == "int8" else QuantConfig(bits=4, granularity="group", group_size=128)
+        # the embeddings too: the tied head reads all of wte every token, the largest matrix at GPT-2 sizes
+        qcfg = (QuantConfig(bits=8, embeddings=True, lm_head=True) if quantize == "int8" else
+                QuantConfig(bits=4, granularity="group", group_size=128, embeddings=True, lm_head=True))
         params = quantize_params(params, qcfg)
     return params
 
