@@ -233,47 +233,72 @@ def quality(args) -> dict:
 
     sys.path.insert(0, str(REPO))
     cfg_mod = _load_config(REPO / "configs" / "shakespeare_char_cpu.py")
-    config = cfg_mod.get_config()
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data_dir = tmp / "data"
     meta = data_lib.prepare(data_dir, dataset="shakespeare", tokenizer="char", input_path=args.data)
-    config.data.dir = str(data_dir)
-    config.max_iters = config.lr_decay_iters = args.iters
-    config.seed = args.seed
-    config.progress = not args.quiet
-    config.sample_tokens = 0
+    seeds = args.seeds or [args.seed]
+
+    def jax_config(seed: int):
+        config = cfg_mod.get_config()
+        config.data.dir = str(data_dir)
+        config.max_iters = config.lr_decay_iters = args.iters
+        config.seed = seed
+        config.progress = not args.quiet
+        config.sample_tokens = 0
+        return config
+
+    config = jax_config(seeds[0])
     m = config.model
     recipe = dict(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
                   vocab_size=meta["vocab_size"], dropout=m.dropout, bias=m.bias, batch_size=config.batch_size,
                   lr=config.learning_rate, min_lr=config.min_lr, warmup=config.warmup_iters,
                   max_iters=args.iters, beta2=config.beta2, weight_decay=config.weight_decay,
-                  eval_interval=config.eval_interval, eval_iters=config.eval_iters, seed=args.seed)
+                  eval_interval=config.eval_interval, eval_iters=config.eval_iters)
 
     val = data_lib.load_split(data_dir, "val", m.block_size)
     fixed = [data_lib.get_batch(val, config.batch_size, m.block_size, data_lib.batch_rng(7, k, "val", stream=2))
              for k in range(200)]
-    results = {}
+    runs = []  # one record per (impl, seed)
     order = ["jaxgpt", "nanogpt-torch"] if not args.torch_first else ["nanogpt-torch", "jaxgpt"]
-    for name in order:
-        print(f"== {name}: {args.iters} iters", flush=True)
-        if name == "jaxgpt":
-            t0, c0 = time.perf_counter(), time.process_time()
-            s = train(config, tmp / "jaxgpt_run")
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            cfg, params, _ = checkpoint.load_run(tmp / "jaxgpt_run")
-            results[name] = {"val_loss": s["val_loss"], "train_loss": s["train_loss"], "wall_s": wall, "cpu_s": cpu,
-                             "val_loss_200": fixed_val_loss_jax(cfg, params, fixed)}
-        else:
-            model, r = train_nanogpt(data_dir, tmp, recipe)
-            r.pop("history")
-            results[name] = {**r, "val_loss_200": fixed_val_loss_torch(model, fixed)}
-        print(json.dumps({name: results[name]}), flush=True)
+    for seed in seeds:
+        for name in order:  # alternated, so slow phases of a shared machine hit both sides
+            print(f"== {name}, seed {seed}: {args.iters} iters", flush=True)
+            if name == "jaxgpt":
+                wd = tmp / f"jaxgpt_run_{seed}"
+                t0, c0 = time.perf_counter(), time.process_time()
+                s = train(jax_config(seed), wd)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                cfg, params, _ = checkpoint.load_run(wd)
+                r = {"val_loss": s["val_loss"], "train_loss": s["train_loss"], "wall_s": wall, "cpu_s": cpu,
+                     "val_loss_200": fixed_val_loss_jax(cfg, params, fixed)}
+            else:
+                model, r = train_nanogpt(data_dir, tmp, {**recipe, "seed": seed})
+                r.pop("history")
+                r["val_loss_200"] = fixed_val_loss_torch(model, fixed)
+            runs.append({"impl": name, "seed": seed, **r})
+            print(json.dumps(runs[-1]), flush=True)
+
+    def stats(name: str) -> dict:
+        rs = [r for r in runs if r["impl"] == name]
+        out = {}
+        for k in ("val_loss", "val_loss_200", "wall_s", "cpu_s"):
+            v = np.array([r[k] for r in rs], np.float64)
+            out[k] = float(v.mean())
+            out[k + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        return out
+
+    results = {name: stats(name) for name in order}
     j, t = results["jaxgpt"], results["nanogpt-torch"]
-    out = {"recipe": recipe, "results": results, "wall_ratio_torch_over_jax": t["wall_s"] / j["wall_s"],
-           "cpu_ratio_torch_over_jax": t["cpu_s"] / j["cpu_s"], "load_avg": os.getloadavg(),
-           "threads": _threads(), "jax": jax.__version__}
-    _print_table("quality", [(k, f"{v['val_loss']:.4f}", f"{v['val_loss_200']:.4f}", f"{v['wall_s']:.1f}",
-                              f"{v['cpu_s']:.1f}") for k, v in results.items()],
+    out = {"recipe": recipe, "seeds": seeds, "runs": runs, "results": results,
+           "wall_ratio_torch_over_jax": t["wall_s"] / j["wall_s"], "cpu_ratio_torch_over_jax": t["cpu_s"] / j["cpu_s"],
+           "load_avg": os.getloadavg(), "threads": _threads(), "jax": jax.__version__}
+    _print_table("quality, per run", [(r["impl"], r["seed"], f"{r['val_loss']:.4f}", f"{r['val_loss_200']:.4f}",
+                                       f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}") for r in runs],
+                 ("impl", "seed", "val@iter (20 batches)", "val (200 fixed)", "wall s", "cpu s"))
+    _print_table(f"quality, mean +- std over {len(seeds)} seed(s)",
+                 [(k, f"{v['val_loss']:.4f} +- {v['val_loss_std']:.4f}",
+                   f"{v['val_loss_200']:.4f} +- {v['val_loss_200_std']:.4f}", f"{v['wall_s']:.1f}",
+                   f"{v['cpu_s']:.1f}") for k, v in results.items()],
                  ("impl", "val@iter (20 batches)", "val (200 fixed)", "wall s", "cpu s"))
     print(f"nanogpt-torch / jaxgpt: wall time {out['wall_ratio_torch_over_jax']:.2f}x, "
           f"CPU time {out['cpu_ratio_torch_over_jax']:.2f}x")
@@ -401,6 +426,8 @@ def main() -> None:
     q.add_argument("--iters", type=int, default=2000)
     q.add_argument("--torch-first", action="store_true", help="run the PyTorch peer first")
     q.add_argument("--seed", type=int, default=1337, help="nanoGPT's seed (jaxgpt: config.seed)")
+    q.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="several seeds (overrides --seed): per-run rows and mean +- std per implementation")
     q.add_argument("--quiet", action="store_true")
     s = sub.add_parser("speed")
     s.add_argument("--batch", type=int, default=8, help="sequences per step (the recipe uses 64)")

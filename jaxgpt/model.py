@@ -31,9 +31,15 @@ def _is_array(w: Any) -> bool:
 
 
 def matmul(x: jax.Array, w: Any, dtype: Any) -> jax.Array:
-    """x [..., in] @ w [in, out] in `dtype`."""
+    """x [..., in] @ w [in, out] in `dtype`.
+
+    x is flattened to [N, in] first: the weight gradient is then one plain [in, N] @ [N, out] GEMM, where a
+    contraction over (B, T) makes XLA:CPU write transposed copies of the activations (~13% of a train step).
+    """
     if _is_array(w):
-        return jnp.dot(x.astype(dtype), w.astype(dtype))
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), w.astype(dtype))  # [N, out]
+        return y.reshape(*lead, w.shape[-1])
     return w.matmul(x, dtype)
 
 
@@ -60,12 +66,20 @@ def _weight(module: nn.Module, name: str, init: Any, shape: tuple[int, ...], dty
     return module.param(name, init, shape, dtype)
 
 
-def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
-    """Fixed sin/cos position codes (Vaswani et al.) for integer positions [B, T] -> [B, T, dim] float32."""
+# RMS of the sinusoidal codes as added to the embeddings: that of GPT-2's learned tables at init, N(0, 0.02).
+# Unit-amplitude codes (Vaswani et al., whose embeddings are scaled up by sqrt(C) instead) would outweigh
+# GPT-2-initialised token embeddings 35 to 1, and the model barely learns (see docs/design.md, positions).
+SINUSOIDAL_RMS = 0.02
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int, rms: float = 1.0 / math.sqrt(2.0)) -> jax.Array:
+    """Fixed sin/cos position codes (Vaswani et al.) for integer positions [B, T] -> [B, T, dim] float32,
+    scaled to root-mean-square `rms` (the default is the unscaled codes' own: amplitude 1)."""
     inv = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))  # [dim/2]
     angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, dim/2]
     # interleave: even channels sin, odd channels cos
-    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, dim)
+    codes = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, dim)
+    return codes * (rms * math.sqrt(2.0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,7 +246,7 @@ class GPT(nn.Module):
         if cfg.pos_embedding == "learned":
             x = x + Embed(cfg.block_size, cfg.n_embd, cfg.compute_dtype, cfg.params_dtype, name="wpe")(positions)
         elif cfg.pos_embedding == "sinusoidal":
-            x = x + sinusoidal_embedding(positions, cfg.n_embd).astype(cfg.compute_dtype)
+            x = x + sinusoidal_embedding(positions, cfg.n_embd, SINUSOIDAL_RMS).astype(cfg.compute_dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         new_layers = []

@@ -64,7 +64,7 @@ def np_forward(cfg: GPTConfig, p, tokens: np.ndarray) -> np.ndarray:
         pe = np.zeros((T, C))
         div = 10000.0 ** (np.arange(0, C, 2) / C)
         pe[:, 0::2], pe[:, 1::2] = np.sin(pos[:, None] / div), np.cos(pos[:, None] / div)
-        x = x + pe
+        x = x + 0.02 * np.sqrt(2.0) * pe  # RMS 0.02, like GPT-2's learned tables at init
     for i in range(cfg.n_layer):
         h = p[f"h_{i}"]
         mlp = lambda y: lin(gelu(lin(y, h["mlp"]["c_fc"])), h["mlp"]["c_proj"])  # noqa: E731
