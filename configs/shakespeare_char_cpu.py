@@ -6,24 +6,15 @@ It is configs/shakespeare_char.py with nanoGPT's command-line changes: --block_s
 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0 --eval_iters=20.
 """
 
-from jaxgpt.train_lib import base_config
+from configs import shakespeare_char
 
 
 def get_config():
-    c = base_config()
-    c.data.dataset = "shakespeare"
-    c.data.tokenizer = "char"
-    c.data.dir = "data/shakespeare_char"
-    c.model.update(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False)
+    c = shakespeare_char.get_config()
+    c.model.update(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
     c.batch_size = 12
     c.max_iters = 2000
     c.lr_decay_iters = 2000
-    c.learning_rate = 1e-3
-    c.min_lr = 1e-4
-    c.beta2 = 0.99
-    c.warmup_iters = 100
-    c.eval_interval = 250
-    c.ckpt_interval = 250
     c.eval_iters = 20
     c.eval_at_start = True  # nanoGPT evaluates at iteration 0 as well
     c.log_interval = 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import chex
@@ -27,6 +28,8 @@ BPE = SHARED / "data" / "gpt2.tiktoken"
 
 
 def load_config(name: str):
+    if str(REPO) not in sys.path:  # as for `python train.py`: configs may import their siblings (`from configs import`)
+        sys.path.insert(0, str(REPO))
     spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -40,6 +43,22 @@ def nanogpt_lr(it, lr, min_lr, warmup, decay):  # nanoGPT train.py get_lr, verba
         return min_lr
     ratio = (it - warmup) / (decay - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")))
+def test_every_config_loads_and_validates(name):
+    c = load_config(name)
+    train_lib.validate(c)
+
+
+def test_cpu_recipe_is_nanogpts_command_line():
+    """configs/shakespeare_char_cpu.py = shakespeare_char + nanoGPT's README flags for the CPU run."""
+    c, base = load_config("shakespeare_char_cpu"), load_config("shakespeare_char")
+    m = c.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias) == (4, 4, 128, 64, 0.0, False)
+    assert (c.batch_size, c.max_iters, c.lr_decay_iters, c.eval_iters) == (12, 2000, 2000, 20)
+    for k in ("learning_rate", "min_lr", "beta2", "warmup_iters", "eval_interval", "weight_decay", "grad_clip"):
+        assert c[k] == base[k], k
 
 
 class ScheduleAndLossTest(chex.TestCase):
