@@ -18,3 +18,13 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def gpt2_bpe_file(shared_dir: Path) -> Path:
     return shared_dir / "data" / "gpt2.tiktoken"
+
+
+@pytest.fixture(scope="session")
+def pydoc_char_dir(tmp_path_factory) -> Path:
+    """The built-in corpus (CPython's pydoc topics) prepared with the char tokenizer, once per session (read only)."""
+    from jaxgpt import data as data_lib
+
+    d = tmp_path_factory.mktemp("pydoc") / "pydoc_char"
+    data_lib.prepare(d, dataset="pydoc", tokenizer="char")
+    return d

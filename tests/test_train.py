@@ -217,20 +217,13 @@ def tiny_config(data_dir: Path, **changes):
 
 
 @pytest.fixture(scope="module")
-def pydoc_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pydoc") / "pydoc_char"
-    data_lib.prepare(d, dataset="pydoc", tokenizer="char")
-    return d
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, pydoc_dir):
+def finished_run(tmp_path_factory, pydoc_char_dir):
     wd = tmp_path_factory.mktemp("run") / "wd"
-    summary = train_lib.train(tiny_config(pydoc_dir), wd)
+    summary = train_lib.train(tiny_config(pydoc_char_dir), wd)
     return wd, summary
 
 
-def test_train_writes_metrics_checkpoints_plot_and_sample(finished_run, pydoc_dir):
+def test_train_writes_metrics_checkpoints_plot_and_sample(finished_run, pydoc_char_dir):
     wd, summary = finished_run
     records = train_lib.read_metrics(wd / "metrics.jsonl")
     train = {r["step"]: r for r in records if r["kind"] == "train"}
@@ -250,13 +243,13 @@ def test_train_writes_metrics_checkpoints_plot_and_sample(finished_run, pydoc_di
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [20, 40]
 
 
-def test_load_run_restores_the_final_params(finished_run, pydoc_dir):
+def test_load_run_restores_the_final_params(finished_run, pydoc_char_dir):
     """The val loss of load_run's params, recomputed on the run's eval batches, is the logged final val loss."""
     wd, summary = finished_run
     cfg, params, tok_meta = checkpoint.load_run(wd)
     assert tok_meta["kind"] == "char" and cfg.vocab_size == tok_meta["vocab_size"]
-    val = data_lib.load_split(pydoc_dir, "val", cfg.block_size)
-    c = tiny_config(pydoc_dir)
+    val = data_lib.load_split(pydoc_char_dir, "val", cfg.block_size)
+    c = tiny_config(pydoc_char_dir)
     ev = train_lib.make_eval_step(cfg)
     losses = [ev(params, *data_lib.get_batch(val, c.batch_size, cfg.block_size,
                                               data_lib.batch_rng(c.seed, k, "val", stream=1)))
@@ -268,12 +261,12 @@ def test_load_run_restores_the_final_params(finished_run, pydoc_dir):
     chex.assert_trees_all_equal(best, params)  # val loss still falling: the best is the last
 
 
-def test_a_finished_run_is_not_retrained(finished_run, pydoc_dir, capsys, tmp_path):
+def test_a_finished_run_is_not_retrained(finished_run, pydoc_char_dir, capsys, tmp_path):
     import shutil
 
     wd = tmp_path / "wd"
     shutil.copytree(finished_run[0], wd)
-    s = train_lib.train(tiny_config(pydoc_dir, sample_tokens=0), wd)
+    s = train_lib.train(tiny_config(pydoc_char_dir, sample_tokens=0), wd)
     assert s["start_step"] == 40 and s["step"] == 40
     assert "already holds a finished run" in capsys.readouterr().out
     before, after = (finished_run[0] / "metrics.jsonl").read_text(), (wd / "metrics.jsonl").read_text()
@@ -281,9 +274,9 @@ def test_a_finished_run_is_not_retrained(finished_run, pydoc_dir, capsys, tmp_pa
     assert [json.loads(line)["event"] for line in after[len(before):].splitlines()] == ["resume"]
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pydoc_dir, tmp_path):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pydoc_char_dir, tmp_path):
     """An optimizer that turns the update at step 7 into NaN: the run stops naming step 7, checkpoint 5 stays."""
-    c = tiny_config(pydoc_dir, ckpt_interval=5, eval_interval=5, log_interval=3, max_iters=20)
+    c = tiny_config(pydoc_char_dir, ckpt_interval=5, eval_interval=5, log_interval=3, max_iters=20)
 
     def poison_at(n: int) -> optax.GradientTransformation:
         def update(updates, count, params=None):
@@ -302,19 +295,19 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert events and events[0]["step"] == 7
 
 
-def test_bad_settings_get_clear_errors(pydoc_dir, tmp_path):
+def test_bad_settings_get_clear_errors(pydoc_char_dir, tmp_path):
     with pytest.raises(ValueError, match="config.batch_size=0 is not valid"):
-        train_lib.train(tiny_config(pydoc_dir, batch_size=0), tmp_path / "a")
+        train_lib.train(tiny_config(pydoc_char_dir, batch_size=0), tmp_path / "a")
     with pytest.raises(ValueError, match="fewer than block_size"):
-        c = tiny_config(pydoc_dir)
+        c = tiny_config(pydoc_char_dir)
         c.model.block_size = 50_000
         train_lib.train(c, tmp_path / "b")
     with pytest.raises(ValueError, match="model only 50"):
-        c = tiny_config(pydoc_dir)
+        c = tiny_config(pydoc_char_dir)
         c.model.vocab_size = 50
         train_lib.train(c, tmp_path / "c")
     with pytest.raises(ValueError, match="init_from='hub' is not valid"):
-        train_lib.train(tiny_config(pydoc_dir, init_from="hub"), tmp_path / "d")
+        train_lib.train(tiny_config(pydoc_char_dir, init_from="hub"), tmp_path / "d")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,17 +359,17 @@ def test_finetune_from_a_hugging_face_gpt2_directory(bpe_dir, tmp_path):
     assert float(jnp.abs(moved).max()) > 0  # trained
 
 
-def test_finetune_from_a_jaxgpt_run_with_a_cropped_block(finished_run, pydoc_dir, tmp_path):
+def test_finetune_from_a_jaxgpt_run_with_a_cropped_block(finished_run, pydoc_char_dir, tmp_path):
     src = finished_run[0]
     src_cfg, src_params, _ = checkpoint.load_run(src)
-    c = finetune_config(pydoc_dir, "run", src, bpe=False)
+    c = finetune_config(pydoc_char_dir, "run", src, bpe=False)
     c.model.block_size = 16
     train_lib.train(c, tmp_path / "wd")
     cfg, params, _ = checkpoint.load_run(tmp_path / "wd")
     assert cfg.block_size == 16 and params["wpe"]["embedding"].shape == (16, src_cfg.n_embd)
 
     first = [r for r in train_lib.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r["kind"] == "train"][0]
-    train = data_lib.load_split(pydoc_dir, "train", 16)
+    train = data_lib.load_split(pydoc_char_dir, "train", 16)
     x, y = data_lib.get_batch(train, 4, 16, data_lib.batch_rng(c.seed, 0, "train"))
     cropped = {**src_params, "wpe": {"embedding": src_params["wpe"]["embedding"][:16]}}
     loss_fn = train_lib.make_loss_fn(cfg)
@@ -384,16 +377,16 @@ def test_finetune_from_a_jaxgpt_run_with_a_cropped_block(finished_run, pydoc_dir
     np.testing.assert_allclose(first["loss"], ref, rtol=1e-6)
 
 
-def test_finetune_refuses_mismatched_tokenizer_and_fixed_fields(finished_run, bpe_dir, pydoc_dir, tmp_path):
+def test_finetune_refuses_mismatched_tokenizer_and_fixed_fields(finished_run, bpe_dir, pydoc_char_dir, tmp_path):
     with pytest.raises(ValueError, match="prepare the data with the model's tokenizer"):
         train_lib.train(finetune_config(bpe_dir, "run", finished_run[0]), tmp_path / "a")
-    c = finetune_config(pydoc_dir, "run", finished_run[0], bpe=False)
+    c = finetune_config(pydoc_char_dir, "run", finished_run[0], bpe=False)
     c.model.block_size = 64
     with pytest.raises(ValueError, match="exceeds the loaded model's 32"):
         train_lib.train(c, tmp_path / "b")
-    c = finetune_config(pydoc_dir, "run", finished_run[0], bpe=False)
+    c = finetune_config(pydoc_char_dir, "run", finished_run[0], bpe=False)
     c.model.n_layer = 3
     with pytest.raises(ValueError, match=r"sets \['n_layer'\], which the loaded model fixes"):
         train_lib.train(c, tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="not a jaxgpt training workdir"):
-        train_lib.train(finetune_config(pydoc_dir, "run", tmp_path / "nothing", bpe=False), tmp_path / "d")
+        train_lib.train(finetune_config(pydoc_char_dir, "run", tmp_path / "nothing", bpe=False), tmp_path / "d")

@@ -18,7 +18,7 @@ import chex
 import jax.numpy as jnp
 import pytest
 
-from jaxgpt import checkpoint, data as data_lib, train_lib
+from jaxgpt import checkpoint, train_lib
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
@@ -92,17 +92,10 @@ def resumed_from(wd: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data") / "pydoc_char"
-    data_lib.prepare(d, dataset="pydoc", tokenizer="char")
-    return d
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir, env):
+def reference(tmp_path_factory, pydoc_char_dir, env):
     """The uninterrupted run."""
     wd = tmp_path_factory.mktemp("ref") / "wd"
-    run_train(env, data_dir, wd)
+    run_train(env, pydoc_char_dir, wd)
     return wd
 
 
@@ -116,10 +109,10 @@ def assert_same_run(wd: Path, ref: Path) -> None:
     chex.assert_trees_all_equal(checkpoint.load_run(wd)[1], checkpoint.load_run(ref)[1])
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(reference, data_dir, env, tmp_path):
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(reference, pydoc_char_dir, env, tmp_path):
     wd = tmp_path / "wd"
     kill_at = random.Random().randint(OVERRIDES["ckpt_interval"] + 1, 80)  # after the first checkpoint
-    proc = launch([str(TRAIN_PY), *flags(data_dir, wd)], tmp_path / "log.txt", env)
+    proc = launch([str(TRAIN_PY), *flags(pydoc_char_dir, wd)], tmp_path / "log.txt", env)
     wait_for_step(proc, wd, kill_at)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
@@ -128,7 +121,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(reference, da
     saved = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     assert 20 <= saved <= killed_at + 1
 
-    run_train(env, data_dir, wd)  # the same command again
+    run_train(env, pydoc_char_dir, wd)  # the same command again
     assert resumed_from(wd) == [saved], f"killed after step {killed_at}"
     lines = (wd / "metrics.jsonl").read_text().splitlines()
     resumed = [ln for ln in lines[next(i for i, ln in enumerate(lines) if '"resume"' in ln):] if '"train"' in ln]
@@ -136,7 +129,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(reference, da
     assert_same_run(wd, reference)
 
 
-def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, data_dir, env, tmp_path):
+def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, pydoc_char_dir, env, tmp_path):
     """SIGKILL inside orbax's save of step 40, after every file is written but before the commit rename."""
     wd = tmp_path / "wd"
     script = tmp_path / "kill_in_save.py"
@@ -149,7 +142,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, data_dir, e
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return await orig(self)\n"
         "atomicity.AtomicRenameTemporaryPath.finalize = finalize\n"
-        f"sys.argv = {['train.py', *flags(data_dir, wd)]!r}\n"
+        f"sys.argv = {['train.py', *flags(pydoc_char_dir, wd)]!r}\n"
         f"runpy.run_path({str(TRAIN_PY)!r}, run_name='__main__')\n")
     proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=env)
@@ -161,15 +154,15 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, data_dir, e
     cfg, params, _ = checkpoint.load_run(wd)
     chex.assert_trees_all_equal(params, checkpoint.load_run(wd, 20)[1])
 
-    run_train(env, data_dir, wd)
+    run_train(env, pydoc_char_dir, wd)
     assert resumed_from(wd) == [20]
     assert not partial.exists()
     assert_same_run(wd, reference)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(data_dir, env, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits(pydoc_char_dir, env, tmp_path):
     wd = tmp_path / "wd"
-    proc = launch([str(TRAIN_PY), *flags(data_dir, wd, max_iters=10**6, lr_decay_iters=10**6, ckpt_interval=10**5,
+    proc = launch([str(TRAIN_PY), *flags(pydoc_char_dir, wd, max_iters=10**6, lr_decay_iters=10**6, ckpt_interval=10**5,
                                           eval_interval=10**5)], tmp_path / "log.txt", env)
     wait_for_step(proc, wd, 5)
     proc.send_signal(signal.SIGTERM)
@@ -183,7 +176,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, env, tmp_path):
     checkpoint.load_run(wd)
 
 
-def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, data_dir, tmp_path):
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, pydoc_char_dir, tmp_path):
     wd = tmp_path / "wd"
     shutil.copytree(reference, wd)
     last = wd / "checkpoints" / str(OVERRIDES["max_iters"])
@@ -192,7 +185,7 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, data_dir, t
             f.write_bytes(b"not a checkpoint")
     before = sorted(p.relative_to(wd) for p in wd.rglob("*"))
     with pytest.raises(ValueError, match=r"checkpoints/120 cannot be restored .*move that step folder aside"):
-        train_lib.train(config(data_dir), wd)
+        train_lib.train(config(pydoc_char_dir), wd)
     with pytest.raises(ValueError, match="cannot be restored"):
         checkpoint.load_run(wd)
     assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before  # nothing deleted or rewritten
@@ -200,14 +193,14 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, data_dir, t
     shutil.rmtree(last)
     (wd / "checkpoints" / "junk").mkdir()
     with pytest.raises(ValueError, match=r"holds \['junk'\], which are not complete orbax checkpoints"):
-        train_lib.train(config(data_dir), wd)
+        train_lib.train(config(pydoc_char_dir), wd)
 
 
-def test_a_workdir_of_another_model_is_refused(reference, data_dir, tmp_path):
+def test_a_workdir_of_another_model_is_refused(reference, pydoc_char_dir, tmp_path):
     wd = tmp_path / "wd"
     shutil.copytree(reference, wd)
     with pytest.raises(ValueError, match=r"holds a run of another model .*'n_layer': \(2, 3\)"):
-        train_lib.train(config(data_dir, **{"model.n_layer": 3}), wd)
+        train_lib.train(config(pydoc_char_dir, **{"model.n_layer": 3}), wd)
 
 
 def test_keeps_the_last_k_and_the_best_by_val_loss(tmp_path):
