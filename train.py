@@ -13,7 +13,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import sharding, train_lib
+from jaxgpt import host_memory, sharding, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parent / "configs" / "default.py"),
@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config_path = flags.FLAGS["config"].config_filename
     workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path.split(":")[0]).stem)
+    if _CONFIG.value.get("retain_host_memory", True):
+        host_memory.retain_freed_memory()  # before XLA starts its threads (they would keep their own heaps)
     sharding.maybe_initialize_distributed()  # multi-host runs (from the environment); before any device use
     summary = train_lib.train(_CONFIG.value, workdir)
     if summary.get("interrupted"):

@@ -245,6 +245,7 @@ def quality(args) -> dict:
         config.seed = seed
         config.progress = not args.quiet
         config.sample_tokens = 0
+        config.retain_host_memory = args.retained
         return config
 
     config = jax_config(seeds[0])
@@ -291,7 +292,8 @@ def quality(args) -> dict:
     j, t = results["jaxgpt"], results["nanogpt-torch"]
     out = {"recipe": recipe, "seeds": seeds, "runs": runs, "results": results,
            "wall_ratio_torch_over_jax": t["wall_s"] / j["wall_s"], "cpu_ratio_torch_over_jax": t["cpu_s"] / j["cpu_s"],
-           "load_avg": os.getloadavg(), "threads": _threads(), "jax": jax.__version__}
+           "load_avg": os.getloadavg(), "threads": _threads(), "jax": jax.__version__,
+           "retain_host_memory": args.retained}
     _print_table("quality, per run", [(r["impl"], r["seed"], f"{r['val_loss']:.4f}", f"{r['val_loss_200']:.4f}",
                                        f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}") for r in runs],
                  ("impl", "seed", "val@iter (20 batches)", "val (200 fixed)", "wall s", "cpu s"))
@@ -389,7 +391,8 @@ def speed(args) -> dict:
             "tokens_per_s": tps, "tokens_per_cpu_s": tps_cpu, "rounds_s": times, "rounds_cpu_s": cpu,
             "ratio_jax_over_hf": tps["jaxgpt"] / tps[hf_name], "ratio_jax_over_hf_cpu": tps_cpu["jaxgpt"] / tps_cpu[hf_name],
             "ratio_jax_over_nanogpt": tps["jaxgpt"] / tps["nanogpt-torch"], "threads": _threads(),
-            "load_avg": os.getloadavg(), "jax": jax.__version__, "torch": torch.__version__}
+            "load_avg": os.getloadavg(), "jax": jax.__version__, "torch": torch.__version__,
+            "retain_host_memory": args.retained}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,7 +446,13 @@ def main() -> None:
     for sp in (q, s):
         sp.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores, as XLA uses)")
         sp.add_argument("--json", default="", help="write the results here")
+        sp.add_argument("--no-retain", action="store_true",
+                        help="leave glibc malloc as it is (default: jaxgpt.host_memory.retain_freed_memory(), "
+                             "as train.py does, set before any thread starts so that every peer has it)")
     args = p.parse_args()
+    from jaxgpt import host_memory
+
+    args.retained = False if args.no_retain else host_memory.retain_freed_memory()
     import torch
 
     torch.set_num_threads(args.threads or os.cpu_count())

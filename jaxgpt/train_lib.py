@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint
+from jaxgpt import checkpoint, host_memory
 from jaxgpt import data as data_lib
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_params
@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_best = True
     c.async_checkpointing = False
     c.progress = True
+    # keep freed host memory in the process (jaxgpt.host_memory): XLA:CPU's per-step buffers stop
+    # page-faulting (~1.3x faster CPU steps on a 2-core VM); the process keeps its peak host memory until exit
+    c.retain_host_memory = True
 
     # the sample printed at the end
     c.sample_tokens = 500
@@ -578,6 +581,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     validate(config)
+    if config.get("retain_host_memory", True):
+        host_memory.retain_freed_memory()
     main = jax.process_index() == 0  # only process 0 writes metrics, JSON, the plot, the sample and exports
     lora_cfg = lora_config_of(config)
     if lora_cfg is not None:

@@ -1,0 +1,74 @@
+"""host_memory.retain_freed_memory: freed blocks are reused instead of page-faulted back in.
+
+Each case runs in a fresh interpreter (the setting is process-wide). Measured with getrusage's minor page
+faults: re-touching a freed 64 MiB malloc block costs ~16,000 faults (4 KiB pages) when glibc gives it back,
+and none when it is retained; the same holds for the buffers of a jitted XLA:CPU function called again.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jaxgpt import host_memory
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+
+PROBE = textwrap.dedent("""
+    import ctypes, ctypes.util, resource, sys
+    from jaxgpt import host_memory
+    applied = host_memory.retain_freed_memory() if sys.argv[1] == "retain" else None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    n = 64 << 20
+
+    def touch_faults():
+        p = libc.malloc(n)
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(p, 1, n)
+        r1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        libc.free(p)
+        return r1 - r0
+
+    touch_faults()
+    malloc_faults = touch_faults()  # the second 64 MiB block: fresh pages, or the first one's again
+
+    import jax, jax.numpy as jnp
+    # a gradient whose forward activation [4096, 2048] (32 MiB) is kept for the backward pass
+    f = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)))
+    w, x = jnp.full((256, 2048), 0.01, jnp.float32), jnp.ones((4096, 256), jnp.float32)
+    f(w, x).block_until_ready()
+    f(w, x).block_until_ready()
+    calls = []
+    for _ in range(5):
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        f(w, x).block_until_ready()
+        calls.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    xla_faults = min(calls)  # the steady state: a stray event in one call does not count
+    print(applied, malloc_faults, xla_faults)
+""")
+
+
+def probe(mode: str) -> tuple[str, int, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    applied, malloc_faults, xla_faults = out.stdout.split()[-3:]
+    return applied, int(malloc_faults), int(xla_faults)
+
+
+def test_retained_memory_is_reused_without_page_faults():
+    applied, malloc_faults, xla_faults = probe("retain")
+    _, malloc_faults_default, xla_faults_default = probe("default")
+    assert applied == "True"
+    # the control first, so that the assertions below can fail: glibc hands the 64 MiB block back (16,384
+    # pages fault in again) and XLA's 32 MiB activation faults in on every call
+    assert malloc_faults_default > 8000, malloc_faults_default
+    assert xla_faults_default > 6000, xla_faults_default
+    assert malloc_faults < 200, malloc_faults  # effectively none
+    assert xla_faults < 200, (xla_faults, xla_faults_default)  # measured 0 vs ~9,000
+
+
+def test_idempotent():
+    assert host_memory.retain_freed_memory() == host_memory.retain_freed_memory()
