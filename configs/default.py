@@ -11,6 +11,7 @@ def get_config():
     c.data.dataset = "pydoc"
     c.data.tokenizer = "char"
     c.model.update(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False)
+    c.model.attention = "manual"  # einsum + softmax: the fastest training path on CPU
     c.batch_size = 16
     c.max_iters = 1000
     c.lr_decay_iters = 1000
