@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = False
     c.progress = True
     # keep freed host memory in the process (jaxgpt.host_memory): XLA:CPU's per-step buffers stop
-    # page-faulting (~1.3x faster CPU steps on a 2-core VM); the process keeps its peak host memory until exit
+    # page-faulting (CPU steps 1.2-1.5x faster on a 2-core VM); the process keeps its peak host memory until exit
     c.retain_host_memory = True
 
     # the sample printed at the end
