@@ -294,6 +294,14 @@ def make_eval_step(cfg: GPTConfig, combine: Callable[[Params, Params], Params] =
     return jax.jit(eval_fn)
 
 
+def _compile_quietly(fn: Any, *args: Any) -> None:
+    """AOT-compile a jitted function for these arguments (jit's own cache keeps it); errors are left to the call."""
+    try:
+        fn.lower(*args).compile()
+    except Exception:  # noqa: BLE001 - the real call raises the same error where it can be handled
+        pass
+
+
 def init_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -783,8 +791,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     t_start = time.perf_counter()
     step = start
     try:
-        if start == 0 and config.eval_at_start:
+        if start == 0 and config.eval_at_start and start < max_iters:
+            # compile the train step in the background while the first evaluation runs (the call below then
+            # reuses it); a failure is left to that call to report
+            compiling = threading.Thread(target=_compile_quietly, daemon=True,
+                                         args=(train_step, state, batch_at(start), dropout_rng, frozen))
+            compiling.start()
             last_eval = evaluate(0)
+            compiling.join()
         while step < max_iters and not stop.signal:
             state, m = train_step(state, batch_at(step), dropout_rng, frozen)
             pending.append((step, m))

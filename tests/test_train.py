@@ -243,6 +243,24 @@ def test_train_writes_metrics_checkpoints_plot_and_sample(finished_run, pydoc_ch
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [20, 40]
 
 
+def test_eval_at_start_and_logging_leave_the_steps_unchanged(finished_run, pydoc_char_dir, tmp_path):
+    """eval_at_start compiles the train step in a background thread while evaluating; metrics are fetched one
+    step behind. Neither may change a step: the first 10 losses equal the finished run's exactly, and the
+    logged lr is nanoGPT's schedule at that step."""
+    wd, _ = finished_run
+    c = tiny_config(pydoc_char_dir, max_iters=10, eval_at_start=True, sample_tokens=0, log_interval=1)
+    train_lib.train(c, tmp_path / "wd")
+    records = train_lib.read_metrics(tmp_path / "wd" / "metrics.jsonl")
+    evals = [r["step"] for r in records if r["kind"] == "eval"]
+    steps = {r["step"]: r for r in records if r["kind"] == "train"}
+    reference = {r["step"]: r for r in train_lib.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"}
+    assert evals == [0, 10] and sorted(steps) == list(range(10))
+    assert [steps[i]["loss"] for i in range(10)] == [reference[i]["loss"] for i in range(10)]  # bitwise
+    for i in range(10):
+        assert steps[i]["lr"] == pytest.approx(nanogpt_lr(i, c.learning_rate, c.min_lr, c.warmup_iters,
+                                                          c.lr_decay_iters), rel=1e-6)
+
+
 def test_load_run_restores_the_final_params(finished_run, pydoc_char_dir):
     """The val loss of load_run's params, recomputed on the run's eval batches, is the logged final val loss."""
     wd, summary = finished_run
