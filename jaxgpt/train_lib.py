@@ -791,7 +791,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     t_start = time.perf_counter()
     step = start
     try:
-        if start == 0 and config.eval_at_start and start < max_iters:
+        if start == 0 and config.eval_at_start and max_iters > 0:
             # compile the train step in the background while the first evaluation runs (the call below then
             # reuses it); a failure is left to that call to report
             compiling = threading.Thread(target=_compile_quietly, daemon=True,
