@@ -2,7 +2,9 @@
 
 With no arguments it trains the default config (a small character model on the documentation text that ships
 with Python), offline, in a few minutes on a laptop CPU, then prints a sample. Rerunning the same command
-resumes from the latest checkpoint in the workdir. The logic lives in `jaxgpt.train_lib`.
+resumes from the latest checkpoint in the workdir. Compiled steps are cached in ~/.cache/jaxgpt/xla
+(--config.compilation_cache_dir='' turns that off), so reruns and resumes start without compiling. The logic
+lives in `jaxgpt.train_lib`.
 
 Every device takes part (config.mesh: data parallel by default, --config.mesh.fsdp=N shards the parameters).
 LoRA fine-tuning: `--config=configs/finetune_lora.py --config.init_path=<Hugging Face GPT-2 dir>`.
@@ -13,7 +15,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import host_memory, sharding, train_lib
+from jaxgpt import compilation_cache, host_memory, sharding, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parent / "configs" / "default.py"),
@@ -30,6 +32,8 @@ def main(argv: list[str]) -> int:
     workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path.split(":")[0]).stem)
     if _CONFIG.value.get("retain_host_memory", True):
         host_memory.retain_freed_memory()  # before XLA starts its threads (they would keep their own heaps)
+    compilation_cache.enable(_CONFIG.value.get("compilation_cache_dir", ""),
+                             _CONFIG.value.get("compilation_cache_min_secs", 0.5))
     sharding.maybe_initialize_distributed()  # multi-host runs (from the environment); before any device use
     summary = train_lib.train(_CONFIG.value, workdir)
     if summary.get("interrupted"):

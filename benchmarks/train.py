@@ -228,12 +228,15 @@ def fixed_val_loss_torch(model, batches) -> float:
 def quality(args) -> dict:
     import jax
 
-    from jaxgpt import checkpoint, data as data_lib
+    from jaxgpt import checkpoint, compilation_cache, data as data_lib
     from jaxgpt.train_lib import train
 
     sys.path.insert(0, str(REPO))
     cfg_mod = _load_config(REPO / "configs" / "shakespeare_char_cpu.py")
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    cache = {"off": "", "fresh": str(tmp / "xla_cache")}.get(args.compilation_cache, args.compilation_cache)
+    cache_dir = compilation_cache.enable(cache)  # as train.py does (it defaults to ~/.cache/jaxgpt/xla)
+    cache_state = "off" if not cache_dir else "warm" if any(Path(cache_dir).glob("*")) else "cold"
     data_dir = tmp / "data"
     meta = data_lib.prepare(data_dir, dataset="shakespeare", tokenizer="char", input_path=args.data)
     seeds = args.seeds or [args.seed]
@@ -271,12 +274,13 @@ def quality(args) -> dict:
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 cfg, params, _ = checkpoint.load_run(wd)
                 r = {"val_loss": s["val_loss"], "train_loss": s["train_loss"], "wall_s": wall, "cpu_s": cpu,
-                     "val_loss_200": fixed_val_loss_jax(cfg, params, fixed)}
+                     "val_loss_200": fixed_val_loss_jax(cfg, params, fixed), "compile_cache": cache_state}
+                cache_state = "warm" if cache_dir else "off"
             else:
                 model, r = train_nanogpt(data_dir, tmp, {**recipe, "seed": seed})
                 r.pop("history")
                 r["val_loss_200"] = fixed_val_loss_torch(model, fixed)
-            runs.append({"impl": name, "seed": seed, **r})
+            runs.append({"impl": name, "seed": seed, "compile_cache": "-", **r})
             print(json.dumps(runs[-1]), flush=True)
 
     def stats(name: str) -> dict:
@@ -290,13 +294,17 @@ def quality(args) -> dict:
 
     results = {name: stats(name) for name in order}
     j, t = results["jaxgpt"], results["nanogpt-torch"]
+    for state in ("cold", "warm"):  # jaxgpt's wall time by compilation-cache state
+        w = [r["wall_s"] for r in runs if r["impl"] == "jaxgpt" and r["compile_cache"] == state]
+        if w:
+            j[f"wall_s_{state}"], j[f"runs_{state}"] = float(np.mean(w)), len(w)
     out = {"recipe": recipe, "seeds": seeds, "runs": runs, "results": results,
            "wall_ratio_torch_over_jax": t["wall_s"] / j["wall_s"], "cpu_ratio_torch_over_jax": t["cpu_s"] / j["cpu_s"],
            "load_avg": os.getloadavg(), "threads": _threads(), "jax": jax.__version__,
-           "retain_host_memory": args.retained}
+           "retain_host_memory": args.retained, "compilation_cache": cache_dir}
     _print_table("quality, per run", [(r["impl"], r["seed"], f"{r['val_loss']:.4f}", f"{r['val_loss_200']:.4f}",
-                                       f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}") for r in runs],
-                 ("impl", "seed", "val@iter (20 batches)", "val (200 fixed)", "wall s", "cpu s"))
+                                       f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", r["compile_cache"]) for r in runs],
+                 ("impl", "seed", "val@iter (20 batches)", "val (200 fixed)", "wall s", "cpu s", "compile cache"))
     _print_table(f"quality, mean +- std over {len(seeds)} seed(s)",
                  [(k, f"{v['val_loss']:.4f} +- {v['val_loss_std']:.4f}",
                    f"{v['val_loss_200']:.4f} +- {v['val_loss_200_std']:.4f}", f"{v['wall_s']:.1f}",
@@ -304,6 +312,11 @@ def quality(args) -> dict:
                  ("impl", "val@iter (20 batches)", "val (200 fixed)", "wall s", "cpu s"))
     print(f"nanogpt-torch / jaxgpt: wall time {out['wall_ratio_torch_over_jax']:.2f}x, "
           f"CPU time {out['cpu_ratio_torch_over_jax']:.2f}x")
+    for state in ("cold", "warm"):
+        if f"wall_s_{state}" in j:
+            out[f"wall_ratio_torch_over_jax_{state}"] = t["wall_s"] / j[f"wall_s_{state}"]
+            print(f"  jaxgpt runs with a {state} compilation cache ({j[f'runs_{state}']}): wall "
+                  f"{j[f'wall_s_{state}']:.1f} s, nanogpt-torch / jaxgpt {out[f'wall_ratio_torch_over_jax_{state}']:.2f}x")
     return out
 
 
@@ -432,6 +445,9 @@ def main() -> None:
     q.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="several seeds (overrides --seed): per-run rows and mean +- std per implementation")
     q.add_argument("--quiet", action="store_true")
+    q.add_argument("--compilation-cache", default="fresh",
+                   help="jaxgpt's compilation cache: 'fresh' (a new empty directory: the first jaxgpt run compiles, "
+                        "later ones load; rows say cold/warm), 'off', or a directory")
     s = sub.add_parser("speed")
     s.add_argument("--batch", type=int, default=8, help="sequences per step (the recipe uses 64)")
     s.add_argument("--n-layer", type=int, default=6)

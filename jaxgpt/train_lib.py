@@ -150,6 +150,10 @@ def base_config() -> ml_collections.ConfigDict:
     # keep freed host memory in the process (jaxgpt.host_memory): XLA:CPU's per-step buffers stop
     # page-faulting (CPU steps 1.2-1.5x faster on a 2-core VM); the process keeps its peak host memory until exit
     c.retain_host_memory = True
+    # JAX's persistent compilation cache (jaxgpt.compilation_cache), set by train.py: a rerun, resume or new seed
+    # of the same shapes loads its compiled steps instead of compiling them ('' = off)
+    c.compilation_cache_dir = "~/.cache/jaxgpt/xla"
+    c.compilation_cache_min_secs = 0.5
 
     # the sample printed at the end
     c.sample_tokens = 500
