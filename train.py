@@ -2,8 +2,9 @@
 
 With no arguments it trains the default config (a small character model on the documentation text that ships
 with Python), offline, in a few minutes on a laptop CPU, then prints a sample. Rerunning the same command
-resumes from the latest checkpoint in the workdir. Compiled steps are cached in ~/.cache/jaxgpt/xla
-(--config.compilation_cache_dir='' turns that off), so reruns and resumes start without compiling. The logic
+resumes from the latest checkpoint in the workdir. On GPU and TPU, compiled steps are cached in
+~/.cache/jaxgpt/xla (--config.compilation_cache_dir='' turns that off; on CPU
+--config.compilation_cache_on_cpu=True turns it on), so reruns and resumes start without compiling. The logic
 lives in `jaxgpt.train_lib`.
 
 Every device takes part (config.mesh: data parallel by default, --config.mesh.fsdp=N shards the parameters).
@@ -32,9 +33,11 @@ def main(argv: list[str]) -> int:
     workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path.split(":")[0]).stem)
     if _CONFIG.value.get("retain_host_memory", True):
         host_memory.retain_freed_memory()  # before XLA starts its threads (they would keep their own heaps)
-    compilation_cache.enable(_CONFIG.value.get("compilation_cache_dir", ""),
-                             _CONFIG.value.get("compilation_cache_min_secs", 0.5))
     sharding.maybe_initialize_distributed()  # multi-host runs (from the environment); before any device use
+    config = _CONFIG.value
+    compilation_cache.enable_for_training(config.get("compilation_cache_dir", ""),
+                                          config.get("compilation_cache_min_secs", 0.5),
+                                          on_cpu=config.get("compilation_cache_on_cpu", False))
     summary = train_lib.train(_CONFIG.value, workdir)
     if summary.get("interrupted"):
         return 1  # stopped by a signal after saving: not finished

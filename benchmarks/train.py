@@ -235,7 +235,7 @@ def quality(args) -> dict:
     cfg_mod = _load_config(REPO / "configs" / "shakespeare_char_cpu.py")
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     cache = {"off": "", "fresh": str(tmp / "xla_cache")}.get(args.compilation_cache, args.compilation_cache)
-    cache_dir = compilation_cache.enable(cache)  # as train.py does (it defaults to ~/.cache/jaxgpt/xla)
+    cache_dir = compilation_cache.enable(cache)  # train.py on CPU: --config.compilation_cache_on_cpu=True
     cache_state = "off" if not cache_dir else "warm" if any(Path(cache_dir).glob("*")) else "cold"
     data_dir = tmp / "data"
     meta = data_lib.prepare(data_dir, dataset="shakespeare", tokenizer="char", input_path=args.data)

@@ -6,6 +6,10 @@ shapes on the same machine (a rerun, a resume after preemption, another seed) lo
 Entries are keyed by the program, the compile options, the JAX/XLA version and the backend, so a changed model
 or flag simply compiles anew; XLA:CPU also checks that a cached executable suits the host's CPU and compiles
 anew when it does not. The setting is process-wide, so entry points (train.py, benchmarks) call `enable`.
+
+train.py turns it on for accelerators (GPU, TPU) by default and on CPU only when asked
+(`--config.compilation_cache_on_cpu=True`): on some x86 hosts (Intel AVX-512 parts) XLA:CPU rejects every
+executable it cached itself, logging an error for each and compiling anew (jax-ml/jax#38445).
 """
 
 from __future__ import annotations
@@ -45,3 +49,11 @@ def enable(path: str | os.PathLike | None = DEFAULT_DIR, min_compile_secs: float
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     jax.config.update("jax_compilation_cache_dir", str(d))
     return str(d)
+
+
+def enable_for_training(path: str | os.PathLike | None, min_compile_secs: float = 0.5,
+                        on_cpu: bool = False) -> str | None:
+    """`enable` unless the backend is the CPU and `on_cpu` is False; call after jax.distributed.initialize()."""
+    if not path or (jax.default_backend() == "cpu" and not on_cpu):
+        return jax.config.jax_compilation_cache_dir or None
+    return enable(path, min_compile_secs)

@@ -151,9 +151,11 @@ def base_config() -> ml_collections.ConfigDict:
     # page-faulting (CPU steps 1.2-1.5x faster on a 2-core VM); the process keeps its peak host memory until exit
     c.retain_host_memory = True
     # JAX's persistent compilation cache (jaxgpt.compilation_cache), set by train.py: a rerun, resume or new seed
-    # of the same shapes loads its compiled steps instead of compiling them ('' = off)
+    # of the same shapes loads its compiled steps instead of compiling them ('' = off). On by default on
+    # accelerators; on CPU only with compilation_cache_on_cpu (some hosts reject XLA:CPU's cached executables)
     c.compilation_cache_dir = "~/.cache/jaxgpt/xla"
     c.compilation_cache_min_secs = 0.5
+    c.compilation_cache_on_cpu = False
 
     # the sample printed at the end
     c.sample_tokens = 500

@@ -52,6 +52,9 @@ def test_second_run_loads_every_compilation_and_trains_the_same(tmp_path, pydoc_
     out = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["used"] == str(cache)
     cold, warm = out["cold"], out["warm"]
+    if warm["misses"] and "Target machine feature" in p.stderr:
+        pytest.skip("XLA:CPU rejects its own cached executables on this host (jax-ml/jax#38445): "
+                    + next(line for line in p.stderr.splitlines() if "Target machine feature" in line)[-200:])
     # the cold run compiles (and writes) the init, train step, evaluation and the small helpers; the warm run
     # finds all of them: no lookup misses
     assert cold["misses"] >= 3 and cold["hits"] == 0
@@ -66,6 +69,13 @@ def test_empty_path_leaves_jax_alone():
     before = jax.config.jax_compilation_cache_dir
     assert compilation_cache.enable("") is None and compilation_cache.enable(None) is None
     assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_training_default_leaves_the_cpu_alone(tmp_path):
+    if jax.config.jax_compilation_cache_dir or jax.default_backend() != "cpu":
+        pytest.skip("needs the CPU backend and no JAX_COMPILATION_CACHE_DIR")
+    assert compilation_cache.enable_for_training(str(tmp_path / "xla")) is None
+    assert not (tmp_path / "xla").exists() and not jax.config.jax_compilation_cache_dir
 
 
 def test_jax_setting_wins(tmp_path):
