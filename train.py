@@ -31,14 +31,14 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config_path = flags.FLAGS["config"].config_filename
     workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path.split(":")[0]).stem)
-    if _CONFIG.value.get("retain_host_memory", True):
+    config = _CONFIG.value
+    if config.get("retain_host_memory", True):
         host_memory.retain_freed_memory()  # before XLA starts its threads (they would keep their own heaps)
     sharding.maybe_initialize_distributed()  # multi-host runs (from the environment); before any device use
-    config = _CONFIG.value
     compilation_cache.enable_for_training(config.get("compilation_cache_dir", ""),
                                           config.get("compilation_cache_min_secs", 0.5),
                                           on_cpu=config.get("compilation_cache_on_cpu", False))
-    summary = train_lib.train(_CONFIG.value, workdir)
+    summary = train_lib.train(config, workdir)
     if summary.get("interrupted"):
         return 1  # stopped by a signal after saving: not finished
     return 0

@@ -1,7 +1,7 @@
 """JAX's persistent compilation cache for training runs: compile a config once per machine, not once per run.
 
-XLA compiles the train step, the evaluation and the parameter init of every run (on a 2-core CPU, ~7 s for
-nanoGPT's CPU recipe; on accelerators, tens of seconds at 124M). With the cache on, a later run of the same
+XLA compiles the train step, the evaluation and the parameter init of every run (~7 s for nanoGPT's CPU recipe
+on a 2-core CPU; more for larger models). With the cache on, a later run of the same
 shapes on the same machine (a rerun, a resume after preemption, another seed) loads the executables from disk.
 Entries are keyed by the program, the compile options, the JAX/XLA version and the backend, so a changed model
 or flag simply compiles anew; XLA:CPU also checks that a cached executable suits the host's CPU and compiles

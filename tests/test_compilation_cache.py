@@ -78,6 +78,19 @@ def test_training_default_leaves_the_cpu_alone(tmp_path):
     assert not (tmp_path / "xla").exists() and not jax.config.jax_compilation_cache_dir
 
 
+def test_training_on_cpu_when_asked(tmp_path):
+    if jax.config.jax_compilation_cache_dir:
+        pytest.skip("JAX_COMPILATION_CACHE_DIR is set: enable() keeps it")
+    secs = jax.config.jax_persistent_cache_min_compile_time_secs
+    try:
+        assert compilation_cache.enable_for_training(str(tmp_path / "xla"), 0.25, on_cpu=True) == str(tmp_path / "xla")
+        assert (tmp_path / "xla").is_dir() and jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
+    finally:  # process-wide settings: leave them as they were (nothing compiled in between)
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", secs)
+
+
 def test_jax_setting_wins(tmp_path):
     mine = str(tmp_path / "mine")
     before = jax.config.jax_compilation_cache_dir
