@@ -35,9 +35,10 @@ def main(argv: list[str]) -> int:
     if config.get("retain_host_memory", True):
         host_memory.retain_freed_memory()  # before XLA starts its threads (they would keep their own heaps)
     sharding.maybe_initialize_distributed()  # multi-host runs (from the environment); before any device use
-    compilation_cache.enable_for_training(config.get("compilation_cache_dir", ""),
-                                          config.get("compilation_cache_min_secs", 0.5),
-                                          on_cpu=config.get("compilation_cache_on_cpu", False))
+    compilation_cache.enable_for_training(
+        config.get("compilation_cache_dir", ""),
+        config.get("compilation_cache_min_secs", compilation_cache.DEFAULT_MIN_SECS),
+        on_cpu=config.get("compilation_cache_on_cpu", False))
     summary = train_lib.train(config, workdir)
     if summary.get("interrupted"):
         return 1  # stopped by a signal after saving: not finished

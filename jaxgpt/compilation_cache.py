@@ -20,15 +20,16 @@ from pathlib import Path
 import jax
 
 DEFAULT_DIR = "~/.cache/jaxgpt/xla"
+DEFAULT_MIN_SECS = 0.5  # JAX's own default is 1 s; 0.5 s also catches the eval step of small models
 
 
-def enable(path: str | os.PathLike | None = DEFAULT_DIR, min_compile_secs: float = 0.5) -> str | None:
+def enable(path: str | os.PathLike | None = DEFAULT_DIR, min_compile_secs: float = DEFAULT_MIN_SECS) -> str | None:
     """Cache compiled executables in `path` (created if missing); returns the directory in use, or None.
 
     `path` empty or None leaves the cache as JAX has it (off unless JAX_COMPILATION_CACHE_DIR is set). A
     directory already chosen through JAX's own setting (JAX_COMPILATION_CACHE_DIR) is kept: the user's explicit
-    choice wins. Only compilations that took at least `min_compile_secs` are written (JAX's default is 1 s;
-    0.5 s also catches the evaluation step of small models). Call before the first compilation.
+    choice wins. Only compilations that took at least `min_compile_secs` are written. Call before the first
+    compilation.
     """
     current = jax.config.jax_compilation_cache_dir
     if current:
@@ -51,7 +52,7 @@ def enable(path: str | os.PathLike | None = DEFAULT_DIR, min_compile_secs: float
     return str(d)
 
 
-def enable_for_training(path: str | os.PathLike | None, min_compile_secs: float = 0.5,
+def enable_for_training(path: str | os.PathLike | None, min_compile_secs: float = DEFAULT_MIN_SECS,
                         on_cpu: bool = False) -> str | None:
     """`enable` unless the backend is the CPU and `on_cpu` is False; call after jax.distributed.initialize()."""
     if not path or (jax.default_backend() == "cpu" and not on_cpu):

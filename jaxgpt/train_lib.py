@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint, host_memory
+from jaxgpt import checkpoint, compilation_cache, host_memory
 from jaxgpt import data as data_lib
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_params
@@ -153,8 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache (jaxgpt.compilation_cache), set by train.py: a rerun, resume or new seed
     # of the same shapes loads its compiled steps instead of compiling them ('' = off). On by default on
     # accelerators; on CPU only with compilation_cache_on_cpu (some hosts reject XLA:CPU's cached executables)
-    c.compilation_cache_dir = "~/.cache/jaxgpt/xla"
-    c.compilation_cache_min_secs = 0.5
+    c.compilation_cache_dir = compilation_cache.DEFAULT_DIR
+    c.compilation_cache_min_secs = compilation_cache.DEFAULT_MIN_SECS
     c.compilation_cache_on_cpu = False
 
     # the sample printed at the end

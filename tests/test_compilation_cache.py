@@ -4,6 +4,7 @@ bitwise the same; the user's own JAX setting wins; bad paths get a clear error."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ print("RESULT " + json.dumps(out))
 def test_second_run_loads_every_compilation_and_trains_the_same(tmp_path, pydoc_char_dir):
     cache = tmp_path / "xla"
     script = TWO_RUNS.format(repo=str(REPO), cache=str(cache), data=str(pydoc_char_dir), tmp=str(tmp_path))
-    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
