@@ -314,9 +314,9 @@ def quality(args) -> dict:
           f"CPU time {out['cpu_ratio_torch_over_jax']:.2f}x")
     for state in ("cold", "warm"):
         if f"wall_s_{state}" in j:
-            out[f"wall_ratio_torch_over_jax_{state}"] = t["wall_s"] / j[f"wall_s_{state}"]
+            ratio = out[f"wall_ratio_torch_over_jax_{state}"] = t["wall_s"] / j[f"wall_s_{state}"]
             print(f"  jaxgpt runs with a {state} compilation cache ({j[f'runs_{state}']}): wall "
-                  f"{j[f'wall_s_{state}']:.1f} s, nanogpt-torch / jaxgpt {out[f'wall_ratio_torch_over_jax_{state}']:.2f}x")
+                  f"{j[f'wall_s_{state}']:.1f} s, nanogpt-torch / jaxgpt {ratio:.2f}x")
     return out
 
 

@@ -38,7 +38,8 @@ for run in ("cold", "warm"):
     train_lib.train(c, wd)
     out[run] = {{"hits": events.count("/jax/compilation_cache/cache_hits"),
                  "misses": events.count("/jax/compilation_cache/cache_misses"),
-                 "metrics": [r for r in train_lib.read_metrics(wd / "metrics.jsonl") if r["kind"] in ("train", "eval")]}}
+                 "metrics": [r for r in train_lib.read_metrics(wd / "metrics.jsonl")
+                             if r["kind"] in ("train", "eval")]}}
 print("RESULT " + json.dumps(out))
 """
 
@@ -62,7 +63,9 @@ def test_second_run_loads_every_compilation_and_trains_the_same(tmp_path, pydoc_
     assert warm["misses"] == 0 and warm["hits"] >= 3
     assert len(list(cache.iterdir())) >= 3
     # loaded executables compute exactly what freshly compiled ones do (losses, norms, evaluations)
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "mfu")} for r in rs]  # noqa: E731
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "mfu")} for r in rs]
+
     assert strip(warm["metrics"]) == strip(cold["metrics"]) and len(cold["metrics"]) == 12 + 2
 
 
