@@ -152,6 +152,37 @@ def test_attention_impls_agree(impl):
     np.testing.assert_allclose(np.asarray(GPT(cfg).apply({"params": params}, t)), ref, atol=1e-4, rtol=1e-4)
 
 
+def np_attention(q, k, v, keep=None, keep_prob=1.0):
+    """float64 causal softmax attention, q/k/v [B, T, H, D]; `keep` [B, H, T, T] drops probabilities."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    T = q.shape[1]
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if keep is not None:
+        p = np.where(np.asarray(keep), p / keep_prob, 0.0)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2])
+def test_blockwise_causal_attention_matches_float64(rate):
+    """The manual path runs in query blocks of ATTENTION_BLOCK (T=300: blocks of 128, 128, 44), each against
+    the keys up to its last row; with dropout each block draws its part of the full [B, H, T, T] mask."""
+    from jaxgpt.dropout import keep_mask, keep_probability
+    from jaxgpt.model import ATTENTION_BLOCK, dot_product_attention
+
+    B, T, H, D = 2, 300, 2, 8
+    assert T > 2 * ATTENTION_BLOCK
+    q, k, v = (jax.random.normal(key, (B, T, H, D)) for key in jax.random.split(jax.random.PRNGKey(4), 3))
+    rng = jax.random.PRNGKey(9) if rate else None
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, None, impl="manual", dropout_rate=rate,
+                                                        dropout_rng=rng))(q, k, v)
+    keep = keep_mask(rng, rate, (B, H, T, T)) if rate else None
+    ref = np_attention(q, k, v, keep, keep_probability(rate))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5)  # float32 vs float64
+
+
 def test_bf16_compute_close_to_f32():
     cfg = GPTConfig.preset("tiny")
     params = init_params(cfg, 0)
