@@ -34,17 +34,21 @@ def test_keep_rate_and_independence(rate):
 
 
 def test_blocks_are_blocks_of_the_full_mask():
-    key = jax.random.PRNGKey(3)
     full_shape = (2, 3, 37, 41)  # ragged last axis: 41 = 10 hashes of 4 + 1
-    full = np.asarray(keep_mask(key, 0.3, full_shape))
-    for start, shape in [((0, 0, 0, 0), (2, 3, 37, 41)), ((0, 0, 5, 0), (2, 3, 20, 25)),
-                         ((1, 2, 30, 8), (1, 1, 7, 33)), ((0, 1, 0, 40), (2, 2, 37, 1))]:
-        block = np.asarray(keep_mask(key, 0.3, shape, start=start, full_shape=full_shape))
-        sl = tuple(slice(s, s + d) for s, d in zip(start, shape))
-        np.testing.assert_array_equal(block, full[sl])
-    vec = np.asarray(keep_mask(key, 0.3, (1000,)))
+    blocks = [((0, 0, 5, 0), (2, 3, 20, 25)), ((1, 2, 30, 8), (1, 1, 7, 33)), ((0, 1, 0, 40), (2, 2, 37, 1))]
+
+    @jax.jit
+    def masks(key):  # one compile for the full mask and its blocks
+        return keep_mask(key, 0.3, full_shape), [keep_mask(key, 0.3, shape, start=start, full_shape=full_shape)
+                                                 for start, shape in blocks]
+
+    full, parts = masks(jax.random.PRNGKey(3))
+    for (start, shape), part in zip(blocks, parts):
+        np.testing.assert_array_equal(np.asarray(part), np.asarray(full)[tuple(slice(s, s + d)
+                                                                               for s, d in zip(start, shape))])
+    key = jax.random.PRNGKey(3)
     np.testing.assert_array_equal(np.asarray(keep_mask(key, 0.3, (500,), start=(500,), full_shape=(1000,))),
-                                  vec[500:])
+                                  np.asarray(keep_mask(key, 0.3, (1000,)))[500:])
 
 
 def test_bad_blocks_are_refused():
