@@ -6,7 +6,7 @@ of the hashing. On XLA:CPU a [8, 6, 256, 256] mask (attention probabilities at t
 takes 5 ms instead of 51, and the attention core's forward + backward went from 82 to 52 ms a layer; each
 mask compiles ~0.4 s slower (a train step with 25 masks: ~2 s).
 
-P(keep) is `keep_prob` rounded to a multiple of 2^-16 (0.8 -> 0.80000305) and kept values are scaled by its
+P(keep) is 1 - rate rounded to a multiple of 2^-16 (0.8 -> 0.80000305) and kept values are scaled by its
 exact inverse, so dropout stays unbiased. Draws are counter-based: element (i0, i1, ..., j) of a mask of
 `full_shape` reads hash counter (i0, flat index of (i1, ..., j // 4)), lane j % 4, so any block of the mask
 (`start`, `shape`) is the same block of the full mask -- blockwise attention gets the masks the full one

@@ -66,9 +66,9 @@ def tiny_config(data_dir: Path):
 def overrides(data_dir: Path) -> dict:
     # batch 8 splits over the 8 devices; min_shard_size 256 makes the tiny model's kernels fsdp-sharded;
     # with dropout on, each device must draw its own slice of the masks one device draws whole
-    return {"data.dir": str(data_dir), "batch_size": 8, "model.dropout": 0.1, "max_iters": STEPS, "lr_decay_iters": STEPS,
-            "warmup_iters": 2, "eval_interval": STEPS, "ckpt_interval": STEPS, "eval_iters": 2,
-            "sample_tokens": 0, "mesh.min_shard_size": 256}
+    return {"data.dir": str(data_dir), "batch_size": 8, "model.dropout": 0.1, "max_iters": STEPS,
+            "lr_decay_iters": STEPS, "warmup_iters": 2, "eval_interval": STEPS, "ckpt_interval": STEPS,
+            "eval_iters": 2, "sample_tokens": 0, "mesh.min_shard_size": 256}
 
 
 @pytest.fixture(scope="module")
