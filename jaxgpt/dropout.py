@@ -88,9 +88,11 @@ def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...], *, start: tup
     return mask.reshape(*groups[:-1], groups[-1] * _LANES)[..., :shape[-1]]
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool = False) -> jax.Array:
-    """Inverted dropout of x with `keep_mask`; identity when deterministic, rate 0 or no rng."""
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool = False, *,
+            start: tuple[int, ...] | None = None, full_shape: tuple[int, ...] | None = None) -> jax.Array:
+    """Inverted dropout of x with `keep_mask` (x as block `start` of a `full_shape` array); identity when
+    deterministic, rate 0 or no rng."""
     if deterministic or rate == 0.0 or rng is None:
         return x
-    mask = keep_mask(rng, rate, x.shape)
-    return jnp.where(mask, x * jnp.asarray(1.0 / keep_probability(rate), x.dtype), jnp.zeros((), x.dtype))
+    mask = keep_mask(rng, rate, x.shape, start=start, full_shape=full_shape)
+    return jnp.where(mask, x / jnp.asarray(keep_probability(rate), x.dtype), jnp.zeros((), x.dtype))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.dropout import dropout, keep_mask, keep_probability
+from jaxgpt.dropout import dropout
 from jaxgpt.rope import apply_rope
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,9 +144,7 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)  # [B, H, t, s]
     scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = keep_mask(dropout_rng, dropout_rate, probs.shape, start=(0, 0, row0, 0), full_shape=full_shape)
-        probs = jnp.where(keep, probs / keep_probability(dropout_rate), 0.0)
+    probs = dropout(probs, dropout_rate, dropout_rng, start=(0, 0, row0, 0), full_shape=full_shape)
     return jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), v)  # [B, H, t, D]
 
 

@@ -19,6 +19,19 @@ ALL = list(itertools.product(["learned", "sinusoidal", "rope", "none"], ["layern
 # float64 NumPy reference, written from the papers (GPT-2, RoFormer, RMSNorm), independent of the Flax code
 
 
+def np_attention(q, k, v, keep=None, keep_prob=1.0):
+    """float64 causal softmax attention, q/k/v [B, T, H, D]; `keep` [B, H, T, T] drops probabilities."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    T = q.shape[1]
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if keep is not None:
+        p = np.where(np.asarray(keep), p / keep_prob, 0.0)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
 def np_forward(cfg: GPTConfig, p, tokens: np.ndarray) -> np.ndarray:
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     B, T = tokens.shape
@@ -51,11 +64,7 @@ def np_forward(cfg: GPTConfig, p, tokens: np.ndarray) -> np.ndarray:
         qq, kk, vv = (t.reshape(B, T, H, D) for t in np.split(qkv, 3, -1))
         if cfg.pos_embedding == "rope":
             qq, kk = rope(qq), rope(kk)
-        s = np.einsum("bthd,bshd->bhts", qq, kk) / math.sqrt(D)
-        s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
-        w = np.exp(s - s.max(-1, keepdims=True))
-        w /= w.sum(-1, keepdims=True)
-        return lin(np.einsum("bhts,bshd->bthd", w, vv).reshape(B, T, C), q["c_proj"])
+        return lin(np_attention(qq, kk, vv).reshape(B, T, C), q["c_proj"])
 
     x = p["wte"]["embedding"][tokens]
     if cfg.pos_embedding == "learned":
@@ -150,19 +159,6 @@ def test_attention_impls_agree(impl):
     t = jax.random.randint(jax.random.PRNGKey(0), (2, 10), 0, cfg.vocab_size)
     ref = np_forward(cfg, params, np.asarray(t))
     np.testing.assert_allclose(np.asarray(GPT(cfg).apply({"params": params}, t)), ref, atol=1e-4, rtol=1e-4)
-
-
-def np_attention(q, k, v, keep=None, keep_prob=1.0):
-    """float64 causal softmax attention, q/k/v [B, T, H, D]; `keep` [B, H, T, T] drops probabilities."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    s = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
-    T = q.shape[1]
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    if keep is not None:
-        p = np.where(np.asarray(keep), p / keep_prob, 0.0)
-    return np.einsum("bhts,bshd->bthd", p, v)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.2])
