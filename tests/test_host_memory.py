@@ -8,6 +8,7 @@ and none when it is retained; the same holds for the buffers of a jitted XLA:CPU
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -47,30 +48,42 @@ PROBE = textwrap.dedent("""
         f(w, x).block_until_ready()
         calls.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
     xla_faults = min(calls)  # the steady state: a stray event in one call does not count
-    print(applied, malloc_faults, xla_faults)
+    # glibc's heaps ("arenas") now: one when the setting held; more if a thread got its own heap before it
+    libc.fopen.restype = ctypes.c_void_p
+    stream = ctypes.c_void_p(libc.fopen(sys.argv[2].encode(), b"w"))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    arenas = open(sys.argv[2]).read().count("<heap nr=")
+    print(applied, malloc_faults, xla_faults, arenas)
 """)
 
 
-def probe(mode: str) -> tuple[str, int, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300)
+def probe(mode: str, tmp_path) -> tuple[str, int, int, int]:
+    info = tmp_path / f"malloc_info_{mode}.xml"
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, str(info)], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    applied, malloc_faults, xla_faults = out.stdout.split()[-3:]
-    return applied, int(malloc_faults), int(xla_faults)
+    applied, malloc_faults, xla_faults, arenas = out.stdout.split()[-4:]
+    return applied, int(malloc_faults), int(xla_faults), int(arenas)
 
 
-def test_retained_memory_is_reused_without_page_faults():
+def test_retained_memory_is_reused_without_page_faults(tmp_path):
+    failed = []
     for _ in range(2):  # one retry: once in a CI run, a retained process faulted the whole 32 MiB on every call
-        applied, malloc_faults, xla_faults = probe("retain")  # (8,192 faults; cause not found, 0 in 18 reruns)
+        applied, malloc_faults, xla_faults, arenas = probe("retain", tmp_path)  # (8,192 faults; 0 in 18 reruns)
         if xla_faults < 200:
             break
-    _, malloc_faults_default, xla_faults_default = probe("default")
+        failed.append(f"{xla_faults} faults a call with {arenas} malloc arena(s)")
+    _, malloc_faults_default, xla_faults_default, _ = probe("default", tmp_path)
     assert applied == "True"
     # the control first, so that the assertions below can fail: glibc hands the 64 MiB block back (16,384
     # pages fault in again) and XLA's 32 MiB activation faults in on every call
     assert malloc_faults_default > 8000, malloc_faults_default
     assert xla_faults_default > 6000, xla_faults_default
     assert malloc_faults < 200, malloc_faults  # effectively none
-    assert xla_faults < 200, (xla_faults, xla_faults_default)  # measured 0 vs ~9,000
+    assert xla_faults < 200, (xla_faults, xla_faults_default, failed)  # measured 0 vs ~9,000
+    if failed:  # passed on the retry: say what the first try saw (pytest -rw), the one lead to the cause
+        warnings.warn(f"retained probe needed a retry: {failed[0]}", stacklevel=1)
 
 
 def test_idempotent():
