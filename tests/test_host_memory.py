@@ -81,7 +81,7 @@ def test_retained_memory_is_reused_without_page_faults(tmp_path):
     assert malloc_faults_default > 8000, malloc_faults_default
     assert xla_faults_default > 6000, xla_faults_default
     assert malloc_faults < 200, malloc_faults  # effectively none
-    assert xla_faults < 200, (xla_faults, xla_faults_default, failed)  # measured 0 vs ~9,000
+    assert xla_faults < 200, (xla_faults, f"{arenas} arena(s)", xla_faults_default, failed)  # 0 vs ~9,000
     if failed:  # passed on the retry: say what the first try saw (pytest -rw), the one lead to the cause
         warnings.warn(f"retained probe needed a retry: {failed[0]}", stacklevel=1)
 
