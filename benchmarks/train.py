@@ -9,7 +9,8 @@ quality: nanoGPT's CPU recipe on Tiny Shakespeare characters (4 layers, 4 heads,
 speed:   train-step tokens/s at the shakespeare_char shape (6 layers, 6 heads, 384 wide, block 256,
          vocab 65, dropout 0.2): jaxgpt's jitted step vs transformers' GPT2LMHeadModel + torch AdamW (and
          the nanoGPT re-implementation), same batch, optimizer and clipping. Timed in interleaved rounds so
-         that load from other processes hits both; the median round is reported.
+         that load from other processes hits both; the median round is reported, and the median of the
+         per-round ratios against HF.
 
     python benchmarks/train.py quality --data ../shared/data/tinyshakespeare.txt
     python benchmarks/train.py speed --batch 8 --rounds 5
