@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxgpt import atomic, weights
 from jaxgpt.config import GPTConfig
 
 HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
@@ -141,7 +142,7 @@ def export_hf_gpt2(config: GPTConfig, params: Any, out_dir: str | os.PathLike) -
         problems.append("bias=False (GPT-2 has biases)")
     if problems:
         raise ValueError("cannot export to Hugging Face GPT-2: " + "; ".join(problems))
-    if any(not isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "matmul"))):
+    if any(weights.is_weight_leaf(x) for x in weights.leaves(params)):
         raise ValueError("cannot export quantized params; dequantize them first (jaxgpt.quantize.dequantize)")
 
     f32 = lambda x: np.ascontiguousarray(np.asarray(jax.device_get(x), dtype=np.float32))  # noqa: E731
@@ -173,11 +174,9 @@ def export_hf_gpt2(config: GPTConfig, params: Any, out_dir: str | os.PathLike) -
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp_w, tmp_c = out / "model.safetensors.tmp", out / "config.json.tmp"
-    save_file(sd, str(tmp_w), metadata={"format": "pt"})
-    tmp_c.write_text(json.dumps(hf_cfg, indent=2))
-    os.replace(tmp_w, out / "model.safetensors")
-    os.replace(tmp_c, out / "config.json")
+    with atomic.file(out / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    atomic.write_text(out / "config.json", json.dumps(hf_cfg, indent=2))
     return out
 
 

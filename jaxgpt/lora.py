@@ -30,8 +30,6 @@ import functools
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt import atomic, weights
 from jaxgpt.checkpoint import restore_pytree, save_pytree
 
 SLICES = ("q", "k", "v")  # thirds of the fused attn/c_attn kernel, in GPT-2's order
@@ -188,20 +187,14 @@ def resolve_targets(params: Any, cfg: LoraConfig) -> list[Target]:
 
 
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
-    node = tree
-    for i, k in enumerate(path):
-        if not isinstance(node, Mapping) or k not in node:
-            raise ValueError(f"params have no {'/'.join(path[:i + 1])}; these adapters were made for another "
-                             "model; load them onto the base they were trained on")
-        node = node[k]
-    return node
+    try:
+        return weights.get_path(tree, path)
+    except KeyError as e:
+        raise ValueError(f"params have no {e.args[0]}; these adapters were made for another model; load them "
+                         "onto the base they were trained on") from None
 
 
-def _set(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
-    """A copy of tree with tree[path] = value (only the dicts along the path are copied)."""
-    out = dict(tree)
-    out[path[0]] = value if len(path) == 1 else _set(tree.get(path[0], {}), path[1:], value)
-    return out
+_set = weights.set_path
 
 
 def _adapter_items(adapters: Any) -> list[tuple[tuple[str, ...], Mapping]]:
@@ -338,8 +331,7 @@ def lora_param_count(params: Any, cfg: LoraConfig) -> dict[str, Any]:
     targets = resolve_targets(params, cfg)
     per_target = {t.name: cfg.rank * (t.fan_in + t.fan_out) for t in targets}
     trainable = sum(per_target.values())
-    total = sum(int(np.prod(getattr(x, "shape", ()))) for x in
-                jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "matmul")))
+    total = weights.count_params(params)
     return {"trainable": trainable, "total": total, "fraction": trainable / total, "per_target": per_target}
 
 
@@ -365,21 +357,9 @@ def save_adapters(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, fo
         shapes["/".join(apath)] = {"kernel": "/".join(mpath) + "/kernel", "shape": [int(a.shape[0]), int(fan_out)],
                                    "dtype": str(jnp.dtype(a.dtype))}
     meta = {"format": "jaxgpt-lora-1", "lora": cfg.to_dict(), "base_kernels": shapes}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic.directory(path, force=force) as tmp:
         save_pytree(tmp / ADAPTER_DIR, jax.device_get(adapters))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if path.exists():  # force: swap in the new folder, then drop the old one
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

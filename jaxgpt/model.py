@@ -4,8 +4,8 @@ Parameter names follow GPT-2 (wte, wpe, h_0 ... h_{L-1} with ln_1, attn.c_attn, 
 mlp.c_fc, mlp.c_proj, then ln_f, and lm_head only when untied), so Hugging Face checkpoints map one to one.
 Dense kernels are [in, out], exactly GPT-2's Conv1D layout.
 
-The model knows nothing of LoRA (a transform of the params pytree) and nothing of quantization beyond three
-helpers (`matmul`, `embed`, `attend`) that hand any non-array weight leaf to that leaf's own method.
+The model knows nothing of LoRA or quantization: it multiplies weights through `jaxgpt.weights` (`matmul`,
+`embed`, `attend`), which hands any non-array weight leaf to that leaf's own method.
 The KV cache is an argument and a return value: `apply(..., cache=c)` returns `(logits, new_cache)`.
 """
 
@@ -17,52 +17,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.dropout import dropout
 from jaxgpt.rope import apply_rope
-
-# ---------------------------------------------------------------------------------------------------------
-# Weight helpers: arrays are multiplied here; any other leaf (a quantized weight) brings its own method.
-
-
-def _is_array(w: Any) -> bool:
-    return isinstance(w, (jax.Array, np.ndarray))
-
-
-def matmul(x: jax.Array, w: Any, dtype: Any) -> jax.Array:
-    """x [..., in] @ w [in, out] in `dtype`.
-
-    x is flattened to [N, in] first: the weight gradient is then one plain [in, N] @ [N, out] GEMM, where a
-    contraction over (B, T) makes XLA:CPU write transposed copies of the activations (~13% of a train step).
-    """
-    if _is_array(w):
-        lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), w.astype(dtype))  # [N, out]
-        return y.reshape(*lead, w.shape[-1])
-    return w.matmul(x, dtype)
-
-
-def embed(w: Any, ids: jax.Array, dtype: Any) -> jax.Array:
-    """Rows of w [V, C] for ids [...] -> [..., C]."""
-    if _is_array(w):
-        return jnp.take(w, ids, axis=0).astype(dtype)
-    return w.embed(ids, dtype)
-
-
-def attend(x: jax.Array, w: Any, dtype: Any) -> jax.Array:
-    """x [..., C] @ w.T for an embedding table w [V, C] (the tied head)."""
-    if _is_array(w):
-        return jnp.dot(x.astype(dtype), w.astype(dtype).T)
-    return w.attend(x, dtype)
+from jaxgpt.weights import attend, count_params, embed, is_array, matmul  # noqa: F401 (count_params re-exported)
 
 
 def _weight(module: nn.Module, name: str, init: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    """A parameter; quantized leaves (not arrays) are returned as they are, skipping flax's shape check."""
+    """A parameter; a non-array weight leaf (quantized, LoRA) is returned as it is, skipping flax's shape check."""
     if module.has_variable("params", name):
         w = module.get_variable("params", name)
-        if not _is_array(w):
+        if not is_array(w):
             return w
     return module.param(name, init, shape, dtype)
 
@@ -259,7 +225,7 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: Any = None,
-                 deterministic: bool = True) -> Any:
+                 deterministic: bool = True, logits_at: jax.Array | None = None) -> Any:
         cfg = self.config
         B, T = tokens.shape
         if positions is None:
@@ -285,6 +251,9 @@ class GPT(nn.Module):
             x, layer_cache = Block(cfg, name=f"h_{i}")(x, positions, layer_cache, deterministic)
             new_layers.append(layer_cache)
 
+        if logits_at is not None:  # [B] -> logits [B, V]; [B, K] -> [B, K, V]: the head reads only these rows
+            at = jnp.asarray(logits_at, jnp.int32).reshape(B, -1)  # [B, K]
+            x = jnp.take_along_axis(x, at[:, :, None], axis=1)  # [B, K, C]
         if cfg.norm_position == "pre":
             x = make_norm(cfg, "ln_f")(x)
         if cfg.tie_embeddings:
@@ -292,6 +261,8 @@ class GPT(nn.Module):
         else:
             logits = Dense(cfg.vocab_size, False, cfg.compute_dtype, cfg.params_dtype, name="lm_head")(x)
         logits = logits.astype(jnp.float32)  # [B, T, V]
+        if logits_at is not None and jnp.ndim(logits_at) == 1:
+            logits = logits[:, 0]  # [B, V]
         if cache is None:
             return logits
         return logits, cache.replace(layers=tuple(new_layers), lengths=positions[:, -1] + 1)
@@ -303,9 +274,3 @@ def init_params(config: GPTConfig, rng: jax.Array | int = 0) -> Any:
         rng = jax.random.PRNGKey(rng)
     tokens = jnp.zeros((1, min(8, config.block_size)), jnp.int32)
     return jax.jit(lambda r: GPT(config).init(r, tokens)["params"])(rng)
-
-
-def count_params(params: Any) -> int:
-    """Number of scalars in a params pytree (quantized leaves count their weight's elements)."""
-    return sum(int(np.prod(getattr(x, "shape", ()))) for x in
-               jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "matmul")))

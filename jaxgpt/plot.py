@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from jaxgpt import atomic
 from jaxgpt.train_lib import read_metrics
 
 
@@ -36,10 +37,9 @@ def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
         ax.legend()
     fig.tight_layout()
     path = Path(out) if out else wd / "loss.png"
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic.file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -2,8 +2,8 @@
 
 `quantize(params, QuantConfig(...))` returns the same pytree in which every selected weight matrix is a
 `QuantizedArray` (integer values + float scales, symmetric round-to-nearest) and every other leaf is the
-very same array object. The model needs no fork: `model.matmul/embed/attend` hand a non-array weight to
-its own `.matmul/.embed/.attend`, which dequantize inside the jitted forward.
+very same array object. The model needs no fork: a QuantizedArray is a weight leaf of `jaxgpt.weights`, whose
+`matmul/embed/attend` hand it to its own `.matmul/.embed/.attend`, which dequantize inside the jitted forward.
 
 Storage layout. Every quantized matrix is kept as [N, K]: N output channels (one scale each, or one per
 group of K), K the contracted axis, contiguous. A Dense kernel [in, out] is stored transposed
@@ -27,8 +27,6 @@ import fnmatch
 import json
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxgpt import atomic
+from jaxgpt.weights import path_str
 
 BITS = (8, 4)
 GRANULARITIES = ("per_channel", "per_tensor", "group")
@@ -301,19 +302,6 @@ def fake_quantize_array(x: jax.Array, bits: int = 8, granularity: str = "per_ten
 # The pytree map
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-    """A jax key path as 'h_0/attn/c_attn/kernel'."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def _default_choice(path: str, leaf: Any, qcfg: QuantConfig) -> bool:
     parts = path.split("/")
     if getattr(leaf, "ndim", 0) != 2:
@@ -482,22 +470,11 @@ def save_quantized(path: str | os.PathLike, params: Any, qcfg: QuantConfig | Non
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pick a new path or pass force=True to replace it")
     tree, leaves_meta = _to_storage(params)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        save_pytree(tmp, tree)
+    with atomic.directory(path, force=force) as tmp:
+        save_pytree(tmp, tree, force=True)  # tmp is the empty folder made for it
         meta = {"format": FORMAT, "version": 1, "quant_config": qcfg.to_dict() if qcfg else None,
                 "leaves": leaves_meta}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        if path.exists():  # force: swap, then drop the old one
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return pytree_bytes_on_disk(path)
 
 

@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxgpt.weights import path_str
+
 DATA, FSDP = "data", "fsdp"
 AXES = (DATA, FSDP)
 BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every device
@@ -177,8 +179,7 @@ def spec_summary(tree: Any) -> dict[str, tuple]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         sharding = leaf if isinstance(leaf, NamedSharding) else leaf.sharding
-        key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-        out[key] = tuple(sharding.spec)
+        out[path_str(path)] = tuple(sharding.spec)
     return out
 
 
