@@ -8,10 +8,16 @@ A prepared dataset directory holds:
 Batches are random windows of the memmap drawn with a NumPy RNG seeded by (seed, split, step): the batch of a
 step depends on nothing else, so a resumed run sees exactly the batches an uninterrupted run would have seen.
 
+Large corpora go to llm.c token shards instead (`jaxgpt/corpus.py`, `jaxgpt/shards.py`, read by
+`jaxgpt/loader.py`): `--dataset files` (local text / JSON lines / Parquet files by glob) or `--dataset hf` (a
+Hugging Face dataset, streamed), GPT-2 BPE, tokenized by all cores, resumable by rerunning the same command.
+
 Command line:
   python -m jaxgpt.data --dataset pydoc --tokenizer char --out data/pydoc_char
   python -m jaxgpt.data --dataset shakespeare --tokenizer char --out data/shakespeare_char [--input FILE]
   python -m jaxgpt.data --dataset text --input corpus.txt --tokenizer gpt2 --bpe-path gpt2.tiktoken --out data/x
+  python -m jaxgpt.data --dataset files --input 'corpus/*.jsonl' --text-field text --out data/corpus
+  python -m jaxgpt.data --dataset hf --hf-name HuggingFaceFW/fineweb-edu --hf-config sample-10BT --out data/edu
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ DATASET_URLS = {
     "shakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
 }
 DATASETS = ("pydoc", "text", *DATASET_URLS)
+SHARDED = ("files", "hf")  # streamed into llm.c shards
 TOKENIZERS = ("char", "gpt2")
 SPLITS = ("train", "val")
 MAX_UINT16_VOCAB = 2**16
@@ -67,7 +74,7 @@ def load_text(dataset: str, input_path: str | os.PathLike | None = None,
               cache_dir: str | os.PathLike | None = None) -> str:
     """The raw text of a named dataset: `input_path` when given, else built in or downloaded into cache_dir."""
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS + SHARDED)}")
     if input_path:
         p = Path(input_path)
         if not p.is_file():
@@ -148,6 +155,34 @@ def prepare(out_dir: str | os.PathLike, *, dataset: str = "pydoc", tokenizer: st
     return meta
 
 
+def prepare_sharded(out_dir: str | os.PathLike, *, dataset: str, input_glob: str | None = None,
+                    file_format: str | None = None, text_field: str = "text", hf_name: str | None = None,
+                    hf_config: str | None = None, hf_split: str = "train", hf_data_files: str | None = None,
+                    bpe_path: str | os.PathLike | None = None, **kw: Any) -> dict[str, Any]:
+    """Stream local files (dataset="files") or a Hugging Face dataset (dataset="hf") into GPT-2 BPE shards.
+
+    kw: shard_tokens, val_tokens, workers, prefix, overwrite, log (see `jaxgpt.corpus.prepare_shards`).
+    """
+    from jaxgpt import corpus
+
+    if dataset == "files":
+        if not input_glob:
+            raise ValueError("dataset 'files' needs --input GLOB (e.g. 'corpus/*.jsonl')")
+        files = corpus.expand_inputs(input_glob)
+        source = {"files": [str(f) for f in files], "format": file_format, "text_field": text_field,
+                  "text_block_chars": corpus.TEXT_BLOCK_CHARS}
+        pieces = lambda: corpus.iter_files(files, file_format, text_field)  # noqa: E731
+    elif dataset == "hf":
+        if not hf_name:
+            raise ValueError("dataset 'hf' needs --hf-name NAME (e.g. HuggingFaceFW/fineweb-edu)")
+        source = {"hf": hf_name, "config": hf_config, "split": hf_split, "data_files": hf_data_files,
+                  "text_field": text_field}
+        pieces = lambda: corpus.iter_hf(hf_name, hf_config, hf_split, text_field, hf_data_files)  # noqa: E731
+    else:
+        raise ValueError(f"unknown sharded dataset {dataset!r}; use one of {', '.join(SHARDED)}")
+    return corpus.prepare_shards(out_dir, pieces, gpt2_tokenizer(bpe_path), source=source, **kw)
+
+
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """meta.json of a prepared dataset directory."""
     f = Path(data_dir) / "meta.json"
@@ -196,18 +231,47 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random
     return window[:, :-1], window[:, 1:]
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Tokenize a dataset into train.bin / val.bin / meta.json.")
-    p.add_argument("--dataset", default="pydoc", choices=DATASETS)
-    p.add_argument("--tokenizer", default="char", choices=TOKENIZERS)
-    p.add_argument("--input", default=None, help="local text file (offline copy of a named dataset)")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Tokenize a dataset into train.bin / val.bin / meta.json, or stream a "
+                                            "large corpus (--dataset files|hf) into llm.c token shards.")
+    p.add_argument("--dataset", default="pydoc", choices=DATASETS + SHARDED)
+    p.add_argument("--tokenizer", default=None, choices=TOKENIZERS, help="default: char; gpt2 for files|hf")
+    p.add_argument("--input", default=None, help="local text file (offline copy of a named dataset); "
+                                                 "for --dataset files a glob of .txt/.jsonl/.parquet files")
     p.add_argument("--bpe-path", default=None, help="local gpt2.tiktoken for offline GPT-2 BPE")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    meta = prepare(a.out, dataset=a.dataset, tokenizer=a.tokenizer, input_path=a.input, bpe_path=a.bpe_path,
-                   val_fraction=a.val_fraction, overwrite=a.overwrite)
+    g = p.add_argument_group("sharded corpora (--dataset files|hf)")
+    g.add_argument("--format", default=None, choices=("text", "jsonl", "parquet"), help="default: by extension")
+    g.add_argument("--text-field", default="text", help="the JSON / Parquet / dataset field holding the text")
+    g.add_argument("--hf-name", default=None, help="Hugging Face dataset, e.g. HuggingFaceFW/fineweb-edu")
+    g.add_argument("--hf-config", default=None, help="its configuration, e.g. sample-10BT")
+    g.add_argument("--hf-split", default="train")
+    g.add_argument("--hf-data-files", default=None, help="data_files for a builder such as json or parquet")
+    g.add_argument("--shard-tokens", type=int, default=10**8, help="tokens per training shard")
+    g.add_argument("--val-tokens", type=int, default=None, help="tokens in the val shard (default: --shard-tokens)")
+    g.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    g.add_argument("--prefix", default="shard", help="shard file names: PREFIX_{train,val}_000000.bin")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.dataset in SHARDED:
+        if a.tokenizer not in (None, "gpt2"):
+            raise SystemExit(f"--dataset {a.dataset} writes uint16 shards of GPT-2 BPE; drop --tokenizer "
+                             f"{a.tokenizer} (the char tokenizer needs the whole corpus in memory)")
+        m = prepare_sharded(a.out, dataset=a.dataset, input_glob=a.input, file_format=a.format,
+                            text_field=a.text_field, hf_name=a.hf_name, hf_config=a.hf_config, hf_split=a.hf_split,
+                            hf_data_files=a.hf_data_files, bpe_path=a.bpe_path, shard_tokens=a.shard_tokens,
+                            val_tokens=a.val_tokens, workers=a.workers, prefix=a.prefix, overwrite=a.overwrite,
+                            log=lambda line: print(line, flush=True))
+        n = sum(sh["tokens"] for sh in m["shards"])
+        print(f"{a.out}: {len(m['shards'])} shards, {n:,} tokens (gpt2)")
+        return
+    meta = prepare(a.out, dataset=a.dataset, tokenizer=a.tokenizer or "char", input_path=a.input,
+                   bpe_path=a.bpe_path, val_fraction=a.val_fraction, overwrite=a.overwrite)
     print(f"{a.out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
           f"vocab {meta['vocab_size']} ({meta['kind']})")
 
