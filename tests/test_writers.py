@@ -1,0 +1,117 @@
+"""jaxgpt.writers: TensorBoard events read back with tensorboard's own reader; W&B (offline) history read back from
+its run file; config selection."""
+
+from __future__ import annotations
+
+import struct
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxgpt import writers
+
+
+def records(seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for step in range(0, 50, 10):
+        out.append({"kind": "train", "step": step, "loss": float(rng.uniform(2, 5)), "lr": float(rng.uniform(0, 1e-3)),
+                    "grad_norm": float(rng.uniform(0, 3)), "tokens_per_s": float(rng.uniform(1e3, 1e5)),
+                    "mfu": float(rng.uniform(0, 0.5)), "time": time.time()})
+        if step % 20 == 0:
+            out.append({"kind": "eval", "step": step, "val_loss": float(rng.uniform(2, 5)),
+                        "train_loss": float(rng.uniform(2, 5))})
+    out.append({"kind": "event", "event": "resume", "step": 20, "time": time.time()})  # not a scalar
+    return out
+
+
+def expected_scalars(recs) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list] = {}
+    for r in recs:
+        if r["kind"] in ("train", "eval"):
+            for k, v in r.items():
+                if k not in ("kind", "step", "time"):
+                    out.setdefault(f"{r['kind']}/{k}", []).append((r["step"], v))
+    return out
+
+
+def test_tensorboard_events_hold_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recs = records()
+    w = writers.TensorBoardWriter(tmp_path / "tb")
+    for r in recs:
+        w.write(r)
+    w.close()
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    want = expected_scalars(recs)
+    assert sorted(ea.Tags()["scalars"]) == sorted(want) and "train/mfu" in want and "eval/val_loss" in want
+    for tag, pairs in want.items():
+        got = [(e.step, e.value) for e in ea.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in pairs]
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in pairs], rtol=1e-6)  # stored as float32
+
+
+def read_wandb_history(run_file) -> list[dict]:
+    """History records of a W&B run file: a LevelDB-style log (7-byte file header, 32 KiB blocks of records
+    with a 7-byte header: crc32, length, type) of wandb `Record` protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, pos, block, out, cur = run_file.read_bytes(), 7, 32768, [], b""
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        cur, pos = cur + raw[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a full record, or the last piece of one
+            r = pb.Record()
+            r.ParseFromString(cur)
+            if r.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+                out.append({k: float(v) for k, v in items.items() if not k.startswith("_")})
+            cur = b""
+    return out
+
+
+def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = ml_collections.ConfigDict({"wandb": {"project": "jaxgpt-test", "name": None}, "tensorboard": False,
+                                        "lr": 1e-3})
+    w = writers.from_config(config, tmp_path)
+    assert [type(x).__name__ for x in w.writers] == ["WandbWriter"]
+    recs = records(1)
+    for r in recs:
+        w.write(r)
+    w.close()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    got = read_wandb_history(run_file)
+    want = [{"step": r["step"], **{f"{r['kind']}/{k}": v for k, v in r.items() if k not in ("kind", "step", "time")}}
+            for r in recs if r["kind"] != "event"]
+    assert len(got) == len(want)
+    for g, e in zip(got, want):
+        assert g.keys() == e.keys()
+        np.testing.assert_allclose([g[k] for k in e], [e[k] for k in e], rtol=1e-12)
+    assert (tmp_path / "wandb_run_id").read_text() in run_file.name  # a resumed run continues this id
+
+
+def test_scalars_and_missing_wandb(monkeypatch):
+    assert writers.scalars({"kind": "event", "step": 3, "x": 1.0}) == {}
+    assert writers.scalars({"kind": "train", "step": 3, "loss": 2, "ok": True, "name": "a"}) == {"train/loss": 2.0}
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(ImportError, match="pip install wandb or unset config.wandb.project"):
+        writers.WandbWriter("p", ".")
+
+
+def test_from_config_tensorboard_by_default(tmp_path):
+    w = writers.from_config(ml_collections.ConfigDict({"lr": 1.0}), tmp_path)
+    assert [type(x).__name__ for x in w.writers] == ["TensorBoardWriter"]
+    w.write({"kind": "train", "step": 1, "loss": 1.5})
+    w.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
