@@ -2,19 +2,18 @@
 
 Every command loads the model like `jaxgpt.sample` (a training workdir, a Hugging Face GPT-2 directory or
 name, plus optional --adapters and --quantize), prints its result as one JSON object on stdout and, with
---output, also writes it to a file (to a temporary name, then renamed).
+--output, also writes it to a file (atomically: a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from jaxgpt import atomic
 from jaxgpt.tokenizer import BPE_ENV
 
 
@@ -41,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     e.add_argument("--include-path", default=None, help="folder of extra task YAMLs")
+    e.add_argument("--only-include-path", action="store_true",
+                   help="index only the tasks of --include-path (skips lm-eval's thousands of built-in YAMLs)")
     e.add_argument("--num-fewshot", type=int, default=None)
     e.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     e.add_argument("--max-gen-toks", type=int, default=256)
@@ -90,7 +91,7 @@ def run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
     from jaxgpt.eval.lm_eval_model import JaxGPTLM
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    manager = TaskManager(include_path=args.include_path)
+    manager = TaskManager(include_path=args.include_path, include_defaults=not args.only_include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if not tasks or unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown or [args.tasks]}; `lm_eval ls tasks` lists them "
@@ -101,20 +102,6 @@ def run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                   task_manager=manager, log_samples=False)
     return {"results": out["results"], "n_samples": out.get("n-samples", {})}
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write obj as JSON to path through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 COMMANDS = {"hellaswag": run_hellaswag, "lm-eval": run_lm_eval, "perplexity": run_perplexity}
@@ -129,9 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         print(f"jaxgpt.eval {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2, default=str))
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
     if args.output:
-        write_json(args.output, result)
+        atomic.write_text(args.output, text + "\n")
     return 0
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from jaxgpt import atomic
 from jaxgpt.config import GPTConfig
 from jaxgpt.eval.scoring import score
 from jaxgpt.tokenizer import Tokenizer, gpt2_tokenizer
@@ -38,17 +38,11 @@ def download_val(cache_dir: str | os.PathLike | None = None) -> Path:
     path = cache / "hellaswag_val.jsonl"
     if path.is_file():
         return path
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".hellaswag_val.", suffix=".part")
-    os.close(fd)
     try:
-        urllib.request.urlretrieve(VAL_URL, tmp)
-        os.replace(tmp, path)
+        with atomic.file(path) as tmp:
+            urllib.request.urlretrieve(VAL_URL, tmp)
     except OSError as e:
         raise RuntimeError(f"cannot download HellaSwag from {VAL_URL} ({e}); pass a local copy with --data FILE") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

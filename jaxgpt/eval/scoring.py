@@ -52,9 +52,8 @@ def _round_up(n: int, q: int) -> int:
 
 
 def _bucket(n: int, cap: int) -> int:
-    """Padded length for n: the next power of two up to 32, then multiples of 32; never above cap."""
-    b = 1 << max(0, (n - 1).bit_length()) if n <= 32 else _round_up(n, 32)
-    return max(1, min(b, cap))
+    """Padded length for n (few distinct shapes, few compiles): 16, 32, then multiples of 32; at most cap."""
+    return max(1, min(16 if n <= 16 else _round_up(n, 32), cap))
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -128,7 +127,7 @@ def _arrays(config: GPTConfig, batch: list, requests, batch_size: int) -> tuple[
     """One batch of groups -> (request ids per row, padded arrays for _score_batch)."""
     W = window(config)
     rows = [(gi, i) for gi, (_, idx) in enumerate(batch) for i in idx]
-    G = min(batch_size, _round_up(len(batch), max(1, batch_size // 8)))
+    G = min(batch_size, 1 << (len(batch) - 1).bit_length())  # contexts: a power of two
     Tc = max(len(ctx) - 1 for ctx, _ in batch)
     Tc = _bucket(Tc, W) if Tc else 0
     Tn = _bucket(max(len(requests[i][1]) for _, i in rows), W)
