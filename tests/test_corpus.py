@@ -16,8 +16,8 @@ from jaxgpt.tokenizer import GPT2_PAT_STR, gpt2_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BPE = SHARED / "data" / "gpt2.tiktoken"
-WORDS = ["the", "a", "Jaxgpt", "naïve", "café", "über", "中文", "テキスト", "🙂", "it's", "we'll", "3.14", "2024",
-         "hello,", "world!", "--", "(x)", "\n", "\n\n", "  ", "\t", " \n ", "Ω", "don't"]
+WORDS = ["the", "a", "Jaxgpt", "naïve", "café", "über", "中文", "テキスト", "🙂", "it's", "we'll", "3.14",
+         "2024", "hello,", "world!", "--", "(x)", "\n", "\n\n", "  ", "\t", " \n ", "Ω", "don't"]
 SMALL = dict(shard_tokens=4000, val_tokens=1500, chunk_chars=3000)
 
 
