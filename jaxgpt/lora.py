@@ -8,9 +8,18 @@ mirrors the params:
     {"h_0": {"attn": {"c_attn": {"q": {"A": [C, r], "B": [r, C]},         # q and v slices, each with
                                  "v": {"A": [C, r], "B": [r, C]}}}}}      # its own A and B
 
-so a training loss is `loss(adapters, params, batch) = model.apply({"params": apply_lora(params, adapters,
-cfg)}, ...)`, differentiated w.r.t. `adapters` only: the base is closed over and never enters the
-optimizer. The model code knows nothing of LoRA.
+Two ways to apply them, both pure functions of (params, adapters):
+
+- `wrap` (training): every adapted kernel becomes a `LoraWeight` leaf whose product is computed in
+  activation space, x @ W + scale * (x @ A) @ B, so W + A B is never formed: the backward pass computes no
+  [in, out] gradient, and W may stay bfloat16 or be an int8/int4 `QuantizedArray` (QLoRA) while A and B
+  are float32. A train step is `jax.value_and_grad(loss)(adapters, params, batch)` with
+  `loss(adapters, params, batch) = f(model.apply({"params": wrap(params, adapters, cfg)}, ...))`.
+- `apply_lora` / `merge` (export, and the reference the tests check `wrap` against): W + scale * A @ B
+  in weight space, cast back to W's dtype; a quantized W is dequantized first.
+
+The model code knows nothing of LoRA: it multiplies through `jaxgpt.weights`, which hands a LoraWeight
+to its own `matmul`.
 
 Targets are path patterns over the params pytree, matched against each 2-D `kernel`'s module path such
 as "h_3/attn/c_attn": a pattern matches when it equals the path or a trailing run of its segments, with
@@ -18,8 +27,11 @@ shell wildcards (`*`, `?`, `[..]`) allowed, so "c_proj" names both attn/c_proj a
 only the first, "h_0/mlp/c_fc" one layer. A pattern ending in /q, /k or /v names that third of the fused
 c_attn kernel (columns [0, C), [C, 2C), [2C, 3C)). "all" names every kernel inside the blocks.
 
-Dropout on the adapter input (peft's lora_dropout) acts on activations, not weights, so it has no place
-in a weight transform and is not offered.
+Adapters are saved alone (`save_adapters`) or in peft's format (`save_peft` / `load_peft`, for
+`peft.PeftModel.from_pretrained` on a transformers GPT-2). Both gather arrays sharded over several
+processes first (`host_arrays`, a collective: call them on every process); only process 0 writes.
+
+Dropout on the adapter input (peft's lora_dropout) is not offered.
 """
 
 from __future__ import annotations
@@ -30,21 +42,25 @@ import functools
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import atomic, weights
-from jaxgpt.checkpoint import restore_pytree, save_pytree
+from jaxgpt.checkpoint import restore_pytree
+from jaxgpt.quantize import QuantizedArray
 
 SLICES = ("q", "k", "v")  # thirds of the fused attn/c_attn kernel, in GPT-2's order
 ALL_TARGETS = ("h_*/attn/c_attn", "h_*/attn/c_proj", "h_*/mlp/c_fc", "h_*/mlp/c_proj")
 META_FILE = "lora.json"
-ADAPTER_DIR = "adapters"
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_DIR = "adapters"  # orbax folder of the first format ("jaxgpt-lora-1"), still read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,45 +267,167 @@ def _uniform_fan_in(rng: jax.Array, shapes: tuple[tuple[int, int], ...], dtype: 
     return [jax.random.uniform(k, s, dtype, -1.0 / math.sqrt(s[0]), 1.0 / math.sqrt(s[0])) for k, s in zip(keys, shapes)]
 
 
-def _add_delta(params: Any, adapters: Any, cfg: LoraConfig, sign: float) -> dict:
-    """params with W += sign * scale * A @ B at every adapter (the delta computed in float32)."""
-    scale = lora_scale(cfg)
-    out = params
+def _group(adapters: Any) -> dict[tuple[str, ...], list[tuple]]:
+    """Module path -> [(third or None, A, B), ...] in q, k, v order (a whole kernel: one item, third None)."""
+    groups: dict[tuple[str, ...], list[tuple]] = {}
     for apath, ab in _adapter_items(adapters):
         mpath, third = _split_adapter_path(apath)
-        w = _get(out, mpath + ("kernel",))  # out: two slices of one kernel both land
-        if not isinstance(w, (jax.Array, np.ndarray)):
-            raise ValueError(f"{'/'.join(mpath)}/kernel is a {type(w).__name__}, not an array; LoRA needs a "
-                             "dense base: apply LoRA before quantizing, or dequantize first")
-        a, b = ab["A"], ab["B"]  # [in, r], [r, out]
-        if a.ndim == 2 and a.shape[1] != cfg.rank:
-            raise ValueError(f"adapter {'/'.join(apath)} has rank {a.shape[1]} but LoraConfig.rank is {cfg.rank}; "
-                             "pass the LoraConfig the adapters were made with (its scale depends on the rank)")
-        fan_out = w.shape[1] // 3 if third is not None else w.shape[1]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or (a.shape[0], b.shape[1]) != (w.shape[0], fan_out):
-            raise ValueError(f"adapter {'/'.join(apath)} has A {tuple(a.shape)}, B {tuple(b.shape)}, which do not fit "
-                             f"the weight [{w.shape[0]}, {fan_out}]; load adapters onto the base they were made for")
-        delta = (sign * scale) * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
-                                         precision=jax.lax.Precision.HIGHEST)  # [in, out]
-        w32 = jnp.asarray(w, jnp.float32)
-        if third is None:
-            new = w32 + delta
+        groups.setdefault(mpath, []).append((third, ab["A"], ab["B"]))
+    for mpath, items in groups.items():
+        items.sort(key=lambda item: -1 if item[0] is None else item[0])
+        if len(items) > 1 and items[0][0] is None:
+            raise ValueError(f"adapters name {'/'.join(mpath)} both whole and as q/k/v slices; keep one of them")
+    return groups
+
+
+def _kernel_groups(params: Any, adapters: Any, cfg: LoraConfig) -> dict[tuple[str, ...], list[tuple]]:
+    """_group(adapters), every adapter checked against its weight in params: rank, shapes, and that the
+    kernel is a plain array or a quantized Dense kernel."""
+    groups = _group(adapters)
+    for mpath, items in groups.items():
+        w = _get(params, mpath + ("kernel",))
+        if isinstance(w, LoraWeight):
+            raise ValueError(f"{'/'.join(mpath)}/kernel already carries LoRA adapters; wrap or merge the base "
+                             "params, not params returned by wrap")
+        if not (weights.is_array(w) or (isinstance(w, QuantizedArray) and w.transposed)):
+            raise ValueError(f"{'/'.join(mpath)}/kernel is a {type(w).__name__}; LoRA adapts float arrays or "
+                             "quantized Dense kernels (jaxgpt.quantize); dequantize it first")
+        for third, a, b in items:  # [in, r], [r, out]
+            name = "/".join(mpath + ((SLICES[third],) if third is not None else ()))
+            if a.ndim == 2 and a.shape[1] != cfg.rank:
+                raise ValueError(f"adapter {name} has rank {a.shape[1]} but LoraConfig.rank is {cfg.rank}; pass "
+                                 "the LoraConfig the adapters were made with (its scale depends on the rank)")
+            fan_out = w.shape[1] // 3 if third is not None else w.shape[1]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or \
+                    (a.shape[0], b.shape[1]) != (w.shape[0], fan_out):
+                raise ValueError(f"adapter {name} has A {tuple(a.shape)}, B {tuple(b.shape)}, which do not fit the "
+                                 f"weight [{w.shape[0]}, {fan_out}]; load adapters onto the base they were made for")
+    return groups
+
+
+def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """scale * A @ B in float32 [in, out]."""
+    return scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def _add_parts(w: Any, parts: list[tuple], scale: float) -> jax.Array:
+    """The float weight W + scale * A @ B on each part's columns (a quantized W dequantized), in W's dtype."""
+    w32 = jnp.asarray(weights.dense(w), jnp.float32)  # [in, out]
+    for third, a, b in parts:
+        d = _delta(a, b, scale)  # [in, out] or [in, out / 3]
+        w32 = w32 + d if third is None else w32.at[:, third * d.shape[1]:(third + 1) * d.shape[1]].add(d)
+    return w32.astype(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation space: the LoraWeight leaf
+
+
+@flax.struct.dataclass
+class LoraWeight:
+    """A frozen Dense kernel W [in, out] with adapters, multiplied as x @ W + scale * (x @ A) @ B.
+
+    base: a float array [in, out] or a quantized Dense kernel (`QuantizedArray`); it is multiplied through
+      `jaxgpt.weights.matmul`, so it is never copied, upcast whole or dequantized beyond what its own
+      product does.
+    A, B: one [in, r] and one [r, out_part] per adapted part; parts[i] is None (all columns) or 0/1/2, the
+      q/k/v third of a fused c_attn, so several slices of one kernel live in one leaf.
+    """
+
+    base: Any
+    A: tuple[jax.Array, ...]
+    B: tuple[jax.Array, ...]
+    scale: float = flax.struct.field(pytree_node=False)
+    parts: tuple[int | None, ...] = flax.struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.base.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def matmul(self, x: jax.Array, dtype: Any) -> jax.Array:
+        """x [..., in] -> x @ W + scale * (x @ A) @ B [..., out], in `dtype`."""
+        y = weights.matmul(x, self.base, dtype)  # [..., out]
+        x2 = x.reshape(-1, x.shape[-1]).astype(dtype)  # [N, in]: plain GEMMs for the adapter gradients
+        a = self.A[0] if len(self.A) == 1 else jnp.concatenate(self.A, axis=1)  # [in, n * r]
+        h = jnp.dot(x2, a.astype(dtype)) * jnp.asarray(self.scale, dtype)  # [N, n * r]
+        r = self.A[0].shape[1]
+        outs = [jnp.dot(h[:, i * r:(i + 1) * r], b.astype(dtype)) for i, b in enumerate(self.B)]  # [N, out_part]
+        if self.parts == (None,):
+            delta = outs[0]  # [N, out]
         else:
-            new = w32.at[:, third * fan_out:(third + 1) * fan_out].add(delta)
-        out = _set(out, mpath + ("kernel",), new.astype(w.dtype))
+            third = self.shape[1] // 3
+            by_part = dict(zip(self.parts, outs))
+            zeros = jnp.zeros((x2.shape[0], third), outs[0].dtype)
+            delta = jnp.concatenate([by_part.get(k, zeros) for k in range(3)], axis=1)  # [N, out]
+        return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+
+    def embed(self, ids: jax.Array, dtype: Any) -> jax.Array:
+        raise ValueError("LoRA adapts Dense kernels, not embedding tables; remove the embedding from the targets")
+
+    def attend(self, x: jax.Array, dtype: Any) -> jax.Array:
+        raise ValueError("LoRA adapts Dense kernels, not embedding tables; remove the embedding from the targets")
+
+    def dequantize(self, dtype: Any | None = None) -> jax.Array:
+        """The merged float weight W + scale * A @ B [in, out] (in W's dtype, or `dtype`)."""
+        w = _add_parts(self.base, list(zip(self.parts, self.A, self.B)), self.scale)
+        return w if dtype is None else w.astype(dtype)
+
+
+def wrap(params: Any, adapters: Any, cfg: LoraConfig) -> dict:
+    """params with every adapted kernel replaced by a LoraWeight (activation-space LoRA); nothing is copied.
+
+    For training: `jax.value_and_grad(loss)(adapters, params, batch)` where the loss applies the model to
+    `wrap(params, adapters, cfg)`; gradients reach A and B only and never form an [in, out] array. The base
+    may hold float32/bfloat16 arrays or quantized kernels (QLoRA); A and B keep their own dtype (float32).
+    """
+    scale = lora_scale(cfg)
+    out = params
+    for mpath, items in _kernel_groups(params, adapters, cfg).items():
+        w = _get(params, mpath + ("kernel",))
+        leaf = LoraWeight(base=w, A=tuple(a for _, a, _ in items), B=tuple(b for _, _, b in items), scale=scale,
+                          parts=tuple(third for third, _, _ in items))
+        out = _set(out, mpath + ("kernel",), leaf)
+    return out
+
+
+def is_wrapped(params: Any) -> bool:
+    """True when params hold LoraWeight leaves (from wrap)."""
+    return any(isinstance(x, LoraWeight) for x in weights.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight space: merge, unmerge, the reference
+
+
+def _add_delta(params: Any, adapters: Any, cfg: LoraConfig, sign: float) -> dict:
+    """params with W += sign * scale * A @ B at every adapter (the delta computed in float32, the result cast
+    back to W's dtype; a quantized W is dequantized)."""
+    out = params
+    for mpath, items in _kernel_groups(params, adapters, cfg).items():
+        w = _get(params, mpath + ("kernel",))
+        out = _set(out, mpath + ("kernel",), _add_parts(w, items, sign * lora_scale(cfg)))
     return out
 
 
 def apply_lora(params: Any, adapters: Any, cfg: LoraConfig) -> dict:
-    """Effective params W + scale * A @ B for every adapted weight; everything else is passed through.
-
-    Use inside the jitted loss with the base closed over, so gradients reach the adapters only.
+    """Effective params W + scale * A @ B for every adapted weight (weight space); everything else is passed
+    through. The reference for `wrap`; training through it computes a full [in, out] gradient per adapted
+    weight and, on a bfloat16 W, rounds small updates away (see docs/lora_rank.md): train with `wrap`.
     """
     return _add_delta(params, adapters, cfg, 1.0)
 
 
 def merge(params: Any, adapters: Any, cfg: LoraConfig) -> dict:
-    """Fold the adapters into the base for export or fast inference: the same numbers as apply_lora."""
+    """Fold the adapters into the base for export or fast inference: the same numbers as apply_lora. A
+    quantized base is dequantized (the merged kernel is float, in the base's original dtype)."""
     return _add_delta(params, adapters, cfg, 1.0)
 
 
@@ -339,14 +477,41 @@ def lora_param_count(params: Any, cfg: LoraConfig) -> dict[str, Any]:
 # Saving adapters alone
 
 
+def host_arrays(tree: Any) -> Any:
+    """tree with every array as a NumPy array on this host, ready to write.
+
+    An array sharded over several processes is gathered first (`process_allgather`): that is a collective,
+    so on a multi-host mesh every process calls this (and save_adapters / save_peft, which use it) together.
+    Arrays this process holds whole are copied without any communication.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def _storable(x: np.ndarray) -> np.ndarray:
+    """A contiguous array safetensors can hold (bfloat16 and other non-NumPy floats as float32)."""
+    dtype = x.dtype if x.dtype in (np.float16, np.float32, np.float64) else np.float32
+    return np.ascontiguousarray(x, dtype)
+
+
 def save_adapters(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, force: bool = False) -> Path:
-    """Write adapters (orbax, under path/adapters) plus path/lora.json (the LoraConfig and the base's kernel
-    shapes). Everything is written to a temporary folder and renamed into place, so an interrupted save
-    never leaves a half-written folder where a good one was."""
+    """Write adapters (path/adapters.safetensors, keys like "h_0/attn/c_attn/q/A") plus path/lora.json (the
+    LoraConfig and the base's kernel shapes). Written to a temporary folder and renamed into place, so an
+    interrupted save never leaves a half-written folder where a good one was. Multi-host: call on every
+    process (sharded adapters are gathered); process 0 writes."""
+    from safetensors.numpy import save_file
+
     path = Path(path).absolute()
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pick a new path or pass force=True to replace it")
-    shapes = {}
+    adapters = host_arrays(adapters)
+    shapes, tensors = {}, {}
     for apath, ab in _adapter_items(adapters):
         a, b = ab["A"], ab["B"]
         if a.shape[1] != cfg.rank or b.shape[0] != cfg.rank:
@@ -354,17 +519,22 @@ def save_adapters(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, fo
                              "save with the config the adapters were made with")
         mpath, third = _split_adapter_path(apath)
         fan_out = b.shape[1] * (3 if third is not None else 1)
-        shapes["/".join(apath)] = {"kernel": "/".join(mpath) + "/kernel", "shape": [int(a.shape[0]), int(fan_out)],
-                                   "dtype": str(jnp.dtype(a.dtype))}
-    meta = {"format": "jaxgpt-lora-1", "lora": cfg.to_dict(), "base_kernels": shapes}
-    with atomic.directory(path, force=force) as tmp:
-        save_pytree(tmp / ADAPTER_DIR, jax.device_get(adapters))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        name = "/".join(apath)
+        shapes[name] = {"kernel": "/".join(mpath) + "/kernel", "shape": [int(a.shape[0]), int(fan_out)],
+                        "dtype": str(jnp.dtype(a.dtype))}
+        tensors[name + "/A"], tensors[name + "/B"] = _storable(a), _storable(b)
+    meta = {"format": "jaxgpt-lora-2", "lora": cfg.to_dict(), "base_kernels": shapes}
+    if jax.process_index() == 0:
+        with atomic.directory(path, force=force) as tmp:
+            save_file(tensors, str(tmp / ADAPTER_FILE))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return path
 
 
 def load_adapters(path: str | os.PathLike, params: Any) -> tuple[dict, LoraConfig]:
     """(adapters, LoraConfig) saved by save_adapters, after checking they fit `params` (the base)."""
+    from safetensors.numpy import load_file
+
     path = Path(path).absolute()
     meta_file = path / META_FILE
     if not meta_file.is_file():
@@ -391,5 +561,201 @@ def load_adapters(path: str | os.PathLike, params: Any) -> tuple[dict, LoraConfi
         leaf = {"A": jax.ShapeDtypeStruct((want[0], cfg.rank), dtype),
                 "B": jax.ShapeDtypeStruct((cfg.rank, fan_out), dtype)}
         target = _set(target, apath, leaf)
-    adapters = restore_pytree(path / ADAPTER_DIR, target)
+    if not (path / ADAPTER_FILE).is_file():  # the first format: an orbax folder
+        return restore_pytree(path / ADAPTER_DIR, target), cfg
+    stored = load_file(str(path / ADAPTER_FILE))
+
+    def read(p: tuple[Any, ...], s: jax.ShapeDtypeStruct) -> jax.Array:
+        key = weights.path_str(p)
+        if key not in stored or stored[key].shape != s.shape:
+            raise ValueError(f"{path / ADAPTER_FILE} lacks {key} {list(s.shape)} that {META_FILE} lists; "
+                             "the folder is corrupt, re-save the adapters")
+        return jnp.asarray(stored[key], s.dtype)
+
+    return jax.tree_util.tree_map_with_path(read, target), cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# peft's adapter format (PeftModel.from_pretrained on a transformers GPT2LMHeadModel)
+#
+# peft adapts a whole Conv1D module: lora_A.weight [r, in], lora_B.weight [out, r] (nn.Linear layout, the
+# transposes of our A and B), scaling lora_alpha / r or / sqrt(r). A jaxgpt q/k/v-sliced c_attn is written
+# exactly as one rank n*r adapter of the fused c_attn: A = [A_q | A_v], B block-diagonal with zero blocks for
+# the columns no slice adapts, and its rank and alpha in rank_pattern / alpha_pattern so the scale is kept.
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+_HF_BLOCK_KERNELS = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
+_PEFT_KEY = re.compile(r"(?:base_model\.model\.)?transformer\.h\.(\d+)\.(attn|mlp)\.(c_attn|c_proj|c_fc)"
+                       r"\.lora_([AB])(?:\.default)?\.weight")
+
+
+def _hf_name(mpath: tuple[str, ...]) -> str:
+    """("h_0", "attn", "c_attn") -> "transformer.h.0.attn.c_attn"; refuses weights peft's GPT-2 lacks."""
+    m = re.fullmatch(r"h_(\d+)", mpath[0]) if len(mpath) == 3 else None
+    if m is None or "/".join(mpath[1:]) not in _HF_BLOCK_KERNELS:
+        raise ValueError(f"LoRA on {'/'.join(mpath)} has no peft equivalent on a transformers GPT-2 (its head is "
+                         "tied to wte; only h_i/attn/c_attn|c_proj and h_i/mlp/c_fc|c_proj map); drop it from the "
+                         "targets to export to peft")
+    return f"transformer.h.{m.group(1)}.{mpath[1]}.{mpath[2]}"
+
+
+def _peft_tensors(mpath: tuple[str, ...], items: list[tuple], cfg: LoraConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One kernel's adapters as peft's (A [in, n r], B [n r, out]): slices become one block-diagonal B."""
+    if items[0][0] is None:
+        return np.asarray(items[0][1], np.float32), np.asarray(items[0][2], np.float32)
+    r, part = cfg.rank, items[0][2].shape[1]
+    a = np.concatenate([np.asarray(a_i, np.float32) for _, a_i, _ in items], axis=1)  # [in, n r]
+    b = np.zeros((len(items) * r, 3 * part), np.float32)  # [n r, 3 part]
+    for i, (third, _, b_i) in enumerate(items):
+        b[i * r:(i + 1) * r, third * part:(third + 1) * part] = np.asarray(b_i, np.float32)
+    return a, b
+
+
+def save_peft(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, base_model_name_or_path: str | None = None,
+              force: bool = False) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json that `peft.PeftModel.from_pretrained` loads onto a
+    transformers GPT2LMHeadModel (the base exported with jaxgpt.checkpoint.export_hf_gpt2) with the same
+    logits. Every target maps, q/k/v slices included (see above); an untied lm_head does not and is refused.
+    Multi-host: call on every process; process 0 writes."""
+    from safetensors.numpy import save_file
+
+    path = Path(path).absolute()
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already exists; pick a new path or pass force=True to replace it")
+    adapters = host_arrays(adapters)
+    scale = lora_scale(cfg)
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for mpath, items in _group(adapters).items():
+        name = _hf_name(mpath)
+        if any(a.shape[1] != cfg.rank for _, a, _ in items):
+            raise ValueError(f"adapters of {'/'.join(mpath)} do not have LoraConfig.rank {cfg.rank}; save with the "
+                             "config the adapters were made with")
+        a, b = _peft_tensors(mpath, items, cfg)
+        if a.shape[1] != cfg.rank:
+            rank_pattern[name] = int(a.shape[1])
+            alpha_pattern[name] = scale * (math.sqrt(a.shape[1]) if cfg.rank_stabilized else a.shape[1])
+        tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a.T)  # [n r, in]
+        tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b.T)  # [out, n r]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": int(cfg.rank), "lora_alpha": float(cfg.alpha), "use_rslora": cfg.rank_stabilized,
+        "target_modules": sorted(_hf_name(m) for m in _group(adapters)), "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "fan_in_fan_out": True, "lora_dropout": 0.0, "bias": "none",
+        "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+    }
+    if jax.process_index() == 0:
+        with atomic.directory(path, force=force) as tmp:
+            meta = {"format": "pt", "jaxgpt_lora": json.dumps(cfg.to_dict())}  # peft reads "format" only
+            save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata=meta)
+            (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return path
+
+
+def _read_peft_config(path: Path) -> dict[str, Any]:
+    """adapter_config.json, refusing what jaxgpt's LoRA cannot represent."""
+    f = path / PEFT_CONFIG
+    if not f.is_file() or not (path / PEFT_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} lacks {PEFT_CONFIG} or {PEFT_WEIGHTS}; pass a folder written by peft's "
+                                "save_pretrained or save_peft")
+    conf = json.loads(f.read_text())
+    refuse = [(conf.get("peft_type") != "LORA", f"peft_type {conf.get('peft_type')!r} (only LORA)"),
+              (bool(conf.get("use_dora")), "use_dora=True (DoRA)"),
+              (conf.get("bias", "none") != "none" or bool(conf.get("lora_bias")), "trained biases"),
+              (bool(conf.get("modules_to_save")), f"modules_to_save={conf.get('modules_to_save')}"),
+              (bool(conf.get("layer_replication")), "layer_replication")]
+    for bad, what in refuse:
+        if bad:
+            raise ValueError(f"{f} uses {what}, which jaxgpt's LoRA does not support; export plain LoRA adapters")
+    return conf
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read_peft_modules(path: Path) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
+    """Module path -> (A [in, r], B [r, out]) from adapter_model.safetensors."""
+    from safetensors.numpy import load_file
+
+    found: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+    for key, t in load_file(str(path / PEFT_WEIGHTS)).items():
+        m = _PEFT_KEY.fullmatch(key)
+        if m is None:
+            raise ValueError(f"{path / PEFT_WEIGHTS} holds {key!r}, which is not a LoRA adapter of a GPT-2 block "
+                             "kernel (c_attn, c_proj, c_fc); jaxgpt loads adapters of those only")
+        mpath = (f"h_{m.group(1)}", m.group(2), m.group(3))
+        found.setdefault(mpath, {})[m.group(4)] = np.asarray(t, np.float32).T  # A [in, r], B [r, out]
+    if any(set(ab) != {"A", "B"} for ab in found.values()) or not found:
+        raise ValueError(f"{path / PEFT_WEIGHTS} lacks a lora_A or lora_B weight; the adapter file is incomplete")
+    return {mpath: (ab["A"], ab["B"]) for mpath, ab in sorted(found.items())}
+
+
+def _peft_as_slices(modules: dict, cfg: LoraConfig, params: Any) -> dict | None:
+    """The adapters save_peft wrote for `cfg` (slices back out of block-diagonal B), or None when the
+    tensors no longer have that exact layout (say trained further by peft, which fills the zero blocks)."""
+    targets = resolve_targets(params, cfg)
+    if {t.path for t in targets} != set(modules):
+        return None
+    adapters: dict = {}
+    for t in targets:
+        a, b = modules[t.path]
+        parts = sorted(SLICES.index(u.part) for u in targets if u.path == t.path and u.part is not None)
+        i = parts.index(SLICES.index(t.part)) if t.part is not None else 0
+        r, n = cfg.rank, max(len(parts), 1)
+        if a.shape[1] != n * r:
+            return None
+        k = SLICES.index(t.part) if t.part is not None else 0
+        cols = slice(None) if t.part is None else slice(k * t.fan_out, (k + 1) * t.fan_out)
+        rows_b = b[i * r:(i + 1) * r]
+        if t.part is not None and np.any(np.delete(rows_b, np.arange(b.shape[1])[cols], axis=1)):
+            return None
+        adapters = _set(adapters, t.adapter_path, {"A": jnp.asarray(a[:, i * r:(i + 1) * r]),
+                                                   "B": jnp.asarray(rows_b[:, cols])})
+    return adapters
+
+
+def _peft_as_whole(modules: dict, conf: Mapping[str, Any]) -> tuple[dict, LoraConfig]:
+    """Whole-kernel adapters at one rank R (the largest) and scale: a module of rank r < R gets zero columns
+    of A and rows of B, and its B is multiplied by its scale / the common one (exact up to one rounding)."""
+    rs, alpha = bool(conf.get("use_rslora", False)), float(conf["lora_alpha"])
+    scale_of = lambda r, al: al / (math.sqrt(r) if rs else r)  # noqa: E731
+    rank = max(a.shape[1] for a, _ in modules.values())
+    common = scale_of(rank, alpha)
+    adapters: dict = {}
+    for mpath, (a, b) in modules.items():
+        r = a.shape[1]
+        own = scale_of(r, float(_pattern_value(conf.get("alpha_pattern") or {}, _hf_name(mpath), alpha)))
+        if own != common:
+            b = (b.astype(np.float64) * (own / common)).astype(np.float32)
+        a = np.pad(a, ((0, 0), (0, rank - r)))  # [in, R]
+        b = np.pad(b, ((0, rank - r), (0, 0)))  # [R, out]
+        adapters = _set(adapters, mpath, {"A": jnp.asarray(a), "B": jnp.asarray(b)})
+    cfg = LoraConfig(rank=rank, alpha=alpha, targets=tuple("/".join(m) for m in modules), rank_stabilized=rs)
+    return adapters, cfg
+
+
+def load_peft(path: str | os.PathLike, params: Any) -> tuple[dict, LoraConfig]:
+    """(adapters, LoraConfig) from a peft LoRA folder for a GPT-2 (save_pretrained, or save_peft) that fit
+    `params`: wrap(params, adapters, cfg) gives peft's logits. Folders save_peft wrote come back with their
+    q/k/v slices; any other becomes whole-kernel adapters at the largest rank (see _peft_as_whole)."""
+    from safetensors import safe_open
+
+    path = Path(path).absolute()
+    conf = _read_peft_config(path)
+    modules = _read_peft_modules(path)
+    with safe_open(str(path / PEFT_WEIGHTS), "np") as f:
+        ours = (f.metadata() or {}).get("jaxgpt_lora")
+    adapters = None
+    if ours:
+        cfg = LoraConfig.from_dict(json.loads(ours))
+        adapters = _peft_as_slices(modules, cfg, params)
+    if adapters is None:
+        adapters, cfg = _peft_as_whole(modules, conf)
+    resolve_targets(params, cfg)
+    _kernel_groups(params, adapters, cfg)  # every adapter fits its weight, or a clear error
     return adapters, cfg
