@@ -1,0 +1,122 @@
+"""The "jaxgpt" lm-eval model against lm-eval's own `hf` model on the same random tiny GPT-2.
+
+Two local tasks (YAMLs over jsonl files the test writes): multiple choice (acc, acc_norm) and rolling
+log-likelihood (word/byte perplexity, bits per byte, documents longer than the 64-token window). Both models
+must give the same per-request log-likelihoods (1e-4) and the same metrics; generate_until must produce
+the same greedy text. The tiny model and its tokenizer come from tests/test_eval.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from test_eval import BLOCK, save_tiny_hf_gpt2, words
+
+MC_YAML = """task: jaxgpt_test_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+ROLLING_YAML = """task: jaxgpt_test_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, gpt2_bpe_file, shared_dir):
+    """(hf dir, task dir, jaxgpt LM, hf LM, TaskManager over the local tasks only)."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from jaxgpt.checkpoint import load_hf_gpt2
+    from jaxgpt.eval.lm_eval_model import JaxGPTLM
+    from jaxgpt.tokenizer import gpt2_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    hf_dir, tasks = root / "model", root / "tasks"
+    tasks.mkdir()
+    save_tiny_hf_gpt2(hf_dir, gpt2_bpe_file, seed=1)
+    mc = [{"question": words(shared_dir, 10 + i, 3, 20), "label": i % 3,
+           "choices": [words(shared_dir, 50 + 3 * i + j, 1, 8) for j in range(3)]} for i in range(6)]
+    docs = [{"text": words(shared_dir, 90 + i, 10, 120)} for i in range(4)]
+    for name, rows, yaml in (("mc", mc, MC_YAML), ("rolling", docs, ROLLING_YAML)):
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tasks / f"{name}.yaml").write_text(yaml.format(data=tasks / f"{name}.jsonl"))
+    cfg, params = load_hf_gpt2(hf_dir)
+    ours = JaxGPTLM(params=params, config=cfg, tokenizer=gpt2_tokenizer(gpt2_bpe_file), batch_size=8)
+    theirs = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu")
+    return hf_dir, tasks, ours, theirs, TaskManager(include_path=str(tasks), include_defaults=False)
+
+
+def _run(lm, manager):
+    import lm_eval
+
+    return lm_eval.simple_evaluate(model=lm, tasks=["jaxgpt_test_mc", "jaxgpt_test_rolling"], task_manager=manager,
+                                   log_samples=True, bootstrap_iters=0)
+
+
+def test_same_loglikelihoods_and_metrics_as_hf(setup):
+    _, _, ours, theirs, manager = setup
+    a, b = _run(ours, manager), _run(theirs, manager)
+    for task in ("jaxgpt_test_mc", "jaxgpt_test_rolling"):
+        la = [r[0] if isinstance(r, (list, tuple)) else r for s in a["samples"][task] for r in s["resps"]]
+        lb = [r[0] if isinstance(r, (list, tuple)) else r for s in b["samples"][task] for r in s["resps"]]
+        la, lb = np.array(la, float).ravel(), np.array(lb, float).ravel()
+        assert len(la) == len(lb) > 0
+        np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
+        ma = {k: v for k, v in a["results"][task].items() if isinstance(v, float)}
+        mb = {k: v for k, v in b["results"][task].items() if isinstance(v, float)}
+        assert ma.keys() == mb.keys() and len(ma) >= 2
+        assert ma == pytest.approx(mb, rel=1e-4)
+    assert max(len(ours.tok_encode(s["doc"]["text"])) for s in a["samples"]["jaxgpt_test_rolling"]) > BLOCK
+
+
+def test_generate_until_matches_hf_greedy(setup, shared_dir):
+    from lm_eval.api.instance import Instance
+
+    _, _, ours, theirs, _ = setup
+    kwargs = {"until": ["\n\n", "."], "max_gen_toks": 6, "do_sample": False}
+    reqs = [Instance("generate_until", {}, (words(shared_dir, 300 + i, 2, 70), dict(kwargs)), i) for i in range(3)]
+    assert ours.generate_until(reqs) == theirs.generate_until(reqs)
+
+
+def test_command_and_unknown_task(setup, gpt2_bpe_file, capsys):
+    from jaxgpt.eval.__main__ import main
+
+    hf_dir, tasks, _, _, _ = setup
+    common = ["lm-eval", "--init-from", str(hf_dir), "--bpe-file", str(gpt2_bpe_file), "--include-path", str(tasks),
+              "--only-include-path"]
+    assert main([*common, "--tasks", "jaxgpt_test_mc", "--batch-size", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["results"]["jaxgpt_test_mc"]) >= {"acc,none", "acc_norm,none"}
+    assert main([*common, "--tasks", "jaxgpt_test_mc,no_such_task"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown lm-eval task(s) ['no_such_task']" in err[0]
