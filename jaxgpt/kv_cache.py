@@ -27,8 +27,11 @@ from jax import lax
 from jaxgpt.config import GPTConfig
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write new [B, T, ...] into buf [B, S, ...] at per-row offsets starts [B]."""
+def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write new [B, T, ...] into buf [B, S, ...] at per-row offsets starts [B].
+
+    A write longer than the buffer raises (dynamic_update_slice would clamp it onto earlier positions).
+    """
     if new.shape[1] > buf.shape[1]:
         raise ValueError(f"KV cache write of {new.shape[1]} positions does not fit a buffer of max_len "
                          f"{buf.shape[1]}; create the cache with max_len >= prompt + new tokens")
@@ -47,7 +50,7 @@ class LayerKV:
     v: jax.Array
 
     def write(self, k: jax.Array, v: jax.Array, starts: jax.Array) -> "LayerKV":
-        return LayerKV(k=_write_rows(self.k, k, starts), v=_write_rows(self.v, v, starts))
+        return LayerKV(k=write_rows(self.k, k, starts), v=write_rows(self.v, v, starts))
 
     def read(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
         return self.k.astype(dtype), self.v.astype(dtype)

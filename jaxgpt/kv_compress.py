@@ -16,8 +16,8 @@ loop compiles once. What is stored per (token, head) vector of D values:
 - turbo{b}-prod: keys with TurboQuant_prod ((b-1)-bit MSE + 1-bit QJL signs + two float16 norms:
   b + 32/D bits per value), values with TurboQuant_mse as above.
 - turbo{b}.5 (1.5, 2.5, 3.5): the paper's mixed precision by an outlier-channel split. Per row and head,
-  the D/2 channels with the largest energy (sum of squares over the row's first write, the prefill, i.e.
-  the write with start 0) get b+1 bits and the other D/2 channels b bits, each half quantized by its own
+  the D/2 channels with the largest energy (sum of squares over the row's own tokens of its first write,
+  the prefill, i.e. the write with start 0; right-padding excluded, see `set_prompt_lengths`) get b+1 bits and the other D/2 channels b bits, each half quantized by its own
   TurboQuant instance (its own rotation, codebook and norm). Indices average exactly b + 0.5 bits; with
   two float16 norms the true rate is b + 0.5 + 32/D bits per value (b + 1.0 at GPT-2's D = 64), plus
   the channel order (D int32 per row and head, not per token).
@@ -39,26 +39,17 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxgpt import turboquant as tq
 from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import KVCache, init_cache
+from jaxgpt.kv_cache import KVCache, init_cache, write_rows
 
 SIDE_DTYPE = jnp.float16  # norms and scales
 _SIDE_MAX = float(jnp.finfo(SIDE_DTYPE).max)
+ALL_OWN = np.iinfo(np.int32).max  # CodedTensor.own when a write holds no padding
 FLOAT_KINDS = ("float32", "bfloat16", "float16")
 KIND_HELP = ("float32 | bfloat16 | float16 | int8 | turbo{b} | turbo{b}-prod | uniform{b}, "
              "b in 1, 1.5, 2, 2.5, 3, 3.5, 4")
-
-
-def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write new [B, T, ...] into buf [B, S, ...] at per-row offsets starts [B]."""
-
-    def one(b, n, s):
-        return lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0)
-
-    return jax.vmap(one)(buf, new, starts)
 
 
 def _side(x: jax.Array) -> jax.Array:
@@ -90,9 +81,9 @@ class Int8LayerKV:
 
     def write(self, k: jax.Array, v: jax.Array, starts: jax.Array) -> "Int8LayerKV":
         (qk, sk), (qv, sv) = int8_quantize(k), int8_quantize(v)
-        return Int8LayerKV(k=_write_rows(self.k, qk, starts), v=_write_rows(self.v, qv, starts),
-                           k_scale=_write_rows(self.k_scale, sk, starts),
-                           v_scale=_write_rows(self.v_scale, sv, starts))
+        return Int8LayerKV(k=write_rows(self.k, qk, starts), v=write_rows(self.v, qv, starts),
+                           k_scale=write_rows(self.k_scale, sk, starts),
+                           v_scale=write_rows(self.v_scale, sv, starts))
 
     def read(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
         k = self.k.astype(jnp.float32) * self.k_scale.astype(jnp.float32)[..., None]
@@ -161,12 +152,16 @@ def _decode(codec: Codec, part: PartCode) -> jax.Array:
     return codec.dequantize(part.codes, part.norms)
 
 
-def outlier_order(x: jax.Array, n_hi: int) -> jax.Array:
+def outlier_order(x: jax.Array, n_hi: int, own: jax.Array | None = None) -> jax.Array:
     """Channel order [B, H, D] int32: the n_hi channels of largest energy over T, then the rest (each ascending).
 
-    x: [B, T, H, D].
+    x: [B, T, H, D]; own: [B] count of each row's own leading tokens (None: all T). Right-padding past a
+    row's own tokens is left out, so a row's channels never depend on the other rows of its batch.
     """
-    energy = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1)  # [B, H, D]
+    sq = jnp.square(x.astype(jnp.float32))  # [B, T, H, D]
+    if own is not None:
+        sq = jnp.where((jnp.arange(x.shape[1])[None, :] < own[:, None])[:, :, None, None], sq, 0.0)
+    energy = jnp.sum(sq, axis=1)  # [B, H, D]
     order = jnp.argsort(-energy, axis=-1, stable=True)
     return jnp.concatenate([jnp.sort(order[..., :n_hi], axis=-1), jnp.sort(order[..., n_hi:], axis=-1)],
                            axis=-1).astype(jnp.int32)
@@ -179,27 +174,30 @@ class CodedTensor:
     parts: tuple[PartCode, ...]
     codecs: tuple[Codec, ...]
     perm: jax.Array | None = None  # [B, H, D] int32: channel order, first part first (mixed settings)
+    own: jax.Array | None = None  # [B] int32: the row's own tokens in the next start-0 write (mixed settings)
 
     def write(self, x: jax.Array, starts: jax.Array) -> "CodedTensor":
         """x [B, T, H, D] written at rows' offsets starts [B].
 
-        A write at start 0 begins a row's sequence and re-picks its outlier channels; positions of an
-        earlier sequence past the new one keep their old coding, which is harmless: they lie past the
-        row's length, where attention is masked, and are rewritten before they are read.
+        A write at start 0 begins a row's sequence and re-picks its outlier channels from the row's own
+        tokens (the first `own` of the write; see `set_prompt_lengths`); positions of an earlier sequence
+        past the new one keep their old coding, which is harmless: they lie past the row's length, where
+        attention is masked, and are rewritten before they are read.
         """
         x = x.astype(jnp.float32)
-        perm = self.perm
+        perm, own = self.perm, self.own
         if perm is not None:
-            fresh = outlier_order(x, _codec_dim(self.codecs[0]))
+            fresh = outlier_order(x, _codec_dim(self.codecs[0]), own)
             perm = jnp.where((starts == 0)[:, None, None], fresh, perm)
+            own = jnp.full_like(own, ALL_OWN)  # later writes hold no padding
             x = jnp.take_along_axis(x, perm[:, None], axis=-1)
         parts, lo = [], 0
         for codec, part in zip(self.codecs, self.parts):
             hi = lo + _codec_dim(codec)
             new = _encode(codec, x[..., lo:hi])
-            parts.append(jax.tree.map(lambda buf, n: _write_rows(buf, n, starts), part, new))
+            parts.append(jax.tree.map(lambda buf, n: write_rows(buf, n, starts), part, new))
             lo = hi
-        return self.replace(parts=tuple(parts), perm=perm)
+        return self.replace(parts=tuple(parts), perm=perm, own=own)
 
     def read(self) -> jax.Array:
         """Dense float32 [B, S, H, D]."""
@@ -207,6 +205,18 @@ class CodedTensor:
         if self.perm is not None:
             x = jnp.take_along_axis(x, jnp.argsort(self.perm, axis=-1)[:, None], axis=-1)
         return x
+
+
+def set_prompt_lengths(cache: KVCache, lengths: jax.Array) -> KVCache:
+    """Mark the next start-0 write (a prefill of right-padded prompts) as holding lengths [B] own tokens per
+    row, so that mixed settings pick each row's outlier channels from its own tokens, not its padding."""
+
+    def mark(x: Any) -> Any:
+        if isinstance(x, CodedTensor) and x.own is not None:
+            return x.replace(own=jnp.asarray(lengths, jnp.int32))
+        return x
+
+    return jax.tree.map(mark, cache, is_leaf=lambda x: isinstance(x, CodedTensor))
 
 
 class _CodedKV:
@@ -303,11 +313,12 @@ def init_compressed_cache(config: GPTConfig, batch: int, max_len: int, kind: str
             prod = spec["prod"] and role == 0
             codecs = tuple(_codec_for(spec["family"], prod, d, b, np.random.SeedSequence([seed, layer, role, i]))
                            for i, (d, b) in enumerate(plan))
-            perm = None
+            perm = own = None
             if len(plan) > 1:
                 perm = jnp.broadcast_to(jnp.arange(D, dtype=jnp.int32), (B, H, D))
+                own = jnp.full((B,), ALL_OWN, jnp.int32)
             tensors.append(CodedTensor(parts=tuple(_empty_part(c, (B, S, H)) for c in codecs), codecs=codecs,
-                                       perm=perm))
+                                       perm=perm, own=own))
         layers.append(entry(k=tensors[0], v=tensors[1]))
     return KVCache(layers=tuple(layers), lengths=jnp.zeros((B,), jnp.int32))
 
@@ -342,7 +353,7 @@ def compressed_cache_bytes(config: GPTConfig, batch: int, max_len: int, kind: st
             per_vec, const = _part_bytes(spec["family"], prod, d, b)
             total += B * S * H * per_vec + const
         if len(plan) > 1:
-            total += 4 * B * H * D  # channel order
+            total += 4 * B * H * D + 4 * B  # channel order, own-token counts
     return L * total + lengths
 
 
@@ -365,5 +376,5 @@ def bits_per_value(config: GPTConfig, kind: str) -> float:
 __all__ = [
     "CodedTensor", "Int8LayerKV", "PartCode", "TurboLayerKV", "UniformCodec", "UniformLayerKV", "KIND_HELP",
     "bits_per_value", "compressed_cache_bytes", "init_compressed_cache", "int8_quantize", "outlier_order",
-    "parse_kind",
+    "parse_kind", "set_prompt_lengths",
 ]

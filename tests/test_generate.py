@@ -13,18 +13,18 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 
 PROMPTS = [[5, 17, 3], [40, 2, 9, 66, 1, 12, 30], [88]]  # ragged: 3, 7 and 1 tokens
-N = 9  # new tokens; with block_size=8 the non-learned configs decode past block_size
+N = 9  # new tokens; 7 + 9 - 1 = 15 fed tokens fit block_size 16 (past it: tests/test_generate_window.py)
 
 # Every position kind x both norm placements, with the other switches varied along the way.
 SWEEP = [
     dict(pos_embedding="learned", norm_position="pre"),
     dict(pos_embedding="learned", norm_position="post", norm="rmsnorm"),
-    dict(pos_embedding="sinusoidal", norm_position="pre", tie_embeddings=False, block_size=8),
-    dict(pos_embedding="sinusoidal", norm_position="post", block_size=8),
-    dict(pos_embedding="rope", norm_position="pre", norm="rmsnorm", bias=False, block_size=8),
-    dict(pos_embedding="rope", norm_position="post", attention="manual", block_size=8),
-    dict(pos_embedding="none", norm_position="pre", block_size=8),
-    dict(pos_embedding="none", norm_position="post", norm="rmsnorm", tie_embeddings=False, block_size=8),
+    dict(pos_embedding="sinusoidal", norm_position="pre", tie_embeddings=False, block_size=16),
+    dict(pos_embedding="sinusoidal", norm_position="post", block_size=16),
+    dict(pos_embedding="rope", norm_position="pre", norm="rmsnorm", bias=False, block_size=16),
+    dict(pos_embedding="rope", norm_position="post", attention="manual", block_size=16),
+    dict(pos_embedding="none", norm_position="pre", block_size=16),
+    dict(pos_embedding="none", norm_position="post", norm="rmsnorm", tie_embeddings=False, block_size=16),
 ]
 
 
@@ -251,8 +251,9 @@ def test_compressed_cache_plugs_in(base):
 def test_bad_input_errors(base):
     cfg, params = base  # learned positions, block_size 32, vocab 97
     gen = lambda prompts, n=4, **kw: G.generate(params, cfg, prompts, n, **{"temperature": 0, **kw})  # noqa: E731
-    with pytest.raises(ValueError, match=r"prompt length 30 \+ max_new_tokens 5 = 35 exceeds block_size 32"):
-        gen([[1] * 30], 5)
+    for window in (32, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"window=.* is not valid; use an integer in \[0, block_size - 1 = 31\]"):
+            gen([[1] * 30], 5, window=window)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 97\)"):
         gen([[1, 97]])
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -171,6 +171,50 @@ def test_outlier_split_gives_outliers_more_bits():
     assert errs["turbo2.5"] < errs["uniform2.5"], errs
 
 
+def test_outlier_channels_come_from_each_rows_own_tokens():
+    """A right-padded prefill: row 0's channel order depends on its own 5 tokens only, not on the padding
+    (here loud in other channels), so it equals the order of the row written alone."""
+    B, T, H, D, n = 2, 12, CFG.n_head, CFG.head_dim, 5
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    x[0, n:, :, :8] *= 50  # row 0's padding
+    write = jax.jit(lambda e, a: e.write(a, a, jnp.zeros((a.shape[0],), jnp.int32)))
+    cache = kc.set_prompt_lengths(kc.init_compressed_cache(CFG, B, T, "turbo2.5"), jnp.array([n, T]))
+    batched = write(cache.layers[0], x)
+    alone = write(kc.init_compressed_cache(CFG, 1, n, "turbo2.5").layers[0], x[:1, :n])
+    np.testing.assert_array_equal(batched.k.perm[0], alone.k.perm[0])
+    np.testing.assert_array_equal(batched.k.perm[0], ref_order(x[0, :n], D // 2))
+    np.testing.assert_array_equal(batched.k.perm[1], ref_order(x[1], D // 2))
+    np.testing.assert_array_equal(batched.k.own, kc.ALL_OWN)  # a later start-0 write (a refill) is all own
+    assert not np.array_equal(ref_order(x[0], D // 2), ref_order(x[0, :n], D // 2))  # the padding would matter
+    k_alone, _ = alone.read(jnp.float32)
+    k_batched, _ = batched.read(jnp.float32)
+    np.testing.assert_array_equal(k_batched[0, :n], k_alone[0])
+
+
+def test_ragged_batch_row_equals_row_alone_with_mixed_cache():
+    """Through `generate`: a row's turbo2.5 output is the same alone and beside a longer row (junk padding)."""
+    from jaxgpt import generate as G
+
+    cfg = GPTConfig.preset("tiny", n_embd=32, n_layer=1)  # head_dim 16
+    params = init_params(cfg, 0)
+    prompts = np.array([[5, 17, 3, 90, 90, 90, 90, 90], [40, 2, 9, 66, 1, 12, 30, 8]], np.int32)
+    kw = dict(temperature=0, cache_kind="turbo2.5", return_logits=True)
+    alone = G.generate(params, cfg, prompts[:1, :3], 4, **kw)
+    batched = G.generate(params, cfg, prompts, 4, prompt_lengths=[3, 8], **kw)
+    np.testing.assert_array_equal(batched.tokens[0], alone.tokens[0])
+    chex.assert_trees_all_close(batched.logits[0], alone.logits[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["int8", "turbo3", "turbo2.5", "uniform2"])
+def test_overlong_write_raises(kind):
+    """dynamic_update_slice would clamp a write longer than the buffer onto earlier positions."""
+    entry = kc.init_compressed_cache(CFG, 1, 4, kind).layers[0]
+    x = jnp.ones((1, 6, CFG.n_head, CFG.head_dim))
+    with pytest.raises(ValueError, match="KV cache write of 6 positions does not fit a buffer of max_len 4"):
+        entry.write(x, x, jnp.zeros((1,), jnp.int32))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bytes
 
