@@ -22,6 +22,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxgpt.config import GPTConfig
@@ -30,11 +31,16 @@ from jaxgpt.config import GPTConfig
 def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     """Write new [B, T, ...] into buf [B, S, ...] at per-row offsets starts [B].
 
-    A write longer than the buffer raises (dynamic_update_slice would clamp it onto earlier positions).
+    A write past the buffer's end raises (dynamic_update_slice would clamp it onto earlier positions): always
+    when it is longer than the buffer, and when the offsets are concrete (outside jit), also past the end.
     """
-    if new.shape[1] > buf.shape[1]:
-        raise ValueError(f"KV cache write of {new.shape[1]} positions does not fit a buffer of max_len "
-                         f"{buf.shape[1]}; create the cache with max_len >= prompt + new tokens")
+    T, S = new.shape[1], buf.shape[1]
+    if T > S:
+        raise ValueError(f"KV cache write of {T} positions does not fit a buffer of max_len "
+                         f"{S}; create the cache with max_len >= prompt + new tokens")
+    if not isinstance(starts, jax.core.Tracer) and int(np.max(np.asarray(starts))) + T > S:
+        raise ValueError(f"KV cache write of {T} positions at offset {int(np.max(np.asarray(starts)))} runs past "
+                         f"max_len {S}; create the cache with max_len >= prompt + new tokens")
 
     def one(b, n, s):
         return lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0)

@@ -8,7 +8,7 @@ when online), or a jaxgpt training workdir (config.json, tokenizer.json, checkpo
 loads offline from --bpe-file or $JAXGPT_GPT2_BPE.
 
 The command is a few small steps in `run`: check arguments -> `load_model` (config, params, tokenizer) ->
-`read_prompt` -> decode with `jaxgpt.generate.stream` -> print. An option that changes the weights
+`read_prompt` -> decode with `jaxgpt.generate.stream` (past block_size the context slides: --window) -> print. An option that changes the weights
 (quantization, LoRA adapters) is one more step on (config, params) after `load_model`; the cache layout
 is --kv-cache. Text goes to stdout as it is produced (one sample: every --chunk-size tokens); the speed
 goes to stderr.
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", default="dense",
                    help="cache layout: dense (model dtype) or a compressed kind of jaxgpt.kv_compress (int8, turbo3, ...)")
     p.add_argument("--chunk-size", type=int, default=8, help="tokens per decode call; text is printed after each")
+    p.add_argument("--window", type=int, default=None,
+                   help="past block_size, a full context keeps its last WINDOW tokens and re-prefills them "
+                        "(default block_size // 2; block_size - 1 is nanoGPT's crop at every token)")
     p.add_argument("--adapters", default=None,
                    help="LoRA/RsLoRA adapters folder (jaxgpt.lora.save_adapters, e.g. WORKDIR/lora), merged into the base")
     p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
@@ -163,12 +166,13 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     t0 = t = time.perf_counter()
     chunks = stream(params, config, [prompt] * n, args.max_new_tokens, chunk_size=args.chunk_size, rng=args.seed,
                     temperature=args.temperature, top_k=args.top_k or None,
-                    top_p=args.top_p if args.top_p < 1 else None, eos_id=eos, cache_kind=args.kv_cache)
+                    top_p=args.top_p if args.top_p < 1 else None, eos_id=eos, cache_kind=args.kv_cache,
+                    window=args.window)
     for i, chunk in enumerate(chunks):
         tokens, counts = np.asarray(chunk.tokens), np.asarray(chunk.lengths)  # waits for the chunk
         now, width = time.perf_counter(), tokens.shape[1] if i else "prefill"
-        if width in seen:
-            warm_tokens, warm_time = warm_tokens + n * width, warm_time + now - t
+        if width in seen:  # rows done after eos emit padding: only valid tokens count
+            warm_tokens, warm_time = warm_tokens + int(counts.sum()), warm_time + now - t
         seen.add(width)
         for b, s in enumerate(outs):
             s.add([tok for tok in tokens[b, :counts[b]] if tok != eos])

@@ -213,6 +213,8 @@ def test_overlong_write_raises(kind):
     x = jnp.ones((1, 6, CFG.n_head, CFG.head_dim))
     with pytest.raises(ValueError, match="KV cache write of 6 positions does not fit a buffer of max_len 4"):
         entry.write(x, x, jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="KV cache write of 3 positions at offset 2 runs past max_len 4"):
+        entry.write(x[:, :3], x[:, :3], jnp.array([2]))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from jaxgpt.model import GPT
 from jaxgpt.sample import SEPARATOR, TextStream, build_parser, main, run
 from jaxgpt.tokenizer import CharTokenizer, gpt2_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED
 BPE = SHARED / "data" / "gpt2.tiktoken"
 needs_bpe = pytest.mark.skipif(not BPE.is_file(), reason=f"{BPE} (offline GPT-2 BPE) is missing")
 
@@ -98,22 +98,30 @@ def test_text_stream_holds_back_partial_utf8():
     assert len([w for w in writes if w]) > 5  # it streamed, not one write at the end
 
 
-def test_training_workdir(tmp_path):
-    """A jaxgpt workdir (config.json, tokenizer.json, orbax checkpoints) with a char tokenizer and an int8 cache."""
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def char_run(path: Path, **overrides):
+    """A jaxgpt workdir (config.json, tokenizer.json, orbax checkpoints) of a random char model."""
     if not hasattr(checkpoint, "load_run"):
         pytest.skip("jaxgpt.checkpoint.load_run (training workdirs) is not available")
     import orbax.checkpoint as ocp
 
-    chars = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-    tok = CharTokenizer(chars)
-    cfg = GPTConfig.preset("tiny", vocab_size=tok.vocab_size)
+    tok = CharTokenizer(CHARS)
+    cfg = GPTConfig.preset("tiny", vocab_size=tok.vocab_size, **overrides)
     params = random_params(cfg, 1)
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    (tmp_path / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": chars}))
-    mngr = checkpoint.run_checkpoint_manager(tmp_path)
+    (path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (path / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": CHARS}))
+    mngr = checkpoint.run_checkpoint_manager(path)
     mngr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave({"step": 5})))
     mngr.wait_until_finished()
     mngr.close()
+    return cfg, params, tok
+
+
+def test_training_workdir(tmp_path):
+    """A training workdir with a char tokenizer and an int8 cache."""
+    cfg, params, tok = char_run(tmp_path)
     out, _, texts = sample(["--init-from", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "8",
                             "--seed", "2", "--top-k", "0", "--chunk-size", "8", "--kv-cache", "int8"])
     ref = G.generate(params, cfg, [tok.encode("ROMEO:")], 8, rng=2, temperature=0.8, cache_kind="int8")
@@ -121,6 +129,33 @@ def test_training_workdir(tmp_path):
     assert out == "ROMEO:" + texts[0] + "\n"
     with pytest.raises(ValueError, match="prompt is empty"):
         sample(["--init-from", str(tmp_path), "--max-new-tokens", "3"])
+
+
+def test_writes_500_characters_from_a_block_64_model(tmp_path):
+    """nanoGPT's CPU recipe samples 500 characters from a block-64 model: the context slides past the block."""
+    cfg, params, tok = char_run(tmp_path, block_size=64, n_layer=1)
+    out, _, texts = sample(["--init-from", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "500",
+                            "--seed", "4", "--top-k", "0", "--chunk-size", "499"])
+    ref = G.generate(params, cfg, [tok.encode("ROMEO:")], 500, rng=4, temperature=0.8)
+    assert len(texts[0]) == 500 and texts == [tok.decode(np.asarray(ref.tokens[0]))]
+    assert out == "ROMEO:" + texts[0] + "\n"
+
+
+def test_speed_counts_only_valid_tokens(tmp_path, monkeypatch):
+    """Rows done after eos emit padding; the reported tokens/s counts the valid tokens only (fake chunks and
+    a clock that ticks one second per reading)."""
+    import jaxgpt.sample as S
+
+    cfg = GPTConfig.preset("tiny", vocab_size=len(CHARS))
+    monkeypatch.setattr(S, "load_model", lambda *a: (cfg, None, CharTokenizer(CHARS)))
+    counts = [[1, 1], [4, 2], [4, 0], [1, 0]]  # row 1 stops in the first chunk, row 0 in the last
+    chunks = [G.Generation(np.full((2, 1 if i == 0 else 4), 5, np.int32), np.array(c)) for i, c in enumerate(counts)]
+    monkeypatch.setattr(G, "stream", lambda *a, **k: iter(chunks))
+    ticks = iter(range(100))
+    monkeypatch.setattr(S, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(ticks)))}))
+    _, err, _ = sample(["--init-from", str(tmp_path), "--prompt", "A", "--num-samples", "2"])
+    # chunks 3 and 4 reuse a compiled width: 4 + 0 + 1 + 0 valid tokens in 2 s
+    assert err.startswith("2.5 tokens/s decoding, 13 tokens in "), err
 
 
 @pytest.mark.parametrize("argv,message", [
