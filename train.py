@@ -4,22 +4,28 @@ With no arguments it trains the default config (a small character model on the d
 with Python), offline, in a few minutes on a laptop CPU, then prints a sample. Rerunning the same command
 resumes from the latest checkpoint in the workdir. On GPU and TPU, compiled steps are cached in
 ~/.cache/jaxgpt/xla (--config.compilation_cache_dir='' turns that off; on CPU
---config.compilation_cache_on_cpu=True turns it on), so reruns and resumes start without compiling. The logic
-lives in `jaxgpt.train_lib`.
+--config.compilation_cache_on_cpu=True turns it on), so reruns and resumes start without compiling. The loop
+lives in `jaxgpt.trainer`, the settings and their defaults in `jaxgpt.train_config`.
 
 Every device takes part (config.mesh: data parallel by default, --config.mesh.fsdp=N shards the parameters).
 LoRA fine-tuning: `--config=configs/finetune_lora.py --config.init_path=<Hugging Face GPT-2 dir>`.
 """
 
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import compilation_cache, host_memory, sharding, train_lib
+from jaxgpt import compilation_cache, host_memory, sharding, train_config, trainer
 
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "default.py")
+try:  # ml_collections reads the overrides when the flag is defined: refuse unknown keys first, in one line
+    train_config.check_override_keys_in_argv(sys.argv[1:], DEFAULT_CONFIG)
+except ValueError as e:
+    raise SystemExit(f"train.py: {e}") from None
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(__file__).resolve().parent / "configs" / "default.py"),
+    "config", DEFAULT_CONFIG,
     "ml_collections config file; override fields with --config.<field>=<value>")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); default workdirs/<config name>")
 
@@ -39,7 +45,7 @@ def main(argv: list[str]) -> int:
         config.get("compilation_cache_dir", ""),
         config.get("compilation_cache_min_secs", compilation_cache.DEFAULT_MIN_SECS),
         on_cpu=config.get("compilation_cache_on_cpu", False))
-    summary = train_lib.train(config, workdir)
+    summary = trainer.train(config, workdir)
     if summary.get("interrupted"):
         return 1  # stopped by a signal after saving: not finished
     return 0

@@ -2,7 +2,7 @@
 
 quality: nanoGPT's CPU recipe on Tiny Shakespeare characters (4 layers, 4 heads, 128 wide, block 64, batch 12,
          2000 iters, lr 1e-3 -> 1e-4, dropout 0, eval every 250 iters over 20 batches). jaxgpt runs it through
-         `train_lib.train` (checkpoints, metrics and all); the peer is `NanoGPT` below, a faithful minimal
+         `jaxgpt.trainer.train` (checkpoints, metrics and all); the peer is `NanoGPT` below, a faithful minimal
          re-implementation of nanoGPT's model.py and train.py loop (nanoGPT itself cannot be fetched here).
          Both report nanoGPT's val loss at iter 2000 (20 random batches) and, for a less noisy comparison,
          the mean val loss over the same 200 fixed batches.
@@ -211,7 +211,7 @@ def train_nanogpt(data_dir: Path, out_dir: Path, r: dict) -> tuple[object, dict]
 
 
 def fixed_val_loss_jax(cfg, params, batches) -> float:
-    from jaxgpt.train_lib import make_eval_step
+    from jaxgpt.steps import make_eval_step
 
     ev = make_eval_step(cfg)
     return float(np.mean([float(ev(params, x, y)) for x, y in batches]))
@@ -230,7 +230,7 @@ def quality(args) -> dict:
     import jax
 
     from jaxgpt import checkpoint, compilation_cache, data as data_lib
-    from jaxgpt.train_lib import train
+    from jaxgpt.trainer import train
 
     sys.path.insert(0, str(REPO))
     cfg_mod = _load_config(REPO / "configs" / "shakespeare_char_cpu.py")
@@ -328,14 +328,14 @@ def quality(args) -> dict:
 def speed(args) -> dict:
     import jax
     import jax.numpy as jnp
-    import optax
     import torch
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from jaxgpt.config import GPTConfig
     from jaxgpt.model import init_params
-    from jaxgpt.train_lib import base_config, init_state, make_optimizer, make_train_step
+    from jaxgpt.steps import init_state, make_optimizer, make_train_step
+    from jaxgpt.train_config import base_config
 
     L, H, C, T, V, p = args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab, args.dropout
     B = args.batch

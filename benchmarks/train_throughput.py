@@ -1,8 +1,9 @@
 """Training throughput (tokens/s) and MFU at a model shape, for several device meshes in one run.
 
 Each mesh "DxF" is data=D by fsdp=F over the first D*F devices; "1x1" is the single-device peer every other
-row is compared with. The step is a full AdamW train step (forward, backward, update) jitted with the
-in/out shardings of `jaxgpt.sharding`, so FSDP meshes pay their all-gathers and reduce-scatters.
+row is compared with. The step is the library's own train step (`jaxgpt.steps.make_train_step`, the function
+train.py runs: AdamW with clipping and nanoGPT's schedule) jitted with the shardings of
+`jaxgpt.steps.mesh_shardings_fn`, so FSDP meshes pay their all-gathers and reduce-scatters.
 
 On a CPU, --devices N splits the host into N fake XLA devices (they share the same cores and memory, so this
 shows the cost of the sharded program, not a speed-up; a mesh whose replicated state would not fit in host
@@ -24,11 +25,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-# Peak dense bf16 FLOP/s per device (vendor figures), matched against jax's device_kind.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v6": 918e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v4": 275e12}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,12 +71,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import jax
     import numpy as np
-    import optax
     from tqdm import tqdm
 
-    from jaxgpt import sharding as sh
+    from jaxgpt import metrics, steps, train_config, weights
     from jaxgpt.config import GPTConfig
-    from jaxgpt.model import GPT, init_params
+    from jaxgpt.model import init_params
 
     cfg = GPTConfig.preset(args.size, dtype=args.dtype, attention=args.attention)
     if args.seq > cfg.block_size:
@@ -97,14 +92,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # FLOPs per token (PaLM appendix B / nanoGPT): 6 per weight that is multiplied (every weight but the
     # position table; the tied wte counts once, as the head) + 12 * layers * seq * width for attention.
-    n_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(cfg, 0))))
+    n_params = weights.count_params(jax.eval_shape(lambda: init_params(cfg, 0)))
     n_matmul = n_params - (cfg.block_size * cfg.n_embd if cfg.pos_embedding == "learned" else 0)
-    flops_per_token = 6 * n_matmul + 12 * cfg.n_layer * args.seq * cfg.n_embd
+    flops_per_token = metrics.flops_per_token(cfg.n_layer, args.seq, cfg.n_embd, n_matmul)
     device = jax.devices()[0]
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
-        (v for k, v in PEAK_FLOPS.items() if k.lower() in device.device_kind.lower()), None)
-    if device.platform == "cpu" and not args.peak_tflops:
-        peak = None
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else metrics.device_peak_flops(device)
 
     if device.platform == "cpu":  # fake devices share host memory: refuse meshes that cannot fit
         avail = available_memory()
@@ -115,60 +107,56 @@ def main(argv: list[str] | None = None) -> None:
                                  f"moments in host memory ({avail / 2**30:.1f} GiB available); use more fsdp "
                                  "(e.g. 1x8) or a smaller --size")
 
-    model, tx = GPT(cfg), optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)
-
-    def loss_fn(params, x, y):
-        logits = model.apply({"params": params}, x)  # [B, T, V]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    config = train_config.base_config()  # the optimizer train.py builds by default
+    if args.min_size is not None:
+        config.mesh.min_shard_size = args.min_size
+    tx = steps.make_optimizer(config)
 
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq + 1), dtype=np.int32)
-    min_size = {} if args.min_size is None else {"min_size": args.min_size}
+    tokens = rng.integers(0, cfg.vocab_size, size=(1, args.batch, args.seq + 1), dtype=np.int32)  # [A, B, T+1]
+    cfg = cfg.replace(block_size=args.seq) if cfg.pos_embedding != "learned" else cfg
     print(f"{args.size}: {n_params / 1e6:.4g}M params, batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"{n} x {device.device_kind} ({device.platform}), {args.steps} timed steps per mesh", flush=True)
 
     rows = []
     bar = tqdm(total=len(meshes) * (args.steps + 1), desc="steps", file=sys.stderr)
     for data, fsdp in meshes:
-        mesh = sh.make_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
-        params, p_sh = sh.sharded_init(lambda key: init_params(cfg, key), mesh, jax.random.PRNGKey(0), **min_size)
-        opt_state, o_sh = sh.sharded_init(tx.init, mesh, params, **min_size)
-        b_sh = sh.batch_sharding(mesh)
-        step_fn = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, b_sh),
-                          out_shardings=(p_sh, o_sh, sh.replicated(mesh)), donate_argnums=(0, 1))
-        x, y = sh.shard_batch(tokens[:, :-1], mesh), sh.shard_batch(tokens[:, 1:], mesh)
+        config.mesh.data, config.mesh.fsdp = data, fsdp
+        mesh, shardings_fn = steps.mesh_shardings_fn(config, args.batch, devices=jax.devices()[: data * fsdp])
+        abstract = jax.eval_shape(lambda: steps.init_state(init_params(cfg, 0), tx))
+        shardings = shardings_fn(abstract, None)
+        state = jax.jit(lambda key: steps.init_state(init_params(cfg, key), tx),
+                        out_shardings=shardings.state)(jax.random.PRNGKey(0))
+        step_fn = steps.make_train_step(cfg, tx, shardings=shardings)
+        batch = jax.device_put((tokens[..., :-1], tokens[..., 1:]), (shardings.batch,) * 2)
+        rng_key = jax.device_put(jax.random.PRNGKey(1), shardings.rng)
         t0 = time.perf_counter()
-        compiled = step_fn.lower(params, opt_state, x, y).compile()
+        compiled = step_fn.lower(state, batch, rng_key, None).compile()
         compile_s = time.perf_counter() - t0
-        params, opt_state, loss = compiled(params, opt_state, x, y)  # warm-up
-        loss.block_until_ready()
+        state, m = compiled(state, batch, rng_key, None)  # warm-up
+        loss = m["loss"].block_until_ready()
         bar.update()
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            params, opt_state, loss = compiled(params, opt_state, x, y)
-            loss.block_until_ready()
+            state, m = compiled(state, batch, rng_key, None)
+            loss = m["loss"].block_until_ready()
             times.append(time.perf_counter() - t0)
             bar.update()
         step_s = statistics.median(times)
         tps = args.batch * args.seq / step_s
-        state_bytes = max(sum(s.data.nbytes for leaf in jax.tree.leaves((params, opt_state))
+        state_bytes = max(sum(s.data.nbytes for leaf in jax.tree.leaves(state)
                               for s in leaf.addressable_shards if s.device == dev) for dev in mesh.devices.flat)
         mfu = flops_per_token * tps / (peak * data * fsdp) if peak else None
         rows.append(dict(size=args.size, mesh=f"{data}x{fsdp}", devices=data * fsdp, batch=args.batch, seq=args.seq,
                          dtype=args.dtype, compile_s=compile_s, step_s=step_s, tokens_per_s=tps, mfu=mfu,
                          state_mib_per_device=state_bytes / 2**20, loss=float(loss), device=device.device_kind))
-        del params, opt_state
+        del state
     bar.close()
 
     base = rows[0]["tokens_per_s"]
-    print(f"\n| mesh (data x fsdp) | devices | compile s | step s | tokens/s | vs 1x1 | MFU | "
-          f"params+Adam MiB/device |")
+    print("\n| mesh (data x fsdp) | devices | compile s | step s | tokens/s | vs 1x1 | MFU | "
+          "params+Adam MiB/device |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"

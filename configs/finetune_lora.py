@@ -13,7 +13,7 @@ choice of W_q and W_v only: --config.lora.targets="('attn/c_attn/q', 'attn/c_att
 
 import ml_collections
 
-from jaxgpt.train_lib import base_config
+from jaxgpt.train_config import base_config
 
 
 def get_config():

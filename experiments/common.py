@@ -1,14 +1,14 @@
 """Shared pieces of the design-choice studies: data, one training run, measurements, JSON and figures.
 
-Training goes through `jaxgpt.train_lib.train` (its optimizer, schedule, jitted step, evaluation, metrics
-JSONL and checkpoints); `train_run` is the one place that turns a study's `RunSpec` into a train_lib config
+Training goes through `jaxgpt.trainer.train` (its optimizer, schedule, jitted step, evaluation, metrics
+JSONL and checkpoints); `train_run` is the one place that turns a study's `RunSpec` into a training config
 and reads the run back (loss curve, evaluations, divergence, final params). Runs that diverge are results,
-not errors: train_lib stops at the first non-finite step and `train_run` records where.
+not errors: training stops at the first non-finite step and `train_run` records where.
 
 Every run lives in workdirs/experiments/runs/<key>/ (metrics.jsonl, loss.png, the final checkpoint), where
-<key> is a hash of its full train_lib config: a run two studies share (e.g. the tied char model of the
+<key> is a hash of its full training config: a run two studies share (e.g. the tied char model of the
 tying study is the learned-positions model of the positions study) is trained once, and a finished run is
-reused, so a study can be re-plotted without training again; an interrupted run (Ctrl-C: train_lib saves a
+reused, so a study can be re-plotted without training again; an interrupted run (Ctrl-C: training saves a
 checkpoint) resumes where it stopped. `fresh=True` (the studies' --fresh flag) trains every run again.
 """
 
@@ -33,7 +33,7 @@ import optax
 
 from jaxgpt import checkpoint
 from jaxgpt import data as data_lib
-from jaxgpt import train_lib
+from jaxgpt import metrics, steps, train_config, trainer
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 
@@ -97,7 +97,7 @@ def val_windows(data_dir: str | os.PathLike, length: int, n: int, seed: int = 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One training run through train_lib
+# One training run through jaxgpt.trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +123,8 @@ class RunSpec:
 
 
 def training_config(spec: RunSpec, data_dir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """train_lib's config for a RunSpec: its defaults plus the spec; no sample, one checkpoint at the end."""
-    c = train_lib.base_config()
+    """The training config for a RunSpec: its defaults plus the spec; no sample, one checkpoint at the end."""
+    c = train_config.base_config()
     for k, v in spec.model.items():
         if k not in c.model:
             raise ValueError(f"RunSpec {spec.name!r}: unknown model field {k!r}; use GPTConfig fields")
@@ -204,7 +204,7 @@ def _num(x: float) -> float | None:
 
 
 def _config_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The train_lib config as plain JSON, without the display-only settings."""
+    """The training config as plain JSON, without the display-only settings."""
     d = json.loads(config.to_json_best_effort())
     d.pop("progress", None)
     return d
@@ -230,7 +230,7 @@ def _finished(wd: Path, config: ml_collections.ConfigDict, steps: int) -> bool:
     """True when wd holds a complete run of exactly this config (ended at `steps` or by going non-finite)."""
     if not (wd / "run.json").is_file() or not _same_config(wd, config):
         return False
-    records = train_lib.read_metrics(wd / "metrics.jsonl")
+    records = metrics.read_metrics(wd / "metrics.jsonl")
     if any(r.get("event") == "non-finite" for r in records):
         return True
     return any(r.get("kind") == "eval" and r["step"] == steps for r in records)
@@ -238,7 +238,7 @@ def _finished(wd: Path, config: ml_collections.ConfigDict, steps: int) -> bool:
 
 def train_run(spec: RunSpec, data_dir: str | os.PathLike, root: str | os.PathLike = RUNS, *,
               fresh: bool = False, progress: bool = True) -> RunResult:
-    """Train one run with train_lib in root/<key> (or reuse the finished one there) and read back its metrics."""
+    """Train one run with jaxgpt.trainer in root/<key> (or reuse the finished one there) and read back its metrics."""
     wd = run_dir(spec, data_dir, root)
     config = training_config(spec, data_dir)
     config.progress = progress
@@ -248,7 +248,7 @@ def train_run(spec: RunSpec, data_dir: str | os.PathLike, root: str | os.PathLik
             shutil.rmtree(wd)
         (wd / "run.json").unlink(missing_ok=True)  # an unfinished run of this config resumes from its checkpoint
         try:
-            summary = train_lib.train(config, wd)
+            summary = trainer.train(config, wd)
         except FloatingPointError:
             summary = {}  # diverged: metrics.jsonl names the step, the curve up to it is kept
         if summary.get("interrupted"):
@@ -256,7 +256,7 @@ def train_run(spec: RunSpec, data_dir: str | os.PathLike, root: str | os.PathLik
                                     f"resume it from {wd}")
         (wd / "run.json").write_text(json.dumps({"name": spec.name, "wall_s": time.perf_counter() - t0}))
     wall = json.loads((wd / "run.json").read_text())["wall_s"] if (wd / "run.json").is_file() else 0.0
-    records = train_lib.read_metrics(wd / "metrics.jsonl")
+    records = metrics.read_metrics(wd / "metrics.jsonl")
     train = [r for r in records if r.get("kind") == "train"]
     bad = [int(r["step"]) for r in records if r.get("event") == "non-finite"]
     cfg = GPTConfig.from_dict(json.loads((wd / "config.json").read_text()))
@@ -278,7 +278,7 @@ def layer_grad_norms(cfg: GPTConfig, params: Any, x: np.ndarray, y: np.ndarray) 
     This is Xiong et al. (2020)'s measurement: at initialisation Post-LN's gradients grow towards the output
     layers, Pre-LN's do not.
     """
-    loss_fn = train_lib.make_loss_fn(cfg)
+    loss_fn = steps.make_loss_fn(cfg)
     loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=5)(
         params, None, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0), True)
     blocks = [float(optax.tree.norm(grads[f"h_{i}"])) for i in range(cfg.n_layer)]

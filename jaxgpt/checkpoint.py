@@ -306,6 +306,17 @@ def restore_run_step(mngr, step: int, *, params: Any, optimizer: Any | None = No
     return {k: restored[k] for k in items}
 
 
+def save_run_step(mngr, step: int, *, params: Any, optimizer: Any, meta: dict[str, Any],
+                  val_loss: float | None = None) -> None:
+    """Save one step of a training run (params, optimizer state, JSON meta); `val_loss` ranks it for keep_best."""
+    import orbax.checkpoint as ocp
+
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            optimizer=ocp.args.StandardSave(optimizer),
+                                            meta=ocp.args.JsonSave(meta)),
+              metrics={"val_loss": val_loss} if val_loss is not None else None, force=True)
+
+
 def load_run(workdir: str | os.PathLike, which: str | int = "latest") -> tuple[GPTConfig, Any, dict[str, Any]]:
     """(GPTConfig, params, tokenizer meta) of a jaxgpt training workdir; which = "latest" | "best" | a step.
 

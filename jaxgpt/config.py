@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -84,10 +83,14 @@ class GPTConfig:
 
     @property
     def compute_dtype(self) -> Any:
+        import jax.numpy as jnp  # here, not at the top: configs/*.py read GPTConfig without loading JAX
+
         return jnp.dtype(self.dtype)
 
     @property
     def params_dtype(self) -> Any:
+        import jax.numpy as jnp
+
         return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes: Any) -> "GPTConfig":

@@ -2,9 +2,7 @@
 
 `jax.random.bernoulli` (and so `flax.linen.Dropout`) spends one threefry2x32 hash, 64 random bits, on every
 element. Here the two 32-bit words of each hash are split into four 16-bit draws, so a mask costs a quarter
-of the hashing. On XLA:CPU a [8, 6, 256, 256] mask (attention probabilities at the shakespeare_char shape)
-takes 5 ms instead of 51, and the attention core's forward + backward went from 82 to 52 ms a layer; each
-mask compiles ~0.4 s slower (a train step with 25 masks: ~2 s).
+of the hashing, at a little more compile time per mask (measured in docs/benchmarks.md, "Tuning notes").
 
 P(keep) is 1 - rate rounded to a multiple of 2^-16 (0.8 -> 0.80000305) and kept values are scaled by its
 exact inverse, so dropout stays unbiased. Draws are counter-based: element (i0, i1, ..., j) of a mask of

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from jaxgpt import atomic
-from jaxgpt.train_lib import read_metrics
+from jaxgpt.metrics import read_metrics
 
 
 def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -164,6 +164,19 @@ def shard_batch(batch: Any, mesh: Mesh, batch_dim: int = 0) -> Any:
     return jax.tree.map(one, batch)
 
 
+def gather_to_host(tree: Any) -> Any:
+    """Every leaf as a whole NumPy array on this host, for writing files: arrays split over devices of several
+    processes are all-gathered first (every process must call this together); local arrays are fetched."""
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x
+
+    return jax.tree.map(one, tree)
+
+
 def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any,
                  min_size: int = DEFAULT_MIN_SIZE) -> tuple[Any, Any]:
     """Run `init_fn(*args)` under jit so its outputs are born sharded (no full copy on one device).

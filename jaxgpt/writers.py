@@ -111,5 +111,5 @@ def from_config(config: Any, workdir: str | os.PathLike) -> Writers:
     if project:
         cfg = config.to_dict() if hasattr(config, "to_dict") else None
         out.append(WandbWriter(project, workdir, name=getattr(wb, "name", None) or workdir.name, config=cfg,
-                               entity=getattr(wb, "entity", None)))
+                               entity=getattr(wb, "entity", None) or None))
     return Writers(out)

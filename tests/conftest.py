@@ -1,17 +1,18 @@
-"""Shared test fixtures: the ../shared data folder beside the repo."""
+"""Shared test fixtures: the test data folder ($JAXGPT_SHARED, default ../shared beside the repo)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("JAXGPT_SHARED") or REPO.parent / "shared")  # test modules: `from conftest import SHARED`
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the test data folder must sit beside the repository")
+        pytest.fail(f"{SHARED} is missing: put the test data folder beside the repository or set $JAXGPT_SHARED")
     return SHARED
 
 

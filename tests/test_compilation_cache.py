@@ -22,7 +22,7 @@ TWO_RUNS = r"""
 import json, sys
 sys.path.insert(0, {repo!r})
 import jax
-from jaxgpt import compilation_cache, train_lib
+from jaxgpt import compilation_cache, metrics, trainer
 from tests.test_train import tiny_config
 from pathlib import Path
 
@@ -35,10 +35,10 @@ for run in ("cold", "warm"):
     c = tiny_config(Path({data!r}), max_iters=12, eval_interval=6, ckpt_interval=6, lr_decay_iters=12,
                     sample_tokens=0, progress=False)
     wd = Path({tmp!r}) / run
-    train_lib.train(c, wd)
+    trainer.train(c, wd)
     out[run] = {{"hits": events.count("/jax/compilation_cache/cache_hits"),
                  "misses": events.count("/jax/compilation_cache/cache_misses"),
-                 "metrics": [r for r in train_lib.read_metrics(wd / "metrics.jsonl")
+                 "metrics": [r for r in metrics.read_metrics(wd / "metrics.jsonl")
                              if r["kind"] in ("train", "eval")]}}
 print("RESULT " + json.dumps(out))
 """

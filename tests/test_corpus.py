@@ -14,7 +14,7 @@ import pytest
 from jaxgpt import corpus, data, shards
 from jaxgpt.tokenizer import GPT2_PAT_STR, gpt2_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED
 BPE = SHARED / "data" / "gpt2.tiktoken"
 WORDS = ["the", "a", "Jaxgpt", "naïve", "café", "über", "中文", "テキスト", "🙂", "it's", "we'll", "3.14",
          "2024", "hello,", "world!", "--", "(x)", "\n", "\n\n", "  ", "\t", " \n ", "Ω", "don't"]

@@ -11,7 +11,7 @@ import pytest
 from jaxgpt import data
 from jaxgpt.tokenizer import from_meta
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"
 

@@ -2,7 +2,6 @@
 greedy output equals `generate` on the same transformed params."""
 
 import io
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,9 @@ from jaxgpt.quantize import QuantConfig, quantize
 from jaxgpt.sample import build_parser, run
 from jaxgpt.tokenizer import gpt2_tokenizer
 
-BPE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2.tiktoken"
+from conftest import SHARED
+
+BPE = SHARED / "data" / "gpt2.tiktoken"
 pytestmark = pytest.mark.skipif(not BPE.is_file(), reason=f"{BPE} (offline GPT-2 BPE) is missing")
 PROMPT = "To be, or not to be"
 

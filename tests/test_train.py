@@ -1,4 +1,4 @@
-"""jaxgpt.train_lib: schedule, loss and the full train step against independent references (nanoGPT's formula,
+"""Training (jaxgpt.steps, runs, trainer): schedule, loss and the full train step against independent references (nanoGPT's formula,
 float64 NumPy, transformers GPT-2 + torch AdamW), gradient accumulation, mixed precision, the training loop,
 fine-tuning from Hugging Face and from a jaxgpt run, and non-finite losses."""
 
@@ -17,12 +17,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint, data as data_lib, train_lib
+from jaxgpt import checkpoint, data as data_lib, metrics, runs, steps, train_config, trainer
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import init_params
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from conftest import SHARED
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"
 
@@ -48,7 +48,7 @@ def nanogpt_lr(it, lr, min_lr, warmup, decay):  # nanoGPT train.py get_lr, verba
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")))
 def test_every_config_loads_and_validates(name):
     c = load_config(name)
-    train_lib.validate(c)
+    train_config.validate(c)
 
 
 def test_cpu_recipe_is_nanogpts_command_line():
@@ -64,14 +64,14 @@ def test_cpu_recipe_is_nanogpts_command_line():
 class ScheduleAndLossTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_lr_schedule_matches_nanogpt(self):
-        c = train_lib.base_config()
+        c = train_config.base_config()
         c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters = 6e-4, 6e-5, 37, 401
-        sched = self.variant(train_lib.lr_schedule(c))
+        sched = self.variant(steps.lr_schedule(c))
         for it in [0, 1, 17, 36, 37, 38, 100, 219, 400, 401, 402, 5000]:
             ref = nanogpt_lr(it, 6e-4, 6e-5, 37, 401)
             np.testing.assert_allclose(float(sched(jnp.int32(it))), ref, rtol=2e-6, err_msg=f"iter {it}")
         c.decay_lr = False
-        const = self.variant(train_lib.lr_schedule(c))
+        const = self.variant(steps.lr_schedule(c))
         assert float(const(jnp.int32(10**6))) == pytest.approx(6e-4)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -82,20 +82,20 @@ class ScheduleAndLossTest(chex.TestCase):
         l64 = logits.astype(np.float64)
         logz = np.log(np.exp(l64 - l64.max(-1, keepdims=True)).sum(-1)) + l64.max(-1)
         ref = np.mean(logz - np.take_along_axis(l64, targets[..., None], -1)[..., 0])
-        got = self.variant(train_lib.cross_entropy)(jnp.asarray(logits), jnp.asarray(targets))
+        got = self.variant(steps.cross_entropy)(jnp.asarray(logits), jnp.asarray(targets))
         np.testing.assert_allclose(float(got), ref, rtol=1e-6)
 
 
 def test_schedule_rejects_decay_before_warmup():
-    c = train_lib.base_config()
+    c = train_config.base_config()
     c.warmup_iters, c.lr_decay_iters = 100, 50
     with pytest.raises(ValueError, match="lr_decay_iters=50 must be larger than warmup_iters=100"):
-        train_lib.lr_schedule(c)
+        steps.lr_schedule(c)
 
 
 def test_weight_decay_only_on_2d_weights():
     cfg = GPTConfig.preset("tiny", tie_embeddings=False)
-    mask = train_lib.decay_mask(init_params(cfg, 0))
+    mask = steps.decay_mask(init_params(cfg, 0))
     assert mask["wte"]["embedding"] and mask["lm_head"]["kernel"] and mask["h_0"]["mlp"]["c_fc"]["kernel"]
     assert not mask["h_0"]["mlp"]["c_fc"]["bias"] and not mask["h_0"]["ln_1"]["scale"]
     assert not mask["ln_f"]["bias"]
@@ -109,7 +109,7 @@ def test_train_steps_match_transformers_and_torch_adamw(tmp_path):
     from transformers import GPT2LMHeadModel
 
     cfg = GPTConfig.preset("tiny", n_layer=2, n_embd=32, n_head=4, block_size=16)
-    c = train_lib.base_config()
+    c = train_config.base_config()
     c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters = 3e-3, 3e-4, 1, 3
     c.weight_decay, c.beta2, c.grad_clip = 0.1, 0.95, 0.3
     params = init_params(cfg, 3)
@@ -121,9 +121,9 @@ def test_train_steps_match_transformers_and_torch_adamw(tmp_path):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 
-    tx = train_lib.make_optimizer(c)
-    state = train_lib.init_state(params, tx)
-    step = train_lib.make_train_step(cfg, tx)
+    tx = steps.make_optimizer(c)
+    state = steps.init_state(params, tx)
+    step = steps.make_train_step(cfg, tx)
     rng = np.random.default_rng(1)
     for it in range(3):
         x = rng.integers(0, cfg.vocab_size, (1, 4, 16)).astype(np.int32)
@@ -160,9 +160,9 @@ def test_gradient_accumulation_equals_one_large_batch():
     rng = np.random.default_rng(2)
     x = rng.integers(0, cfg.vocab_size, (8, 32)).astype(np.int32)
     y = rng.integers(0, cfg.vocab_size, (8, 32)).astype(np.int32)
-    step = train_lib.make_train_step(cfg, tx, donate=False)
-    s1, m1 = step(train_lib.init_state(params, tx), (x[None], y[None]), jax.random.PRNGKey(0))
-    s4, m4 = step(train_lib.init_state(params, tx), (x.reshape(4, 2, 32), y.reshape(4, 2, 32)), jax.random.PRNGKey(0))
+    step = steps.make_train_step(cfg, tx, donate=False)
+    s1, m1 = step(steps.init_state(params, tx), (x[None], y[None]), jax.random.PRNGKey(0))
+    s4, m4 = step(steps.init_state(params, tx), (x.reshape(4, 2, 32), y.reshape(4, 2, 32)), jax.random.PRNGKey(0))
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
     chex.assert_trees_all_close(s4.params, s1.params, atol=1e-7)
@@ -170,18 +170,18 @@ def test_gradient_accumulation_equals_one_large_batch():
 
 
 def test_mixed_precision_keeps_float32_master_weights():
-    c = train_lib.base_config()
+    c = train_config.base_config()
     c.model.update(GPTConfig.preset("tiny").to_dict())
     c.mixed_precision = True
-    cfg = train_lib.model_config(c)
+    cfg = runs.model_config(c)
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
-    tx = train_lib.make_optimizer(c)
+    tx = steps.make_optimizer(c)
     params = init_params(cfg, 0)
     x = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 4, 32)).astype(np.int32)
     y = np.roll(x, -1, axis=-1)
-    state, m = train_lib.make_train_step(cfg, tx, donate=False)(train_lib.init_state(params, tx), (x, y),
+    state, m = steps.make_train_step(cfg, tx, donate=False)(steps.init_state(params, tx), (x, y),
                                                                   jax.random.PRNGKey(0))
-    loss32 = train_lib.make_eval_step(cfg.replace(dtype="float32"))(params, x[0], y[0])
+    loss32 = steps.make_eval_step(cfg.replace(dtype="float32"))(params, x[0], y[0])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
     assert bool(m["finite"]) and int(state.step) == 1
     np.testing.assert_allclose(float(m["loss"]), float(loss32), atol=2e-2)  # bf16 rounding
@@ -194,8 +194,8 @@ def test_dropout_keys_depend_on_the_step_only():
     tx = optax.sgd(1e-3)
     params = init_params(cfg, 0)
     x = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (1, 4, 32)), jnp.int32)
-    step = train_lib.make_train_step(cfg, tx, donate=False)
-    s0 = train_lib.init_state(params, tx)
+    step = steps.make_train_step(cfg, tx, donate=False)
+    s0 = steps.init_state(params, tx)
     a = step(s0, (x, x), jax.random.PRNGKey(5))[1]["loss"]
     b = step(s0, (x, x), jax.random.PRNGKey(5))[1]["loss"]
     c = step(s0.replace(step=jnp.int32(1)), (x, x), jax.random.PRNGKey(5))[1]["loss"]
@@ -219,13 +219,13 @@ def tiny_config(data_dir: Path, **changes):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, pydoc_char_dir):
     wd = tmp_path_factory.mktemp("run") / "wd"
-    summary = train_lib.train(tiny_config(pydoc_char_dir), wd)
+    summary = trainer.train(tiny_config(pydoc_char_dir), wd)
     return wd, summary
 
 
 def test_train_writes_metrics_checkpoints_plot_and_sample(finished_run, pydoc_char_dir):
     wd, summary = finished_run
-    records = train_lib.read_metrics(wd / "metrics.jsonl")
+    records = metrics.read_metrics(wd / "metrics.jsonl")
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     evals = {r["step"]: r for r in records if r["kind"] == "eval"}
     assert sorted(train) == list(range(40)) and sorted(evals) == [20, 40]
@@ -234,6 +234,9 @@ def test_train_writes_metrics_checkpoints_plot_and_sample(finished_run, pydoc_ch
     assert evals[40]["val_loss"] < train[0]["loss"] - 0.3
     assert summary["val_loss"] == evals[40]["val_loss"] and summary["step"] == 40
     assert train[5]["tokens_per_s"] > 0 and train[5]["mfu"] is None  # n/a on CPU
+    # the rate logged next to an evaluation is the training rate (evaluation and saving are not counted)
+    tps = np.asarray([train[s]["tokens_per_s"] for s in range(2, 40) if train[s]["tokens_per_s"]])
+    assert len(tps) > 30 and tps.max() < 5 * np.median(tps), (train[19]["tokens_per_s"], np.median(tps))
     assert (wd / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sample = (wd / "sample.txt").read_text()
     assert len(sample) == 20 and summary["sample"] == sample
@@ -249,11 +252,11 @@ def test_eval_at_start_and_logging_leave_the_steps_unchanged(finished_run, pydoc
     logged lr is nanoGPT's schedule at that step."""
     wd, _ = finished_run
     c = tiny_config(pydoc_char_dir, max_iters=10, eval_at_start=True, sample_tokens=0, log_interval=1)
-    train_lib.train(c, tmp_path / "wd")
-    records = train_lib.read_metrics(tmp_path / "wd" / "metrics.jsonl")
+    trainer.train(c, tmp_path / "wd")
+    records = metrics.read_metrics(tmp_path / "wd" / "metrics.jsonl")
     evals = [r["step"] for r in records if r["kind"] == "eval"]
     steps = {r["step"]: r for r in records if r["kind"] == "train"}
-    reference = {r["step"]: r for r in train_lib.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"}
+    reference = {r["step"]: r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"}
     assert evals == [0, 10] and sorted(steps) == list(range(10))
     assert [steps[i]["loss"] for i in range(10)] == [reference[i]["loss"] for i in range(10)]  # bitwise
     for i in range(10):
@@ -268,7 +271,7 @@ def test_load_run_restores_the_final_params(finished_run, pydoc_char_dir):
     assert tok_meta["kind"] == "char" and cfg.vocab_size == tok_meta["vocab_size"]
     val = data_lib.load_split(pydoc_char_dir, "val", cfg.block_size)
     c = tiny_config(pydoc_char_dir)
-    ev = train_lib.make_eval_step(cfg)
+    ev = steps.make_eval_step(cfg)
     losses = [ev(params, *data_lib.get_batch(val, c.batch_size, cfg.block_size,
                                               data_lib.batch_rng(c.seed, k, "val", stream=1)))
               for k in range(c.eval_iters)]
@@ -284,7 +287,7 @@ def test_a_finished_run_is_not_retrained(finished_run, pydoc_char_dir, capsys, t
 
     wd = tmp_path / "wd"
     shutil.copytree(finished_run[0], wd)
-    s = train_lib.train(tiny_config(pydoc_char_dir, sample_tokens=0), wd)
+    s = trainer.train(tiny_config(pydoc_char_dir, sample_tokens=0), wd)
     assert s["start_step"] == 40 and s["step"] == 40
     assert "already holds a finished run" in capsys.readouterr().out
     before, after = (finished_run[0] / "metrics.jsonl").read_text(), (wd / "metrics.jsonl").read_text()
@@ -303,29 +306,29 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
         return optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32), update)
 
-    tx = optax.chain(train_lib.make_optimizer(c), poison_at(7))
+    tx = optax.chain(steps.make_optimizer(c), poison_at(7))
     with pytest.raises(FloatingPointError, match=r"at step 7; training stopped.*\(step 5\)"):
-        train_lib.train(c, tmp_path / "wd", tx=tx)
+        trainer.train(c, tmp_path / "wd", tx=tx)
     assert sorted(int(p.name) for p in (tmp_path / "wd" / "checkpoints").iterdir()) == [5]
     _, params, _ = checkpoint.load_run(tmp_path / "wd")
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
-    events = [r for r in train_lib.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r.get("event") == "non-finite"]
+    events = [r for r in metrics.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r.get("event") == "non-finite"]
     assert events and events[0]["step"] == 7
 
 
 def test_bad_settings_get_clear_errors(pydoc_char_dir, tmp_path):
     with pytest.raises(ValueError, match="config.batch_size=0 is not valid"):
-        train_lib.train(tiny_config(pydoc_char_dir, batch_size=0), tmp_path / "a")
+        trainer.train(tiny_config(pydoc_char_dir, batch_size=0), tmp_path / "a")
     with pytest.raises(ValueError, match="fewer than block_size"):
         c = tiny_config(pydoc_char_dir)
         c.model.block_size = 50_000
-        train_lib.train(c, tmp_path / "b")
+        trainer.train(c, tmp_path / "b")
     with pytest.raises(ValueError, match="model only 50"):
         c = tiny_config(pydoc_char_dir)
         c.model.vocab_size = 50
-        train_lib.train(c, tmp_path / "c")
+        trainer.train(c, tmp_path / "c")
     with pytest.raises(ValueError, match="init_from='hub' is not valid"):
-        train_lib.train(tiny_config(pydoc_char_dir, init_from="hub"), tmp_path / "d")
+        trainer.train(tiny_config(pydoc_char_dir, init_from="hub"), tmp_path / "d")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,8 +364,8 @@ def test_finetune_from_a_hugging_face_gpt2_directory(bpe_dir, tmp_path):
     hf = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32))
     hf.save_pretrained(tmp_path / "hf")
     c = finetune_config(bpe_dir, "hf", tmp_path / "hf")
-    summary = train_lib.train(c, tmp_path / "wd")
-    first = [r for r in train_lib.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r["kind"] == "train"][0]
+    summary = trainer.train(c, tmp_path / "wd")
+    first = [r for r in metrics.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r["kind"] == "train"][0]
 
     train = data_lib.load_split(bpe_dir, "train", 32)
     x, y = data_lib.get_batch(train, 4, 32, data_lib.batch_rng(c.seed, 0, "train"))
@@ -382,29 +385,33 @@ def test_finetune_from_a_jaxgpt_run_with_a_cropped_block(finished_run, pydoc_cha
     src_cfg, src_params, _ = checkpoint.load_run(src)
     c = finetune_config(pydoc_char_dir, "run", src, bpe=False)
     c.model.block_size = 16
-    train_lib.train(c, tmp_path / "wd")
+    trainer.train(c, tmp_path / "wd")
     cfg, params, _ = checkpoint.load_run(tmp_path / "wd")
     assert cfg.block_size == 16 and params["wpe"]["embedding"].shape == (16, src_cfg.n_embd)
 
-    first = [r for r in train_lib.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r["kind"] == "train"][0]
+    first = [r for r in metrics.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r["kind"] == "train"][0]
     train = data_lib.load_split(pydoc_char_dir, "train", 16)
     x, y = data_lib.get_batch(train, 4, 16, data_lib.batch_rng(c.seed, 0, "train"))
     cropped = {**src_params, "wpe": {"embedding": src_params["wpe"]["embedding"][:16]}}
-    loss_fn = train_lib.make_loss_fn(cfg)
+    loss_fn = steps.make_loss_fn(cfg)
     ref = np.mean([float(loss_fn(cropped, None, x[i:i + 2], y[i:i + 2], jax.random.PRNGKey(0), True)) for i in (0, 2)])
     np.testing.assert_allclose(first["loss"], ref, rtol=1e-6)
 
 
 def test_finetune_refuses_mismatched_tokenizer_and_fixed_fields(finished_run, bpe_dir, pydoc_char_dir, tmp_path):
     with pytest.raises(ValueError, match="prepare the data with the model's tokenizer"):
-        train_lib.train(finetune_config(bpe_dir, "run", finished_run[0]), tmp_path / "a")
+        trainer.train(finetune_config(bpe_dir, "run", finished_run[0]), tmp_path / "a")
     c = finetune_config(pydoc_char_dir, "run", finished_run[0], bpe=False)
     c.model.block_size = 64
     with pytest.raises(ValueError, match="exceeds the loaded model's 32"):
-        train_lib.train(c, tmp_path / "b")
+        trainer.train(c, tmp_path / "b")
     c = finetune_config(pydoc_char_dir, "run", finished_run[0], bpe=False)
     c.model.n_layer = 3
-    with pytest.raises(ValueError, match=r"sets \['n_layer'\], which the loaded model fixes"):
-        train_lib.train(c, tmp_path / "c")
+    with pytest.raises(ValueError, match=r"sets n_layer=3, which the loaded model fixes \(n_layer=2\)"):
+        trainer.train(c, tmp_path / "c")
+    c = finetune_config(pydoc_char_dir, "run", finished_run[0], bpe=False)
+    c.model.bias = False  # False is a setting (not "keep the loaded value", as 0 and "" are)
+    with pytest.raises(ValueError, match=r"sets bias=False, which the loaded model fixes \(bias=True\)"):
+        trainer.train(c, tmp_path / "e")
     with pytest.raises(FileNotFoundError, match="not a jaxgpt training workdir"):
-        train_lib.train(finetune_config(pydoc_char_dir, "run", tmp_path / "nothing", bpe=False), tmp_path / "d")
+        trainer.train(finetune_config(pydoc_char_dir, "run", tmp_path / "nothing", bpe=False), tmp_path / "d")

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning through train_lib.train: a tiny randomly initialised transformers GPT-2 saved with
+"""LoRA fine-tuning through trainer.train: a tiny randomly initialised transformers GPT-2 saved with
 save_pretrained is the base; only adapters are trained and checkpointed, the base never moves, resume continues
 the same run, and the merged Hugging Face export matches jaxgpt's apply_lora logits (transformers, 1e-4)."""
 
@@ -11,15 +11,14 @@ import shutil
 from pathlib import Path
 
 import chex
-import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint, data as data_lib, lora, train_lib
+from jaxgpt import checkpoint, data as data_lib, lora, metrics, runs, trainer
 from jaxgpt.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from conftest import SHARED
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"
 RANK, ALPHA = 4, 12.0  # alpha != rank: a scale of 1 would hide scaling bugs
@@ -78,17 +77,17 @@ def lora_run(tmp_path_factory, bpe_dir, base_dir):
     """8 LoRA steps in one go; the base's file hash before training."""
     before = sha256(base_dir / "model.safetensors")
     wd = tmp_path_factory.mktemp("lora") / "wd"
-    summary = train_lib.train(lora_config(bpe_dir, base_dir), wd)
+    summary = trainer.train(lora_config(bpe_dir, base_dir), wd)
     return wd, summary, before
 
 
 def train_losses(wd: Path) -> list[float]:
-    return [r["loss"] for r in train_lib.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"]
+    return [r["loss"] for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"]
 
 
 def test_lora_run_lowers_the_loss_and_checkpoints_adapters_only(lora_run, base_dir):
     wd, summary, _ = lora_run
-    evals = {r["step"]: r for r in train_lib.read_metrics(wd / "metrics.jsonl") if r["kind"] == "eval"}
+    evals = {r["step"]: r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "eval"}
     assert sorted(evals) == [0, 4, 8]
     assert evals[8]["train_loss"] < evals[0]["train_loss"] - 0.05, evals
     assert summary["step"] == 8 and summary["lora_trainable"] == 2 * RANK * ((32 + 96) + (32 + 128))
@@ -146,8 +145,8 @@ def test_resume_continues_the_same_run(lora_run, bpe_dir, base_dir, tmp_path):
     """4 steps, then a second call to 8: the same losses and adapters as the uninterrupted run."""
     wd_full = lora_run[0]
     wd = tmp_path / "wd"
-    train_lib.train(lora_config(bpe_dir, base_dir, max_iters=4), wd)
-    s = train_lib.train(lora_config(bpe_dir, base_dir), wd)
+    trainer.train(lora_config(bpe_dir, base_dir, max_iters=4), wd)
+    s = trainer.train(lora_config(bpe_dir, base_dir), wd)
     assert s["start_step"] == 4 and s["step"] == 8
     np.testing.assert_allclose(train_losses(wd), train_losses(wd_full), rtol=1e-6)
     _, base = checkpoint.load_hf_gpt2(base_dir)
@@ -158,24 +157,24 @@ def test_resume_continues_the_same_run(lora_run, bpe_dir, base_dir, tmp_path):
 
 def test_lora_bad_settings_get_clear_errors(lora_run, bpe_dir, base_dir, tmp_path):
     with pytest.raises(ValueError, match="init_from='scratch'"):
-        train_lib.train(lora_config(bpe_dir, base_dir, init_from="scratch"), tmp_path / "a")
+        trainer.train(lora_config(bpe_dir, base_dir, init_from="scratch"), tmp_path / "a")
     c = lora_config(bpe_dir, base_dir)
     c.lora.targets = ("attn/c_qkv",)
     with pytest.raises(ValueError, match="'attn/c_qkv' matches no weight"):
-        train_lib.train(c, tmp_path / "b")
+        trainer.train(c, tmp_path / "b")
     c = lora_config(bpe_dir, base_dir)
     c.lora.rank = -2
     with pytest.raises(ValueError, match=r"config.lora: LoraConfig.rank=-2 is not valid"):
-        train_lib.train(c, tmp_path / "c")
+        trainer.train(c, tmp_path / "c")
     wd = tmp_path / "d"
     shutil.copytree(lora_run[0], wd)
     c = lora_config(bpe_dir, base_dir)
     c.lora.rank = 2
     with pytest.raises(ValueError, match="holds a run with LoRA settings"):
-        train_lib.train(c, wd)
-    assert json.loads((wd / train_lib.LORA_RUN_FILE).read_text())["rank"] == RANK  # nothing overwritten
+        trainer.train(c, wd)
+    assert json.loads((wd / runs.LORA_RUN_FILE).read_text())["rank"] == RANK  # nothing overwritten
     c = lora_config(bpe_dir, base_dir)
     c.model.dropout = 0.0
     c.lora.rank = 0  # a full fine-tune over a LoRA run's adapters-only checkpoints
     with pytest.raises(ValueError, match="holds a run with LoRA settings"):
-        train_lib.train(c, wd)
+        trainer.train(c, wd)

@@ -1,4 +1,4 @@
-"""train_lib on a device mesh (config.mesh): the tiny config trained on 8 fake CPU devices with data=2 x fsdp=4
+"""Training on a device mesh (config.mesh): the tiny config trained on 8 fake CPU devices with data=2 x fsdp=4
 gives the per-step losses of the same run on one device (float32, rtol 1e-5: only the reduction order differs),
 dropout included."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt import data as data_lib, train_lib
+from jaxgpt import data as data_lib, metrics, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -23,25 +23,25 @@ STEPS = 6
 MESH_RUN = r"""
 import importlib.util, json, sys
 import jax, numpy as np
-from jaxgpt import sharding as sh, train_lib
+from jaxgpt import sharding as sh, metrics, runs, steps, trainer
 
 spec = importlib.util.spec_from_file_location("tiny", sys.argv[1] + "/configs/tiny.py")
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 c = mod.get_config()
 c.update_from_flattened_dict(json.loads(sys.argv[2]))
 c.mesh.data, c.mesh.fsdp = 2, 4
-summary = train_lib.train(c, sys.argv[3])
-losses = [r["loss"] for r in train_lib.read_metrics(sys.argv[3] + "/metrics.jsonl") if r["kind"] == "train"]
+summary = trainer.train(c, sys.argv[3])
+losses = [r["loss"] for r in metrics.read_metrics(sys.argv[3] + "/metrics.jsonl") if r["kind"] == "train"]
 
 # the shardings train() used: which leaves of the state (and of a frozen base) are split over "fsdp"
-mesh, fn = train_lib.mesh_shardings_fn(c, c.batch_size)
+mesh, fn = steps.mesh_shardings_fn(c, c.batch_size)
 from jaxgpt.model import init_params
-cfg = train_lib.model_config(c, 96)
+cfg = runs.model_config(c, 96)
 params = jax.eval_shape(lambda: init_params(cfg, 0))
-state = jax.eval_shape(lambda p: train_lib.init_state(p, train_lib.make_optimizer(c)), params)
+state = jax.eval_shape(lambda p: steps.init_state(p, steps.make_optimizer(c)), params)
 s = fn(state, params)
 try:
-    train_lib.mesh_shardings_fn(c, 4)
+    steps.mesh_shardings_fn(c, 4)
     batch_error = ""
 except ValueError as e:
     batch_error = str(e)
@@ -79,8 +79,8 @@ def pydoc_dir(tmp_path_factory) -> Path:
 
 
 def test_data_by_fsdp_mesh_matches_one_device(pydoc_dir, tmp_path):
-    single = train_lib.train(tiny_config(pydoc_dir), tmp_path / "one")
-    ref = [r["loss"] for r in train_lib.read_metrics(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "train"]
+    single = trainer.train(tiny_config(pydoc_dir), tmp_path / "one")
+    ref = [r["loss"] for r in metrics.read_metrics(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "train"]
 
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", MESH_RUN, str(REPO), json.dumps(overrides(pydoc_dir)),
@@ -103,4 +103,4 @@ def test_mesh_that_does_not_fit_the_devices_is_refused(pydoc_dir, tmp_path):
     c.mesh.data = 1
     c.mesh.fsdp = 2  # one device here: 1 x 2 cannot be made
     with pytest.raises(ValueError, match="data=1 x fsdp=2 = 2 but there are 1 devices"):
-        train_lib.train(c, tmp_path / "a")
+        trainer.train(c, tmp_path / "a")

@@ -18,7 +18,7 @@ import chex
 import jax.numpy as jnp
 import pytest
 
-from jaxgpt import checkpoint, train_lib
+from jaxgpt import checkpoint, metrics, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
@@ -45,7 +45,7 @@ def flags(data_dir: Path, wd: Path, **more) -> list[str]:
 
 
 def per_step(wd: Path, kind: str = "train") -> dict[int, dict]:
-    return {r["step"]: r for r in train_lib.read_metrics(wd / "metrics.jsonl") if r["kind"] == kind}
+    return {r["step"]: r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == kind}
 
 
 def last_logged_step(wd: Path) -> int:
@@ -88,7 +88,7 @@ def run_train(env: dict[str, str], data_dir: Path, wd: Path, **more) -> None:
 
 
 def resumed_from(wd: Path) -> list[int]:
-    return [r["step"] for r in train_lib.read_metrics(wd / "metrics.jsonl") if r.get("event") == "resume"]
+    return [r["step"] for r in metrics.read_metrics(wd / "metrics.jsonl") if r.get("event") == "resume"]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(pydoc_char_dir, env, tmp_path):
     proc.wait(timeout=120)
     log = proc.log.read_text()
     assert proc.returncode == 1, log[-3000:]
-    stop = [r for r in train_lib.read_metrics(wd / "metrics.jsonl") if r.get("event") == "stopped by SIGTERM"]
+    stop = [r for r in metrics.read_metrics(wd / "metrics.jsonl") if r.get("event") == "stopped by SIGTERM"]
     assert len(stop) == 1 and stop[0]["step"] > 5
     assert [p.name for p in (wd / "checkpoints").iterdir()] == [str(stop[0]["step"])]
     assert "SIGTERM: saved a checkpoint" in log
@@ -185,7 +185,7 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, pydoc_char_
             f.write_bytes(b"not a checkpoint")
     before = sorted(p.relative_to(wd) for p in wd.rglob("*"))
     with pytest.raises(ValueError, match=r"checkpoints/120 cannot be restored .*move that step folder aside"):
-        train_lib.train(config(pydoc_char_dir), wd)
+        trainer.train(config(pydoc_char_dir), wd)
     with pytest.raises(ValueError, match="cannot be restored"):
         checkpoint.load_run(wd)
     assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before  # nothing deleted or rewritten
@@ -193,14 +193,14 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, pydoc_char_
     shutil.rmtree(last)
     (wd / "checkpoints" / "junk").mkdir()
     with pytest.raises(ValueError, match=r"holds \['junk'\], which are not complete orbax checkpoints"):
-        train_lib.train(config(pydoc_char_dir), wd)
+        trainer.train(config(pydoc_char_dir), wd)
 
 
 def test_a_workdir_of_another_model_is_refused(reference, pydoc_char_dir, tmp_path):
     wd = tmp_path / "wd"
     shutil.copytree(reference, wd)
     with pytest.raises(ValueError, match=r"holds a run of another model .*'n_layer': \(2, 3\)"):
-        train_lib.train(config(pydoc_char_dir, **{"model.n_layer": 3}), wd)
+        trainer.train(config(pydoc_char_dir, **{"model.n_layer": 3}), wd)
 
 
 def test_keeps_the_last_k_and_the_best_by_val_loss(tmp_path):

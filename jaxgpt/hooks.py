@@ -1,0 +1,122 @@
+"""The periodic work of the training loop, each a hook with an interval: log metrics, evaluate, checkpoint,
+profile; and the signal handler that stops a run cleanly.
+
+A hook is `Hook(fn, every)`: the loop calls `fn(step, state)` after every step where `step % every == 0`
+(and after the last step when `at_end`). Hooks that do not train (evaluation, checkpoints) mark
+`pauses_training`, so the throughput meter restarts after them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxgpt import checkpoint
+from jaxgpt.steps import TrainState
+
+
+@dataclasses.dataclass
+class Hook:
+    fn: Callable[[int, TrainState], Any]
+    every: int
+    at_end: bool = True
+    pauses_training: bool = False
+
+    def due(self, step: int, last: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or (self.at_end and step == last))
+
+
+class Evaluator:
+    """Mean loss over the fixed evaluation batches of each split; `last` holds the newest result."""
+
+    def __init__(self, eval_step: Callable, eval_sets: dict[str, list], frozen: Any, log: Any,
+                 print_fn: Callable[[str], None] = print) -> None:
+        self.eval_step, self.eval_sets, self.frozen, self.log, self.print = eval_step, eval_sets, frozen, log, print_fn
+        self.last: dict[str, float] = {}
+        self.last_step: int | None = None
+
+    def __call__(self, step: int, state: TrainState) -> dict[str, float]:
+        out = {}
+        for name, batches in self.eval_sets.items():
+            losses = jax.device_get([self.eval_step(state.params, x, y, self.frozen) for x, y in batches])
+            out[f"{name}_loss"] = float(np.mean(np.asarray(losses, np.float64)))
+        self.log.write({"kind": "eval", "step": step, **out, "time": time.time()})
+        self.print(f"step {step}: train loss {out['train_loss']:.4f}, val loss {out['val_loss']:.4f}")
+        self.last, self.last_step = out, step
+        return out
+
+
+class Checkpointer:
+    """Saves the train state (with the newest evaluation of the same step, which ranks it for keep_best)."""
+
+    def __init__(self, mngr: Any, meta: dict[str, Any], evaluator: Evaluator, before_save: Callable[[], None],
+                 last_saved: int | None) -> None:
+        self.mngr, self.meta, self.evaluator, self.before_save = mngr, meta, evaluator, before_save
+        self.last_saved = last_saved
+
+    def __call__(self, step: int, state: TrainState) -> None:
+        if step == self.last_saved:
+            return
+        self.before_save()  # never write a checkpoint past a non-finite step
+        metrics = self.evaluator.last if self.evaluator.last_step == step else {}
+        checkpoint.save_run_step(self.mngr, step, params=state.params,
+                                 optimizer={"step": state.step, "opt_state": state.opt_state},
+                                 meta={"step": step, **self.meta, **metrics}, val_loss=metrics.get("val_loss"))
+        self.last_saved = step
+
+
+class Profiler:
+    """A `jax.profiler` trace of steps first..last (inclusive, 0-based) into `out_dir`; TensorBoard's profile
+    plugin or Perfetto reads it."""
+
+    def __init__(self, steps: tuple[int, int], out_dir: Path, log: Any) -> None:
+        self.first, self.last = steps
+        self.out_dir, self.log, self.active = out_dir, log, False
+
+    def before_step(self, step: int) -> None:
+        if step == self.first and not self.active:
+            jax.profiler.start_trace(str(self.out_dir))
+            self.active = True
+
+    def __call__(self, step: int, state: TrainState) -> None:
+        if self.active and step > self.last:  # `step` steps are done: 0 .. step - 1
+            jax.block_until_ready(state.step)
+            self.stop()
+            self.log.write({"kind": "event", "event": "profile", "step": step, "dir": str(self.out_dir),
+                            "time": time.time()})
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+class SignalStop:
+    """SIGTERM / SIGINT set `signal`; the loop checks it between steps and saves before leaving. A second
+    signal leaves at once. Installed only in the main thread; handlers are restored on exit."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.old: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> "SignalStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.old[s] = signal.signal(s, self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)

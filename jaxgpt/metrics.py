@@ -1,0 +1,176 @@
+"""Run metrics: the metrics.jsonl log, throughput and MFU, and the check that stops a run at a non-finite step.
+
+`MetricsLog` appends one JSON object per line (flushed per line, so a killed run keeps what it logged);
+`read_metrics` reads it back (the plot, tests). `StepMetrics` holds the device metrics of dispatched steps
+until the host fetches them, so the host never blocks on the step it has just queued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+# Peak dense bf16 FLOP/s by device kind (substring match), for the MFU estimate.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+class Writer(Protocol):
+    """Where metric records go: metrics.jsonl, TensorBoard, W&B (`jaxgpt.writers`)."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MetricsLog:
+    """Append-only JSON lines (flushed per line, so a killed run keeps what it logged)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        # a writer killed mid-line leaves a partial last line: end it so that new records stay readable
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+
+    def close(self) -> None:
+        pass
+
+
+class NoLog:
+    """The metrics log of processes other than 0 in a multi-host run: they compute but do not write."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; for records of the same kind and step the last one wins (a resumed run
+    rewrites the steps after its checkpoint). A truncated last line (a killed writer) is skipped."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    events = []
+    p = Path(path)
+    if not p.is_file():
+        return []
+    for line in p.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "step" in r and r.get("kind") in ("train", "eval"):
+            out[(r["kind"], int(r["step"]))] = r
+        else:
+            events.append(r)
+    return sorted(out.values(), key=lambda r: (r["step"], r["kind"])) + events
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Throughput and MFU
+
+
+def flops_per_token(n_layer: int, block_size: int, n_embd: int, n_params: int) -> float:
+    """Training FLOPs per token: 6N (forward + backward matmuls) + 12 L T C (attention scores and values)."""
+    return 6.0 * n_params + 12.0 * n_layer * block_size * n_embd
+
+
+def device_peak_flops(device: Any | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of a known accelerator; None on CPU or an unknown device."""
+    import jax
+
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+class Throughput:
+    """Tokens/s over the steps finished since the last `restart` (compilation, evaluation and checkpoints are
+    not training time: the loop restarts the meter after them)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None) -> None:
+        self.tokens_per_step, self.fpt, self.peak = tokens_per_step, flops_per_token, peak_flops
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.dispatched, self.finished = time.perf_counter(), 0, 0
+
+    def dispatched_one(self) -> None:
+        self.dispatched += 1
+
+    def finished_some(self, n: int) -> tuple[float | None, float | None]:
+        """n more steps are finished (fetched): (tokens/s, MFU) since the restart, None where unknown."""
+        self.finished = min(self.finished + n, self.dispatched)  # steps dispatched before the restart do not count
+        dt = time.perf_counter() - self.t0
+        tps = self.tokens_per_step * self.finished / dt if self.finished and dt > 0 else None
+        mfu = self.fpt * tps / self.peak if self.peak and tps else None
+        return tps, mfu
+
+
+def non_finite_error(step: int, loss: float, grad_norm: float, last_saved: int | None, ckpt_dir: Path) -> FloatingPointError:
+    """The error a run stops with when a step's loss, gradient or parameters stop being finite."""
+    what = (f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            if not math.isfinite(grad_norm) else "the parameters became non-finite in the update")
+    kept = f"step {last_saved}" if last_saved is not None else "none yet"
+    return FloatingPointError(f"{what} at step {step}; training stopped. The last good checkpoint ({kept}) is kept "
+                              f"in {ckpt_dir}; lower the learning rate or set grad_clip, then rerun to resume from it")
+
+
+class StepMetrics:
+    """Device metrics of dispatched steps, fetched in batches; logs them and stops at a non-finite step.
+
+    `flush(keep=1)` leaves the newest step pending: the host then waits on step N-1 while step N is queued,
+    so the device never idles on logging.
+    """
+
+    def __init__(self, log: Writer, meter: Throughput, log_interval: int, lr_fn: Callable | None,
+                 on_non_finite: Callable[[int, float, float], Exception]) -> None:
+        self.log, self.meter, self.log_interval, self.lr_fn = log, meter, log_interval, lr_fn
+        self.on_non_finite = on_non_finite
+        self.pending: list[tuple[int, Any]] = []
+        self.latest: dict[str, Any] = {}  # loss, tokens_per_s, mfu of the newest fetched step
+
+    def add(self, step: int, metrics: Any) -> None:
+        self.pending.append((step, metrics))
+        self.meter.dispatched_one()
+
+    def flush(self, keep: int = 0) -> None:
+        import jax
+        import numpy as np
+
+        done = self.pending[:len(self.pending) - keep]
+        if not done:
+            return
+        values = jax.device_get([m for _, m in done])
+        del self.pending[:len(done)]
+        steps = [step for step, _ in done]
+        lrs = np.asarray(self.lr_fn(np.asarray(steps, np.int32))) if self.lr_fn else None
+        tps, mfu = self.meter.finished_some(len(done))
+        for i, (step, m) in enumerate(zip(steps, values)):
+            if not bool(m["finite"]):
+                self.log.write({"kind": "event", "event": "non-finite", "step": step, "loss": str(float(m["loss"])),
+                                "time": time.time()})
+                self.pending.clear()
+                raise self.on_non_finite(step, float(m["loss"]), float(m["grad_norm"]))
+            if step % self.log_interval == 0 or step == steps[-1]:
+                self.log.write({"kind": "train", "step": step, "loss": float(m["loss"]),
+                                "grad_norm": float(m["grad_norm"]), "lr": float(lrs[i]) if lrs is not None else None,
+                                "tokens_per_s": tps, "mfu": mfu, "time": time.time()})
+        self.latest = {"loss": float(values[-1]["loss"]), "tokens_per_s": tps, "mfu": mfu}

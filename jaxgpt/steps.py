@@ -1,0 +1,199 @@
+"""The pure, jitted pieces of training: train state, optimizer and schedule, loss, train and eval steps.
+
+The step is `train_step(state, batch, rng, frozen=None) -> (state, metrics)`: everything it reads is an
+argument, the state is donated, and the batch is [A, B, T] (A gradient-accumulation micro-batches).
+Parameters are split into `trainable` (in the state, seen by the optimizer) and `frozen` (an argument), and
+`combine(trainable, frozen) -> params` rebuilds the model's params: identity for full training, LoRA's
+`wrap` for adapters. Shardings plug in through `StepShardings` (in/out shardings of the jitted step);
+`mesh_shardings_fn` builds them from config.mesh. Benchmarks time these very functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxgpt import sharding as sh
+from jaxgpt.config import GPTConfig
+from jaxgpt.model import GPT
+
+Params = Any
+Batch = tuple[jax.Array, jax.Array]  # inputs, targets: [A, B, T] int32 each
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What the optimizer owns: the update count, the trainable params and the optimizer state."""
+
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Params  # the trainable params (all params in full training)
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """In/out shardings for the jitted step (from a mesh); leave unset on one device."""
+
+    state: Any  # TrainState-shaped pytree of shardings
+    batch: Any  # sharding of the [A, B, T] batch arrays
+    rng: Any  # sharding of the PRNG key (replicated)
+    frozen: Any = None  # shardings of the frozen params (None when there are none)
+
+
+def identity_combine(trainable: Params, frozen: Params) -> Params:
+    """Full training: the trainable params are the params."""
+    del frozen
+    return trainable
+
+
+def no_split(params: Params) -> tuple[Params, Params]:
+    """Full training: everything is trainable, nothing frozen."""
+    return params, None
+
+
+def lr_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+    """nanoGPT's schedule: linear warmup lr*(it+1)/(warmup+1), cosine to min_lr at lr_decay_iters, then min_lr."""
+    lr, min_lr = float(config.learning_rate), float(config.min_lr)
+    warmup, decay = int(config.warmup_iters), int(config.lr_decay_iters)
+    if not config.decay_lr:
+        return lambda count: jnp.full(jnp.shape(count), lr, jnp.float32)
+    if decay <= warmup:
+        raise ValueError(f"lr_decay_iters={decay} must be larger than warmup_iters={warmup}")
+
+    def schedule(count: jax.Array) -> jax.Array:
+        it = jnp.asarray(count, jnp.float32)
+        warm = lr * (it + 1) / (warmup + 1)
+        ratio = jnp.clip((it - warmup) / (decay - warmup), 0.0, 1.0)
+        cosine = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)
+        return jnp.where(it < warmup, warm, jnp.where(it > decay, min_lr, cosine))
+
+    return schedule
+
+
+def decay_mask(params: Params) -> Params:
+    """Weight decay on 2-D (and larger) weights only: matmul kernels and embeddings, not biases or norms."""
+    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decoupled weight decay on 2-D weights and nanoGPT's schedule."""
+    parts = []
+    if config.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(config.grad_clip)))
+    parts.append(optax.adamw(lr_schedule(config), b1=float(config.beta1), b2=float(config.beta2),
+                             eps=float(config.eps), weight_decay=float(config.weight_decay), mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross entropy: logits [..., V] float32, targets [...] int."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def make_loss_fn(cfg: GPTConfig, combine: Callable[[Params, Params], Params] = identity_combine):
+    """loss(trainable, frozen, x [B, T], y [B, T], rng, deterministic) -> scalar float32."""
+    model = GPT(cfg)
+
+    def loss_fn(trainable: Params, frozen: Params, x: jax.Array, y: jax.Array, rng: jax.Array,
+                deterministic: bool = False) -> jax.Array:
+        logits = model.apply({"params": combine(trainable, frozen)}, x, deterministic=deterministic,
+                             rngs={"dropout": rng})  # [B, T, V]
+        return cross_entropy(logits, y)
+
+    return loss_fn
+
+
+def make_train_step(cfg: GPTConfig, tx: optax.GradientTransformation,
+                    combine: Callable[[Params, Params], Params] = identity_combine,
+                    shardings: StepShardings | None = None, donate: bool = True):
+    """The jitted `train_step(state, batch, rng, frozen=None) -> (state, metrics)`.
+
+    batch = (x, y), each [A, B, T]; the gradient is the mean over the A micro-batches (accumulated in float32
+    with a scan). Dropout keys are fold_in(rng, step) then fold_in(., micro-batch), so they depend on the
+    step number only. metrics: loss (mean over micro-batches), grad_norm (before clipping) and `finite`
+    (loss, gradient and the new params are all finite).
+    """
+    loss_fn = make_loss_fn(cfg, combine)
+    grad_fn = jax.value_and_grad(loss_fn)
+    deterministic = cfg.dropout == 0.0
+
+    def step_fn(state: TrainState, batch: Batch, rng: jax.Array, frozen: Params = None):
+        x, y = batch  # [A, B, T]
+        step_rng = jax.random.fold_in(rng, state.step)
+        accum = x.shape[0]
+        if accum == 1:
+            loss, grads = grad_fn(state.params, frozen, x[0], y[0], jax.random.fold_in(step_rng, 0), deterministic)
+        else:
+            def micro(carry, inp):
+                g_sum, l_sum = carry
+                i, xi, yi = inp
+                l, g = grad_fn(state.params, frozen, xi, yi, jax.random.fold_in(step_rng, i), deterministic)
+                g_sum = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g)
+                return (g_sum, l_sum + l), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (g_sum, l_sum), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
+                                             (jnp.arange(accum), x, y))
+            grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), g_sum, state.params)
+            loss = l_sum / accum
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    if shardings is not None:
+        kwargs["in_shardings"] = (shardings.state, shardings.batch, shardings.rng, shardings.frozen)
+        kwargs["out_shardings"] = (shardings.state, shardings.rng)  # metrics replicated (readable by every host)
+    return jax.jit(step_fn, **kwargs)
+
+
+def make_eval_step(cfg: GPTConfig, combine: Callable[[Params, Params], Params] = identity_combine):
+    """The jitted `eval_step(trainable, x [B, T], y [B, T], frozen=None) -> loss` (no dropout)."""
+    loss_fn = make_loss_fn(cfg, combine)
+
+    def eval_fn(trainable: Params, x: jax.Array, y: jax.Array, frozen: Params = None) -> jax.Array:
+        return loss_fn(trainable, frozen, x, y, jax.random.PRNGKey(0), True)
+
+    return jax.jit(eval_fn)
+
+
+def compile_quietly(fn: Any, *args: Any) -> None:
+    """AOT-compile a jitted function for these arguments (jit's own cache keeps it); errors are left to the call."""
+    try:
+        fn.lower(*args).compile()
+    except Exception:  # noqa: BLE001 - the real call raises the same error where it can be handled
+        pass
+
+
+def init_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def mesh_shardings_fn(config: ml_collections.ConfigDict, batch_rows: int, devices: Any = None):
+    """A Mesh over `devices` (default jax.devices()) from config.mesh and the `shardings_fn(state, frozen)` that
+    places the train state (large leaves over "fsdp"), the [A, B, T] batch (rows over every device) and the
+    frozen params. `devices` may be a compile-only TPU topology's (jaxgpt.aot)."""
+    mc = config.get("mesh") or ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=sh.DEFAULT_MIN_SIZE))
+    mesh = sh.make_mesh(int(mc.data), int(mc.fsdp), devices=devices)
+    if batch_rows % mesh.size:
+        raise ValueError(f"config.batch_size={batch_rows} cannot be split over the {mesh.size} devices of the mesh "
+                         f"(data={mesh.shape[sh.DATA]}, fsdp={mesh.shape[sh.FSDP]}); use a batch_size that is a "
+                         f"multiple of {mesh.size}")
+    m = int(mc.min_shard_size)
+
+    def shardings_fn(state: TrainState, frozen: Params) -> StepShardings:
+        return StepShardings(state=sh.tree_shardings(state, mesh, m), batch=sh.batch_sharding(mesh, batch_dim=1),
+                             rng=sh.replicated(mesh),
+                             frozen=None if frozen is None else sh.param_shardings(frozen, mesh, m))
+
+    return mesh, shardings_fn

@@ -1,0 +1,183 @@
+"""The training config: every setting with its default, and the checks that give bad settings one-line errors.
+
+`configs/*.py` start from `base_config()` and change a few fields; this module imports no JAX, so reading a
+config file is instant. Field names follow nanoGPT's train.py where it has one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+import ml_collections
+
+from jaxgpt.config import GPTConfig
+
+COMPILATION_CACHE_DIR = "~/.cache/jaxgpt/xla"
+COMPILATION_CACHE_MIN_SECS = 0.5  # JAX's own default is 1 s; 0.5 s also catches the eval step of small models
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every training setting with its default (nanoGPT's names); configs/*.py start here and change a few."""
+    c = ml_collections.ConfigDict()
+
+    # model: GPTConfig fields; vocab_size 0 takes the vocabulary size of the data
+    c.model = ml_collections.ConfigDict(GPTConfig().to_dict())
+    c.model.vocab_size = 0
+    c.mixed_precision = False  # True: bfloat16 compute, float32 master weights
+
+    # starting point: "scratch", "hf" (a Hugging Face GPT-2 directory or Hub name) or "run" (a jaxgpt workdir)
+    c.init_from = "scratch"
+    c.init_path = ""
+    c.init_which = "latest"  # for init_from="run": "latest", "best" or a step number
+
+    c.lora = lora_config()
+    c.mesh = mesh_config()
+    c.data = data_config()
+
+    # optimisation (nanoGPT's names and defaults)
+    c.seed = 1337
+    c.batch_size = 12  # micro-batch
+    c.grad_accum = 1  # micro-batches per step
+    c.max_iters = 2000
+    c.learning_rate = 1e-3
+    c.decay_lr = True
+    c.warmup_iters = 100
+    c.lr_decay_iters = 2000
+    c.min_lr = 1e-4
+    c.weight_decay = 0.1
+    c.beta1 = 0.9
+    c.beta2 = 0.99
+    c.eps = 1e-8
+    c.grad_clip = 1.0  # 0 disables clipping
+
+    # evaluation, logging, checkpoints
+    c.eval_interval = 250
+    c.eval_iters = 20
+    c.eval_at_start = False
+    c.eval_hellaswag_every = 0  # > 0: HellaSwag accuracy beside val loss every N steps (jaxgpt.eval.hellaswag)
+    c.hellaswag_path = ""  # the validation jsonl; empty: downloaded once (online) to the cache
+    c.hellaswag_limit = 0  # > 0: the first N examples only (a faster, noisier estimate)
+    c.log_interval = 10
+    c.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard beside metrics.jsonl
+    c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name=""))  # W&B when project is set
+    c.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in <workdir>/profile
+    c.ckpt_interval = 250
+    c.keep_checkpoints = 3  # the last k; the best by val loss is kept as well when keep_best
+    c.keep_best = True
+    c.async_checkpointing = False
+    c.progress = True
+    # keep freed host memory in the process (jaxgpt.host_memory): XLA:CPU's per-step buffers stop
+    # page-faulting; the process keeps its peak host memory until exit
+    c.retain_host_memory = True
+    # JAX's persistent compilation cache (jaxgpt.compilation_cache), set by train.py: a rerun, resume or new seed
+    # of the same shapes loads its compiled steps instead of compiling them ('' = off). On by default on
+    # accelerators; on CPU only with compilation_cache_on_cpu (some hosts reject XLA:CPU's cached executables)
+    c.compilation_cache_dir = COMPILATION_CACHE_DIR
+    c.compilation_cache_min_secs = COMPILATION_CACHE_MIN_SECS
+    c.compilation_cache_on_cpu = False
+
+    # the sample written at the end (jaxgpt.generate; the context slides past block_size)
+    c.sample_tokens = 500
+    c.sample_prompt = ""
+    c.temperature = 0.8
+    c.top_k = 200
+    return c
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    """LoRA fine-tuning of a loaded model (rank 0 = off): only the adapters are trained and checkpointed; at the
+    end the adapters are saved to <workdir>/lora and merged into a Hugging Face export (<workdir>/hf)."""
+    c = ml_collections.ConfigDict()
+    c.rank = 0
+    c.alpha = 16.0
+    c.targets = ("attn/c_attn",)  # path patterns (jaxgpt.lora), e.g. ("attn/c_attn/q", "attn/c_attn/v")
+    c.rank_stabilized = False  # True: RsLoRA scale alpha / sqrt(r) instead of alpha / r
+    c.export = True  # merged Hugging Face GPT-2 export at the end (GPT-2 architectures only)
+    c.export_dir = ""  # empty: <workdir>/hf
+    return c
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """The device mesh (jaxgpt.sharding): data * fsdp = the device count (-1: all the rest); the batch rows are
+    split over every device, parameters with >= min_shard_size elements over "fsdp"."""
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """A prepared data directory: train.bin / val.bin (+ meta.json) of a small corpus, or llm.c token shards
+    (python -m jaxgpt.data --dataset files|hf). An empty dir means <workdir>/data, prepared from `dataset`."""
+    c = ml_collections.ConfigDict()
+    c.dataset = "pydoc"  # pydoc (built in) | shakespeare (downloaded, or data.input) | text (data.input)
+    c.tokenizer = "char"  # char | gpt2
+    c.input = ""  # local text file (offline copy of a named dataset)
+    c.bpe_path = ""  # local gpt2.tiktoken for offline GPT-2 BPE ($JAXGPT_GPT2_BPE also works)
+    c.dir = ""
+    c.val_fraction = 0.1
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """One-line errors for training settings that cannot work."""
+    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
+                 "ckpt_interval", "keep_checkpoints"):
+        v = config[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"config.{name}={v!r} is not valid; use a positive integer")
+    if not float(config.learning_rate) > 0:
+        raise ValueError(f"config.learning_rate={config.learning_rate} is not valid; use a value > 0")
+    if not 0.0 <= float(config.beta1) < 1.0 or not 0.0 <= float(config.beta2) < 1.0:
+        raise ValueError(f"config.beta1={config.beta1} / beta2={config.beta2} are not valid; use values in [0, 1)")
+    profile = tuple(config.get("profile_steps") or ())
+    if profile and (len(profile) != 2 or not 0 <= profile[0] <= profile[1]):
+        raise ValueError(f"config.profile_steps={profile} is not valid; use (first, last) steps, e.g. (10, 12)")
+
+
+def config_keys(config: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a (nested) ConfigDict: ["model.n_layer", "lora.rank", ...]."""
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(config_keys(v, prefix + k + "."))
+    return keys
+
+
+def check_override_keys(config: ml_collections.ConfigDict, argv: list[str], flag: str = "config") -> None:
+    """Refuse `--config.<key>=...` overrides of keys the config does not have, naming the nearest known ones."""
+    known = config_keys(config)
+    for arg in argv:
+        if not arg.startswith(f"--{flag}."):
+            continue
+        key = arg[len(flag) + 3:].split("=", 1)[0]
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(near)}?" if near else "see jaxgpt/train_config.py for the keys"
+            raise ValueError(f"--{flag}.{key}: the config has no key {key!r}; {hint}")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, as `--config=path.py[:arg]` names it."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_jaxgpt_config", path)
+    if module_spec is None or not os.path.isfile(path):
+        raise ValueError(f"--config={spec}: {path} is not a config file; pass a path such as configs/default.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_override_keys_in_argv(argv: list[str], default_config: str) -> None:
+    """`check_override_keys` for a command line, loading the config file it names (or the default)."""
+    if not any(a.startswith("--config.") for a in argv):
+        return
+    spec = default_config
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    check_override_keys(load_config_file(spec), argv)
