@@ -4,8 +4,12 @@
     python benchmarks/decode.py --quick         # nano shape, short lists: a smoke run in a minute
 
 Measured in one process, on the same weights:
+  0. the machine's memory read bandwidth (a jitted sum over 1 GiB, and NumPy's; the faster is kept) and the
+     batch-1 roofline it allows: bandwidth / bytes of weights read per token;
   1. cached `generate` (prefill + lax.scan, greedy) for each variant x batch x new-token count: compile timed
-     apart (AOT), then one timed run: ms per decode step and tokens/s;
+     apart (AOT), then `--rounds` timed whole generations (prefill included), median: ms per token and
+     tokens/s, at batch 1 also as a fraction of the roofline and against the first variant; the count of
+     float buffers with a weight's shape the compiled program writes (a dequantized copy of a weight);
   2. time of one token against its position p: cached = decode steps of `GPT.apply` with a KV cache already
      holding p tokens (buffer of the longest run's size, steps in a lax.scan as in `generate`); uncached =
      `generate_uncached` producing the token after a p-token context (one full forward over p tokens): the
@@ -54,7 +58,13 @@ class Variant:
     prepare: Callable[[GPTConfig, Any], Any] | None = None
 
 
-VARIANTS = (Variant("f32 weights, f32 cache"),)
+def int8_with_embeddings(cfg: GPTConfig, params: Any) -> Any:
+    from jaxgpt.quantize import QuantConfig, quantize
+
+    return quantize(params, QuantConfig(bits=8, embeddings=True, lm_head=True))
+
+
+VARIANTS = (Variant("f32 weights, f32 cache"), Variant("int8 weights + emb, f32 cache", prepare=int8_with_embeddings))
 
 
 def random_params(cfg: GPTConfig, seed: int = 0) -> Any:
@@ -85,16 +95,85 @@ def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
 # Measurements
 
 
-def cached_runs(cfg, params, prompts, variant, new_tokens) -> list[dict]:
+def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
+    """Memory read bandwidth, GB/s: best of `reps` sums over an nbytes float32 array (jitted, and NumPy)."""
+    x = np.ones(nbytes // 4, np.float32)
+    xj = jnp.asarray(x)
+    total = jax.jit(jnp.sum)
+    timed(lambda: total(xj))  # compile
+    jax_s = min(timed(lambda: total(xj)) for _ in range(reps))
+    np_s = min(timed(lambda: x.sum()) for _ in range(reps))
+    return dict(kind="bandwidth", bytes=nbytes, jax_gbs=nbytes / jax_s / 1e9, numpy_gbs=nbytes / np_s / 1e9,
+                gbs=nbytes / min(jax_s, np_s) / 1e9)
+
+
+def weight_bytes(params: Any) -> int:
+    """Bytes of every weight (quantized leaves: integers + scales), all read once per decode step at batch 1."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "matmul"))
+    return int(sum(x.nbytes for x in leaves))
+
+
+def weight_copies(hlo: str, params: Any) -> int:
+    """Float buffers with a weight matrix's shape that the compiled program writes (dequantized copies)."""
+    from jaxgpt.quantize import hlo_float_buffers
+
+    shapes = {tuple(x.shape) for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "matmul"))
+              if len(x.shape) == 2}
+    shapes |= {s[::-1] for s in shapes}
+    return sum(1 for _, shape, _ in hlo_float_buffers(hlo) if shape in shapes)
+
+
+def matrix_times(cfg, variant, params, rounds, steps=16) -> list[dict]:
+    """Where a batch-1 token's time goes: each weight matrix alone, x [1, in] @ W as the model computes it,
+    `steps` dependent products in a lax.scan (each result feeds the next x, so nothing is hoisted), median
+    of `rounds`; with the times each matrix is read per token (per layer x n_layer, the tied head once)."""
+    from jaxgpt.weights import attend, matmul
+
+    h = params["h_0"]
+    mats = [("attn.c_attn", h["attn"]["c_attn"]["kernel"], matmul, cfg.n_layer),
+            ("attn.c_proj", h["attn"]["c_proj"]["kernel"], matmul, cfg.n_layer),
+            ("mlp.c_fc", h["mlp"]["c_fc"]["kernel"], matmul, cfg.n_layer),
+            ("mlp.c_proj", h["mlp"]["c_proj"]["kernel"], matmul, cfg.n_layer),
+            ("wte (tied head)", params["wte"]["embedding"], attend, 1)]
+    out = []
+    for name, w, fn, per_token in mats:
+        K = w.shape[0] if fn is matmul else w.shape[1]
+
+        @jax.jit
+        def loop(w: Any, x: jax.Array, fn: Callable = fn) -> jax.Array:
+            def step(x: jax.Array, _: None) -> tuple[jax.Array, None]:
+                return x + 1e-6 * jnp.mean(fn(x, w, jnp.float32)), None
+
+            return lax.scan(step, x, None, length=steps)[0]
+
+        x = jnp.ones((1, K), jnp.float32)
+        timed(lambda: loop(w, x))  # compile
+        t = float(np.median([timed(lambda: loop(w, x)) for _ in range(rounds)])) / steps
+        nbytes = weight_bytes(w)
+        out.append(dict(kind="matrix_time", variant=variant.name, matrix=name, shape=list(w.shape), bytes=nbytes,
+                        us=1e6 * t, gbs=nbytes / t / 1e9, per_token=per_token))
+    return out
+
+
+def cached_runs(cfg, params, prompts, variant, new_tokens, rounds) -> list[dict]:
     out = []
     for n in new_tokens:
         kw = dict(temperature=0, cache_kind=variant.cache_kind)
-        compile_s = timed(lambda: G.lower_generate(params, cfg, prompts, n, **kw).compile())
+        t = time.perf_counter()
+        compiled = G.lower_generate(params, cfg, prompts, n, **kw).compile()
+        compile_s = time.perf_counter() - t
         res = {}
-        run_s = timed(lambda: res.setdefault("g", G.generate(params, cfg, prompts, n, **kw)).tokens)
+
+        def run() -> jax.Array:
+            res["g"] = G.generate(params, cfg, prompts, n, **kw)
+            return res["g"].tokens
+
+        times = [timed(run) for _ in range(rounds)]
+        run_s = float(np.median(times))
         B = len(prompts)
         out.append(dict(kind="cached_generate", variant=variant.name, batch=B, new_tokens=n, compile_s=compile_s,
-                        run_s=run_s, ms_per_step=1e3 * run_s / n, tokens_per_s=B * n / run_s,
+                        run_s=run_s, rounds_s=times, ms_per_step=1e3 * run_s / n, tokens_per_s=B * n / run_s,
+                        weight_bytes=weight_bytes(params), weight_copies=weight_copies(compiled.as_text(), params),
                         tokens=np.asarray(res["g"].tokens).tolist()))
     return out
 
@@ -228,6 +307,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions of the cached per-token timings (min is kept)")
     p.add_argument("--uncached-reps", type=int, default=1,
                    help="timed repetitions of the uncached per-token timings, after the compiling run")
+    p.add_argument("--rounds", type=int, default=5, help="timed whole generations per setting (median kept)")
+    p.add_argument("--no-curves", action="store_true", help="skip the per-token timings (cached and uncached)")
     p.add_argument("--hf-new-tokens", type=int, default=128)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--context", type=int, default=1024, help="context of the cache-bytes table")
@@ -239,7 +320,7 @@ def main() -> None:
         args.uncached_max_batched_position = 8
     cfg = GPTConfig.preset(args.preset)
     context = args.prompt_len + max(args.new_tokens)  # the cache buffer of the per-token timings
-    if max(args.positions) >= context:
+    if not args.no_curves and max(args.positions) >= context:
         raise SystemExit(f"--positions go up to {max(args.positions)}; keep them below prompt + new tokens "
                          f"= {context}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -249,16 +330,22 @@ def main() -> None:
                    cpus=os.cpu_count(), loadavg_start=os.getloadavg(), jax=jax.__version__,
                    device=str(jax.devices()[0]), preset=args.preset, dtype=cfg.dtype)
     print(json.dumps(machine))
-    records: list[dict] = [machine]
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth['gbs']:.1f} GB/s (jitted sum {bandwidth['jax_gbs']:.1f}, "
+          f"NumPy {bandwidth['numpy_gbs']:.1f})")
+    records: list[dict] = [machine, bandwidth]
     prompts = {b: rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist() for b in args.batches}
 
-    jobs = [("cached", v, b) for v in VARIANTS for b in args.batches] + [("steps", v, b) for v in VARIANTS
-                                                                         for b in args.batches]
-    jobs += [("uncached", VARIANTS[0], b) for b in args.batches]
+    jobs = [("cached", v, b) for v in VARIANTS for b in args.batches] + [("matrices", v, 1) for v in VARIANTS]
+    if not args.no_curves:
+        jobs += [("steps", v, b) for v in VARIANTS for b in args.batches]
+        jobs += [("uncached", VARIANTS[0], b) for b in args.batches]
     for what, v, b in tqdm(jobs, desc="decode benchmark"):
         vparams = v.prepare(cfg, params) if v.prepare else params
         if what == "cached":
-            records += cached_runs(cfg, vparams, prompts[b], v, args.new_tokens)
+            records += cached_runs(cfg, vparams, prompts[b], v, args.new_tokens, args.rounds)
+        elif what == "matrices":
+            records += matrix_times(cfg, v, vparams, args.rounds)
         elif what == "steps":
             records += cached_step_times(cfg, vparams, b, v, args.positions, context, args.reps)
         else:
@@ -273,18 +360,43 @@ def main() -> None:
 
     # ---- tables
     gen = [r for r in records if r["kind"] == "cached_generate"]
-    table("Cached generate (greedy, prefill included; compile timed apart)",
-          ["variant", "batch", "new tokens", "compile s", "run s", "ms/step", "tokens/s"],
+    table(f"Cached generate (greedy, whole generations with prefill, median of {args.rounds}; compile timed apart)",
+          ["variant", "batch", "new tokens", "compile s", "run s", "ms/token", "tokens/s", "float weight copies"],
           [[r["variant"], r["batch"], r["new_tokens"], r["compile_s"], r["run_s"], r["ms_per_step"],
-            r["tokens_per_s"]] for r in gen])
+            r["tokens_per_s"], r["weight_copies"]] for r in gen])
+    roof = []
+    for r in (r for r in gen if r["batch"] == 1):
+        peer = next(q for q in gen if q["batch"] == 1 and q["new_tokens"] == r["new_tokens"])
+        limit = bandwidth["gbs"] * 1e9 / r["weight_bytes"]
+        r.update(roofline_tokens_per_s=limit, of_roofline=r["tokens_per_s"] / limit,
+                 vs_first=r["tokens_per_s"] / peer["tokens_per_s"])
+        roof.append([r["variant"], r["new_tokens"], r["weight_bytes"] / 1e6, limit, r["tokens_per_s"],
+                     f"{r['of_roofline']:.0%}", f"{r['vs_first']:.2f}x"])
+    table(f"Batch 1 against the weight-bandwidth roofline ({bandwidth['gbs']:.1f} GB/s measured read bandwidth)",
+          ["variant", "new tokens", "weight MB", "roofline tokens/s", "tokens/s", "of roofline",
+           f"vs {VARIANTS[0].name}"], roof)
+    mats = [r for r in records if r["kind"] == "matrix_time"]
+    rows = []
+    for v in VARIANTS:
+        token = next((r for r in gen if r["variant"] == v.name and r["batch"] == 1), None)
+        vm = [r for r in mats if r["variant"] == v.name]
+        rows += [[v.name, r["matrix"], "x".join(map(str, r["shape"])), r["bytes"] / 1e6, r["us"], r["gbs"],
+                  r["per_token"] * r["us"] / 1e3] for r in vm]
+        if token and vm:
+            matmul_ms = sum(r["per_token"] * r["us"] for r in vm) / 1e3
+            rows.append([v.name, "all matrices / whole token (generate)", "", token["weight_bytes"] / 1e6, "",
+                         "", f"{matmul_ms:.2f} / {token['ms_per_step']:.2f}"])
+    table("Where a batch-1 token's time goes: each matrix alone (x @ W in a scan, median)",
+          ["variant", "matrix", "shape", "MB", "us", "GB/s", "ms per token"], rows)
     per = {(r["path"], r["variant"], r["batch"], r["position"]): r["ms"] for r in records if r["kind"] == "per_token"}
     rows = []
-    for b in args.batches:
+    for b in args.batches if per else ():
         for q in args.positions:
             c, u = per.get(("cached", VARIANTS[0].name, b, q)), per.get(("uncached", VARIANTS[0].name, b, q))
             rows.append([b, q, c, u if u is not None else "not run", f"{u / c:.1f}x" if u else ""])
-    table("Time for one token at position p (ms, whole batch)", ["batch", "position", "cached", "uncached",
-                                                                 "uncached / cached"], rows)
+    if rows:
+        table("Time for one token at position p (ms, whole batch)", ["batch", "position", "cached", "uncached",
+                                                                     "uncached / cached"], rows)
     for b in args.batches:  # totals for the longest run: cached measured, uncached integrated from its curve
         n = max(args.new_tokens)
         pts = sorted((q, ms) for (path, _, bb, q), ms in per.items() if path == "uncached" and bb == b)
@@ -317,7 +429,8 @@ def main() -> None:
     with open(args.out / f"decode{tag}.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps({k: v for k, v in r.items() if k != "tokens"}) + "\n")
-    plot(records, args.out / f"decode_per_token{tag}.png", "GPT-2 124M" if args.preset == "gpt2" else args.preset)
+    if per:
+        plot(records, args.out / f"decode_per_token{tag}.png", "GPT-2 124M" if args.preset == "gpt2" else args.preset)
     print(f"\nwrote {args.out / f'decode{tag}.jsonl'} and {args.out / f'decode_per_token{tag}.png'}; "
           f"load average {os.getloadavg()}")
 
