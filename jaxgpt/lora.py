@@ -289,7 +289,8 @@ def _kernel_groups(params: Any, adapters: Any, cfg: LoraConfig) -> dict[tuple[st
         if isinstance(w, LoraWeight):
             raise ValueError(f"{'/'.join(mpath)}/kernel already carries LoRA adapters; wrap or merge the base "
                              "params, not params returned by wrap")
-        if not (weights.is_array(w) or (isinstance(w, QuantizedArray) and w.transposed)):
+        if not (weights.is_array(w) or isinstance(w, jax.ShapeDtypeStruct) or
+                (isinstance(w, QuantizedArray) and w.transposed)):
             raise ValueError(f"{'/'.join(mpath)}/kernel is a {type(w).__name__}; LoRA adapts float arrays or "
                              "quantized Dense kernels (jaxgpt.quantize); dequantize it first")
         for third, a, b in items:  # [in, r], [r, out]
@@ -310,13 +311,14 @@ def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     return scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def _add_parts(w: Any, parts: list[tuple], scale: float) -> jax.Array:
-    """The float weight W + scale * A @ B on each part's columns (a quantized W dequantized), in W's dtype."""
+def _add_parts(w: Any, parts: list[tuple], scale: float, dtype: Any | None = None) -> jax.Array:
+    """The float weight W + scale * A @ B on each part's columns (a quantized W dequantized), in W's dtype
+    (or `dtype`)."""
     w32 = jnp.asarray(weights.dense(w), jnp.float32)  # [in, out]
     for third, a, b in parts:
         d = _delta(a, b, scale)  # [in, out] or [in, out / 3]
         w32 = w32 + d if third is None else w32.at[:, third * d.shape[1]:(third + 1) * d.shape[1]].add(d)
-    return w32.astype(w.dtype)
+    return w32.astype(dtype or w.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,8 +379,7 @@ class LoraWeight:
 
     def dequantize(self, dtype: Any | None = None) -> jax.Array:
         """The merged float weight W + scale * A @ B [in, out] (in W's dtype, or `dtype`)."""
-        w = _add_parts(self.base, list(zip(self.parts, self.A, self.B)), self.scale)
-        return w if dtype is None else w.astype(dtype)
+        return _add_parts(self.base, list(zip(self.parts, self.A, self.B)), self.scale, dtype)
 
 
 def wrap(params: Any, adapters: Any, cfg: LoraConfig) -> dict:
