@@ -17,10 +17,11 @@ loop compiles once. What is stored per (token, head) vector of D values:
   b + 32/D bits per value), values with TurboQuant_mse as above.
 - turbo{b}.5 (1.5, 2.5, 3.5): the paper's mixed precision by an outlier-channel split. Per row and head,
   the D/2 channels with the largest energy (sum of squares over the row's own tokens of its first write,
-  the prefill, i.e. the write with start 0; right-padding excluded, see `set_prompt_lengths`) get b+1 bits and the other D/2 channels b bits, each half quantized by its own
-  TurboQuant instance (its own rotation, codebook and norm). Indices average exactly b + 0.5 bits; with
-  two float16 norms the true rate is b + 0.5 + 32/D bits per value (b + 1.0 at GPT-2's D = 64), plus
-  the channel order (D int32 per row and head, not per token).
+  the prefill, i.e. the write with start 0; right-padding excluded, see `set_prompt_lengths`) get b+1 bits
+  and the other D/2 channels b bits, each half quantized by its own TurboQuant instance (its own rotation,
+  codebook and norm). Indices average exactly b + 0.5 bits; with two float16 norms the true rate is
+  b + 0.5 + 32/D bits per value (b + 1.0 at GPT-2's D = 64), plus the channel order (D int32 per row and
+  head, not per token).
 - uniform{b}, uniform{b}.5: the plain per-coordinate uniform quantizer, no rotation: 2^b levels evenly
   spaced on [-m, m] with m the vector's absmax stored as float16 (b + 16/D bits per value, the same
   budget as turbo{b}); mixed settings use the same channel split.

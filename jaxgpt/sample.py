@@ -8,10 +8,10 @@ when online), or a jaxgpt training workdir (config.json, tokenizer.json, checkpo
 loads offline from --bpe-file or $JAXGPT_GPT2_BPE.
 
 The command is a few small steps in `run`: check arguments -> `load_model` (config, params, tokenizer) ->
-`read_prompt` -> decode with `jaxgpt.generate.stream` (past block_size the context slides: --window) -> print. An option that changes the weights
-(quantization, LoRA adapters) is one more step on (config, params) after `load_model`; the cache layout
-is --kv-cache. Text goes to stdout as it is produced (one sample: every --chunk-size tokens); the speed
-goes to stderr.
+`read_prompt` -> decode with `jaxgpt.generate.stream` (past block_size the context slides: --window) -> print.
+An option that changes the weights (quantization, LoRA adapters) is one more step on (config, params) after
+`load_model`; the cache layout is --kv-cache. Text goes to stdout as it is produced (one sample: every
+--chunk-size tokens); the speed goes to stderr.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_greedy_equals_reference_across_refills(pos, seed):
     np.testing.assert_array_equal(out.tokens, toks)
     np.testing.assert_array_equal(out.lengths, lengths)
     for b in range(len(PROMPTS)):  # logits of the valid tokens (done rows' later logits are not defined)
-        np.testing.assert_allclose(out.logits[b, :lengths[b]], logits[b, :lengths[b]], atol=1e-5, rtol=0)
+        chex.assert_trees_all_close(out.logits[b, :lengths[b]], logits[b, :lengths[b]], atol=1e-5, rtol=0)
 
 
 def test_window_block_minus_one_is_nanogpt_crop():
