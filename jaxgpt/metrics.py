@@ -59,8 +59,9 @@ class NoLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; for records of the same kind and step the last one wins (a resumed run
-    rewrites the steps after its checkpoint). A truncated last line (a killed writer) is skipped."""
+    """Records of a metrics.jsonl; records of the same kind and step are merged, later fields winning (a resumed
+    run rewrites the steps after its checkpoint; HellaSwag adds its fields to a step's evaluation). A truncated
+    last line (a killed writer) is skipped."""
     out: dict[tuple[str, int], dict[str, Any]] = {}
     events = []
     p = Path(path)
@@ -72,7 +73,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
         if "step" in r and r.get("kind") in ("train", "eval"):
-            out[(r["kind"], int(r["step"]))] = r
+            key = (r["kind"], int(r["step"]))
+            out[key] = {**out.get(key, {}), **r}
         else:
             events.append(r)
     return sorted(out.values(), key=lambda r: (r["step"], r["kind"])) + events

@@ -26,6 +26,7 @@ import ml_collections
 from jaxgpt import atomic, checkpoint
 from jaxgpt import data as data_lib
 from jaxgpt.config import GPTConfig
+from jaxgpt.loader import is_shard_dir
 from jaxgpt.model import init_params
 from jaxgpt.steps import TrainState, identity_combine, init_state, no_split
 
@@ -45,13 +46,22 @@ def data_dir_of(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
 
 
 def ensure_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
-    """The prepared dataset directory, tokenizing config.data.dataset into it when it is missing."""
+    """The prepared dataset directory, tokenizing config.data.dataset into it when it is missing (a directory
+    of llm.c shards is used as it is)."""
     d = data_dir_of(config, workdir)
-    if not (d / "meta.json").is_file():
+    if not (d / "meta.json").is_file() and not is_shard_dir(d):
         data_lib.prepare(d, dataset=config.data.dataset, tokenizer=config.data.tokenizer,
                          input_path=config.data.input or None, bpe_path=config.data.bpe_path or None,
                          val_fraction=float(config.data.val_fraction))
     return d
+
+
+def data_meta(data_dir: Path) -> dict[str, Any]:
+    """meta.json of a prepared directory; llm.c / modded-nanogpt shards made elsewhere have none and hold GPT-2
+    BPE tokens."""
+    if not (data_dir / "meta.json").is_file() and is_shard_dir(data_dir):
+        return {"kind": "gpt2", "vocab_size": 50257}
+    return data_lib.load_meta(data_dir)
 
 
 def apply_precision(cfg: GPTConfig, config: ml_collections.ConfigDict) -> GPTConfig:

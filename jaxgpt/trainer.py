@@ -20,7 +20,6 @@ import optax
 
 from jaxgpt import batches as batches_lib
 from jaxgpt import checkpoint, host_memory, metrics, runs, steps, train_config, weights, writers
-from jaxgpt import data as data_lib
 from jaxgpt.hooks import Checkpointer, Evaluator, Hook, Profiler, SignalStop
 
 Params = Any
@@ -119,7 +118,7 @@ def _setup(config: ml_collections.ConfigDict, wd: Path, tx: Any, trainable: runs
            shardings_fn: Callable | None, main: bool) -> _Setup:
     """Data, model, run identity, the (restored) train state placed on the mesh, and the jitted steps."""
     ddir = runs.ensure_data(config, wd)
-    data_meta = data_lib.load_meta(ddir)
+    data_meta = runs.data_meta(ddir)
     init = runs.initial_model(config, data_meta)
     cfg, tok_meta = init.cfg, init.tokenizer
     if data_meta["vocab_size"] > cfg.vocab_size:
@@ -168,13 +167,15 @@ def _extra_hooks(config: ml_collections.ConfigDict, s: _Setup, log: Any) -> list
     if not every:
         return []
     from jaxgpt.eval import hellaswag
+    from jaxgpt.tokenizer import from_meta
 
     examples = hellaswag.load_examples(config.get("hellaswag_path") or None, int(config.get("hellaswag_limit", 0))
                                        or None)
+    tokenizer = from_meta(s.tok_meta, config.data.bpe_path or None)
 
     def run(step: int, state: steps.TrainState) -> None:
         params = s.trainable.combine(state.params, s.frozen)
-        r = hellaswag.evaluate(params, s.cfg, examples)
+        r = hellaswag.evaluate(params, s.cfg, examples, tokenizer, batch_size=int(config.batch_size))
         log.write({"kind": "eval", "step": step, "hellaswag_acc": r["acc"], "hellaswag_acc_norm": r["acc_norm"],
                    "hellaswag_n": r["n"], "time": time.time()})
 

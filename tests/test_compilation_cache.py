@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # JAX reports every persistent-cache lookup as a monitoring event
 TWO_RUNS = r"""
 import json, sys
-sys.path.insert(0, {repo!r})
+sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]  # tests.test_train imports conftest
 import jax
 from jaxgpt import compilation_cache, metrics, trainer
 from tests.test_train import tiny_config

@@ -1,0 +1,89 @@
+"""jaxgpt.trainer on llm.c token shards, with the optional hooks: HellaSwag beside val loss, TensorBoard event
+files, a profiler trace. The first loss is recomputed from the loader's batch; the logged HellaSwag accuracy is
+recomputed from the checkpoint of the same step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import SHARED
+from jaxgpt import checkpoint, loader, metrics, shards, steps, trainer
+from jaxgpt.eval import hellaswag
+from jaxgpt.model import init_params
+from jaxgpt.tokenizer import gpt2_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+BPE = SHARED / "data" / "gpt2.tiktoken"
+
+
+def tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def shard_run(tmp_path_factory):
+    """Shards written as llm.c writes them (no meta.json: GPT-2 BPE is assumed), a tiny model trained 4 steps."""
+    root = tmp_path_factory.mktemp("shards")
+    tok = gpt2_tokenizer(BPE)
+    ids = np.asarray(tok.encode((SHARED / "data" / "tinyshakespeare.txt").read_text()[:40_000]), np.uint16)
+    d = root / "data"
+    d.mkdir()
+    shards.write_shard(d / shards.shard_name("x", "val", 0), ids[:2000])
+    shards.write_shard(d / shards.shard_name("x", "train", 1), ids[2000:6000])
+    shards.write_shard(d / shards.shard_name("x", "train", 2), ids[6000:])
+    examples = [{"ctx": "The king said", "endings": [" yes.", " no, my lord.", " go away now.", " what?"], "label": i % 4}
+                for i in range(3)]
+    (root / "hs.jsonl").write_text("\n".join(json.dumps(e) for e in examples) + "\n")
+    c = tiny_config()
+    c.data.dir, c.data.bpe_path = str(d), str(BPE)
+    c.max_iters, c.eval_interval, c.ckpt_interval, c.eval_iters, c.warmup_iters, c.lr_decay_iters = 4, 2, 2, 1, 1, 4
+    c.eval_hellaswag_every, c.hellaswag_path = 2, str(root / "hs.jsonl")
+    c.profile_steps, c.sample_tokens = (1, 2), 5
+    wd = root / "wd"
+    return c, wd, trainer.train(c, wd)
+
+
+def test_first_loss_is_the_loaders_batch_on_the_initial_params(shard_run):
+    c, wd, summary = shard_run
+    cfg, _, tok = checkpoint.load_run(wd)
+    assert tok["kind"] == "gpt2" and cfg.vocab_size == 50257 and summary["step"] == 4
+    x, y = loader.ShardLoader(c.data.dir, "train", c.batch_size, cfg.block_size, c.seed).batch_at(0)
+    loss = steps.make_loss_fn(cfg)(init_params(cfg, c.seed), None, x, y, jax.random.PRNGKey(0), True)
+    first = [r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"][0]
+    np.testing.assert_allclose(first["loss"], float(loss), rtol=1e-6)
+
+
+def test_hellaswag_is_logged_beside_the_val_loss(shard_run):
+    c, wd, _ = shard_run
+    logged = {r["step"]: r for r in metrics.read_metrics(wd / "metrics.jsonl") if "hellaswag_acc" in r}
+    assert sorted(logged) == [2, 4] and all(logged[s]["hellaswag_n"] == 3 for s in logged)
+    cfg, params, _ = checkpoint.load_run(wd, 2)
+    ref = hellaswag.evaluate(params, cfg, hellaswag.load_examples(c.hellaswag_path), gpt2_tokenizer(BPE))
+    assert (logged[2]["hellaswag_acc"], logged[2]["hellaswag_acc_norm"]) == (ref["acc"], ref["acc_norm"])
+
+
+def test_tensorboard_events_and_the_profile_trace_are_written(shard_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, wd, _ = shard_run
+    ea = EventAccumulator(str(wd / "tensorboard"))
+    ea.Reload()
+    logged = [r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"]
+    tb = {e.step: e.value for e in ea.Scalars("train/loss")}
+    assert sorted(tb) == [r["step"] for r in logged]
+    np.testing.assert_allclose([tb[r["step"]] for r in logged], [r["loss"] for r in logged], rtol=1e-6)
+    assert "eval/val_loss" in ea.Tags()["scalars"]
+    assert list((wd / "profile").rglob("*.xplane.pb")), "no profiler trace written"
+    assert [r["step"] for r in metrics.read_metrics(wd / "metrics.jsonl") if r.get("event") == "profile"] == [3]
