@@ -37,7 +37,7 @@ import numpy as np
 from jax import lax
 
 from jaxgpt import atomic
-from jaxgpt.weights import path_str
+from jaxgpt.weights import is_weight_leaf, path_str
 
 BITS = (8, 4)
 GRANULARITIES = ("per_channel", "per_tensor", "group")
@@ -332,6 +332,8 @@ def _map_selected(params: Any, qcfg: QuantConfig, fn: Callable[[str, Any], Any],
                   allow_quantized: bool = False) -> Any:
     if not allow_quantized and is_quantized(params):
         raise ValueError("params are already quantized; dequantize them first or quantize the float params")
+    if any(is_weight_leaf(x) and not _is_q(x) for x in jax.tree.leaves(params, is_leaf=is_weight_leaf)):
+        raise ValueError("params hold LoRA-wrapped weights (lora.wrap); quantize the base params, then wrap them")
     hits: list[str] = []
 
     def one(path: tuple[Any, ...], leaf: Any) -> Any:

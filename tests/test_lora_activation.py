@@ -116,6 +116,11 @@ def test_wrap_bad_input():
         lora.merge(wrapped, ad, lcfg)
     with pytest.raises(ValueError, match="has rank 2 but LoraConfig.rank is 3"):
         lora.wrap(base, ad, lcfg.replace(rank=3))
+    with pytest.raises(ValueError, match="params hold LoRA-wrapped weights"):
+        quantize.quantize(wrapped)  # would leave the wrapped kernels in float
+    table = quantize.quantize(base, quantize.QuantConfig(include=("wte/embedding",)))
+    with pytest.raises(ValueError, match="wte/kernel"):
+        lora.wrap(table, {"wte": {"A": jnp.ones((97, 2)), "B": jnp.ones((2, 16))}}, lcfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
