@@ -120,3 +120,14 @@ def test_command_and_unknown_task(setup, gpt2_bpe_file, capsys):
     assert main([*common, "--tasks", "jaxgpt_test_mc,no_such_task"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown lm-eval task(s) ['no_such_task']" in err[0]
+
+
+def test_registered_by_name(setup, gpt2_bpe_file):
+    import lm_eval
+
+    hf_dir, _, ours, _, manager = setup
+    args = f"init_from={hf_dir},bpe_file={gpt2_bpe_file},batch_size=8"
+    by_name = lm_eval.simple_evaluate(model="jaxgpt", model_args=args, tasks=["jaxgpt_test_mc"], task_manager=manager,
+                                      bootstrap_iters=0)
+    direct = lm_eval.simple_evaluate(model=ours, tasks=["jaxgpt_test_mc"], task_manager=manager, bootstrap_iters=0)
+    assert by_name["results"] == direct["results"]

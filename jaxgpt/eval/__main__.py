@@ -91,6 +91,8 @@ def run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
     from jaxgpt.eval.lm_eval_model import JaxGPTLM
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.only_include_path and not args.include_path:
+        raise ValueError("--only-include-path needs --include-path DIR (the folder of your task YAMLs)")
     manager = TaskManager(include_path=args.include_path, include_defaults=not args.only_include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if not tasks or unknown:
