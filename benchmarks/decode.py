@@ -155,6 +155,72 @@ def matrix_times(cfg, variant, params, rounds, steps=16) -> list[dict]:
     return out
 
 
+def _ab(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds of each thunk, compiled first, then timed interleaved round by round."""
+    for f in fns.values():
+        timed(f)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            times[k].append(timed(f))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def prefill_attempt(cfg, params, prompt_len, rounds) -> list[dict]:
+    """A prefill of prompt_len tokens reading logits at the last one: head over every position, then a slice
+    ([B, T, V]), against `logits_at` (the hidden state sliced before the head)."""
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
+    at = jnp.array([prompt_len - 1], jnp.int32)
+    model = GPT(cfg)
+
+    @partial(jax.jit, static_argnames="sliced")
+    def prefill(params: Any, tokens: jax.Array, sliced: bool) -> Any:
+        cache = G.new_cache(cfg, 1, prompt_len)
+        if sliced:
+            return model.apply({"params": params}, tokens, cache=cache, logits_at=at)
+        logits, cache = model.apply({"params": params}, tokens, cache=cache)
+        return logits[:, -1], cache
+
+    t = _ab({"logits at every position, then sliced": lambda: prefill(params, tokens, False),
+             "logits_at (head reads one row)": lambda: prefill(params, tokens, True)}, rounds)
+    return [dict(kind="attempt", what=f"prefill {prompt_len} tokens", form=k, ms=1e3 * v) for k, v in t.items()]
+
+
+def int8_head_attempt(params, rounds, steps=8) -> list[dict]:
+    """x [1, C] @ E.T for the int8 embedding table in several formulations, `steps` dependent products."""
+    w = params["wte"]["embedding"]  # QuantizedArray [V, C]
+    q, s = w.values, w.scales.reshape(-1)
+    qkn = jnp.asarray(np.ascontiguousarray(np.asarray(q).T))
+    f32 = jnp.float32
+
+    def act_int8(x: jax.Array, q: jax.Array) -> jax.Array:
+        sx = jnp.max(jnp.abs(x)) / 127.0
+        xq = jnp.round(x / sx).astype(jnp.int8)
+        dims = (((1,), (1,)), ((), ()))
+        return lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32).astype(f32) * sx * s
+
+    forms = {"dot(x, q.astype(f32).T) * s (QuantizedArray)": (lambda x, q: jnp.dot(x, q.astype(f32).T) * s, q),
+             "sum(q.astype(f32) * x, axis=1) * s": (lambda x, q: jnp.sum(q.astype(f32) * x, axis=1) * s, q),
+             "[K, N] layout: dot(x, q_kn.astype(f32)) * s": (lambda x, q: jnp.dot(x, q.astype(f32)) * s, qkn),
+             "dot_general(f32, int8, preferred f32) * s": (
+                 lambda x, q: lax.dot_general(x, q, (((1,), (1,)), ((), ())), preferred_element_type=f32) * s, q),
+             "int8 activations, s8 x s8 -> s32 dot": (act_int8, q)}
+    fns = {}
+    for name, (f, wq) in forms.items():
+        @jax.jit
+        def loop(wq: jax.Array, x: jax.Array, f: Callable = f) -> jax.Array:
+            def step(x: jax.Array, _: None) -> tuple[jax.Array, None]:
+                wb, xb = lax.optimization_barrier((wq, x))
+                return x + 1e-6 * jnp.mean(f(xb, wb)), None
+
+            return lax.scan(step, x, None, length=steps)[0]
+
+        x = jnp.ones((1, q.shape[1]), f32)
+        fns[name] = lambda loop=loop, wq=wq, x=x: loop(wq, x)
+    t = _ab(fns, rounds)
+    return [dict(kind="attempt", what="int8 tied head x @ E.T", form=k, ms=1e3 * v / steps) for k, v in t.items()]
+
+
 def cached_runs(cfg, params, prompts, variant, new_tokens, rounds) -> list[dict]:
     out = []
     for n in new_tokens:
@@ -309,6 +375,8 @@ def main() -> None:
                    help="timed repetitions of the uncached per-token timings, after the compiling run")
     p.add_argument("--rounds", type=int, default=5, help="timed whole generations per setting (median kept)")
     p.add_argument("--no-curves", action="store_true", help="skip the per-token timings (cached and uncached)")
+    p.add_argument("--attempts", action="store_true",
+                   help="also the speed attempts' A/B: prefill logits_at, int8 head formulations")
     p.add_argument("--hf-new-tokens", type=int, default=128)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--context", type=int, default=1024, help="context of the cache-bytes table")
@@ -351,6 +419,9 @@ def main() -> None:
         else:
             pos = [q for q in args.positions if b == 1 or q <= args.uncached_max_batched_position]
             records += uncached_step_times(cfg, params, b, pos, args.uncached_reps, rng)
+    if args.attempts:
+        records += prefill_attempt(cfg, params, 64, args.rounds)
+        records += int8_head_attempt(int8_with_embeddings(cfg, params), args.rounds)
     if not args.no_hf:
         for b in args.batches:
             ours = next(r for r in records if r["kind"] == "cached_generate" and r["variant"] == VARIANTS[0].name
@@ -388,6 +459,11 @@ def main() -> None:
                          "", f"{matmul_ms:.2f} / {token['ms_per_step']:.2f}"])
     table("Where a batch-1 token's time goes: each matrix alone (x @ W in a scan, median)",
           ["variant", "matrix", "shape", "MB", "us", "GB/s", "ms per token"], rows)
+    att = [r for r in records if r["kind"] == "attempt"]
+    if att:
+        table("Speed attempts (A/B in this process, median)", ["what", "form", "ms", "vs first form"],
+              [[r["what"], r["form"], r["ms"], f"{next(q['ms'] for q in att if q['what'] == r['what']) / r['ms']:.2f}x"]
+               for r in att])
     per = {(r["path"], r["variant"], r["batch"], r["position"]): r["ms"] for r in records if r["kind"] == "per_token"}
     rows = []
     for b in args.batches if per else ():
