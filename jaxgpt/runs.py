@@ -172,7 +172,8 @@ def lora_config_of(config: ml_collections.ConfigDict):
 
 
 def trainable_of(config: ml_collections.ConfigDict, split: Callable, combine: Callable) -> Trainable:
-    """Full training (the given split/combine), or LoRA when config.lora.rank > 0."""
+    """Full training (the given split/combine), or LoRA when config.lora.rank > 0: float32 adapters applied in
+    activation space (`lora.wrap`) to a frozen base, quantized first when config.lora.base_quantize is set."""
     from jaxgpt import lora
 
     lora_cfg = lora_config_of(config)
@@ -181,12 +182,26 @@ def trainable_of(config: ml_collections.ConfigDict, split: Callable, combine: Ca
     if split is not no_split or combine is not identity_combine:
         raise ValueError("config.lora.rank > 0 chooses split/combine itself; pass either LoRA settings or "
                          "split/combine, not both")
-    seed = int(config.seed)
+    seed, quantize_base = int(config.seed), base_quantizer(config)
 
     def lora_split(params: Params) -> tuple[Params, Params]:
-        return lora.init_lora(jax.random.PRNGKey(seed), params, lora_cfg, jax.tree.leaves(params)[0].dtype), params
+        adapters = lora.init_lora(jax.random.PRNGKey(seed), params, lora_cfg, jnp.float32)
+        return adapters, quantize_base(params)
 
-    return Trainable(lora_split, lambda adapters, base: lora.apply_lora(base, adapters, lora_cfg), lora_cfg)
+    return Trainable(lora_split, lambda adapters, base: lora.wrap(base, adapters, lora_cfg), lora_cfg)
+
+
+def base_quantizer(config: ml_collections.ConfigDict) -> Callable[[Params], Params]:
+    """config.lora.base_quantize: "" keeps the base as loaded; "int8" / "int4" quantize its block kernels (QLoRA)."""
+    from jaxgpt import quantize
+
+    kind = config.lora.get("base_quantize", "") or ""
+    if kind == "":
+        return lambda params: params
+    if kind not in ("int8", "int4"):
+        raise ValueError(f"config.lora.base_quantize={kind!r} is not valid; use '', 'int8' or 'int4'")
+    qcfg = quantize.QuantConfig(bits=int(kind[3:]))  # per output channel: fits every kernel shape
+    return lambda params: quantize.quantize(params, qcfg)
 
 
 def check_lora_export(cfg: GPTConfig, config: ml_collections.ConfigDict, trainable: Trainable) -> None:
@@ -206,7 +221,9 @@ def check_lora_export(cfg: GPTConfig, config: ml_collections.ConfigDict, trainab
 def lora_identity(config: ml_collections.ConfigDict, trainable: Trainable) -> dict[str, Any] | None:
     if trainable.lora is None:
         return None
-    return {**trainable.lora.to_dict(), "init_from": config.init_from, "init_path": str(config.init_path)}
+    quantized = config.lora.get("base_quantize", "") or ""
+    return {**trainable.lora.to_dict(), "init_from": config.init_from, "init_path": str(config.init_path),
+            **({"base_quantize": quantized} if quantized else {})}
 
 
 def check_identity(wd: Path, steps: list[int], cfg: GPTConfig, lora_now: dict[str, Any] | None) -> None:
@@ -285,14 +302,15 @@ def finish_lora(cfg: GPTConfig, base: Params, adapters: Params, lora_cfg: Any, c
                 workdir: Path, main: bool = True) -> dict[str, Any]:
     """End of a LoRA run: the adapters alone to <workdir>/lora (jaxgpt.lora.load_adapters reads them) and,
     when config.lora.export, merge(base, adapters) as a Hugging Face GPT-2 directory (config.lora.export_dir,
-    default <workdir>/hf). Both are written atomically, replacing the previous ones. Sharded arrays are gathered
-    from every process first, so a multi-host run exports too."""
+    default <workdir>/hf; a quantized base is dequantized). Both are written atomically, replacing the previous
+    ones. Sharded arrays are gathered from every process first, so a multi-host run exports too."""
     from jaxgpt import lora
+    from jaxgpt.quantize import dequantize  # a QLoRA base: the export is float
     from jaxgpt.sharding import gather_to_host
 
     out: dict[str, Any] = {"lora_trainable": lora.lora_param_count(base, lora_cfg)["trainable"]}
     adapters = gather_to_host(adapters)
-    merged = lora.merge(gather_to_host(base), adapters, lora_cfg) if config.lora.export else None
+    merged = dequantize(lora.merge(gather_to_host(base), adapters, lora_cfg)) if config.lora.export else None
     if not main:
         return out
     out["adapters"] = str(lora.save_adapters(workdir / "lora", adapters, lora_cfg, force=True))

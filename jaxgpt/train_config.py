@@ -94,6 +94,7 @@ def lora_config() -> ml_collections.ConfigDict:
     c.alpha = 16.0
     c.targets = ("attn/c_attn",)  # path patterns (jaxgpt.lora), e.g. ("attn/c_attn/q", "attn/c_attn/v")
     c.rank_stabilized = False  # True: RsLoRA scale alpha / sqrt(r) instead of alpha / r
+    c.base_quantize = ""  # "int8" | "int4": quantize the frozen base's block kernels (QLoRA); "" keeps it as loaded
     c.export = True  # merged Hugging Face GPT-2 export at the end (GPT-2 architectures only)
     c.export_dir = ""  # empty: <workdir>/hf
     return c

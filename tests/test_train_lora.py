@@ -178,3 +178,35 @@ def test_lora_bad_settings_get_clear_errors(lora_run, bpe_dir, base_dir, tmp_pat
     c.lora.rank = 0  # a full fine-tune over a LoRA run's adapters-only checkpoints
     with pytest.raises(ValueError, match="holds a run with LoRA settings"):
         trainer.train(c, wd)
+
+
+def test_qlora_on_an_int8_base_trains_and_exports_its_own_logits(bpe_dir, base_dir, tmp_path):
+    """--config.lora.base_quantize=int8: the base's block kernels are int8 in the step, the adapters float32;
+    the merged (dequantized) export gives transformers the logits of wrap(int8 base, adapters)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from jaxgpt import quantize
+
+    c = lora_config(bpe_dir, base_dir, max_iters=4)
+    c.lora.base_quantize = "int8"
+    wd = tmp_path / "wd"
+    summary = trainer.train(c, wd)
+    evals = {r["step"]: r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "eval"}
+    assert evals[4]["train_loss"] < evals[0]["train_loss"] - 0.05, evals
+    assert json.loads((wd / runs.LORA_RUN_FILE).read_text())["base_quantize"] == "int8"
+
+    cfg, base = checkpoint.load_hf_gpt2(base_dir)
+    qbase = quantize.quantize(base, quantize.QuantConfig(bits=8))
+    adapters, lcfg = lora.load_adapters(wd / "lora", base)
+    assert adapters["h_0"]["attn"]["c_attn"]["A"].dtype == np.float32
+    x = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 32))
+    ours = GPT(cfg).apply({"params": lora.wrap(qbase, adapters, lcfg)}, x)
+    hf = GPT2LMHeadModel.from_pretrained(Path(summary["export"])).eval()
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-4)
+
+    c.lora.base_quantize = ""  # the same adapters over the float base would be another run
+    with pytest.raises(ValueError, match="holds a run with LoRA settings"):
+        trainer.train(c, wd)
