@@ -8,7 +8,9 @@ GPT-2 directory (init_from="hf") or a jaxgpt workdir (init_from="run"). At the e
         --config.data.input=../shared/data/tinyshakespeare.txt --config.data.bpe_path=../shared/data/gpt2.tiktoken
 
 RsLoRA (scale alpha / sqrt(r) instead of alpha / r): --config.lora.rank_stabilized=True. The LoRA paper's
-choice of W_q and W_v only: --config.lora.targets="('attn/c_attn/q', 'attn/c_attn/v')".
+choice of W_q and W_v only: --config.lora.targets="('attn/c_attn/q', 'attn/c_attn/v')". QLoRA (the frozen
+base's block kernels in int8 or int4, float32 adapters; the export is dequantized):
+--config.lora.base_quantize=int8. Adapters are applied in activation space (x @ W + s (x @ A) @ B, jaxgpt.lora.wrap).
 """
 
 import ml_collections
