@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import compilation_cache, host_memory, sharding, train_config, trainer
+from jaxgpt import compilation_cache, host_memory, sharding, train_config, trainer, workdir_lock
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "default.py")
 try:  # ml_collections reads the overrides when the flag is defined: refuse unknown keys first, in one line
@@ -45,7 +45,10 @@ def main(argv: list[str]) -> int:
         config.get("compilation_cache_dir", ""),
         config.get("compilation_cache_min_secs", compilation_cache.DEFAULT_MIN_SECS),
         on_cpu=config.get("compilation_cache_on_cpu", False))
-    summary = trainer.train(config, workdir)
+    try:
+        summary = trainer.train(config, workdir)
+    except workdir_lock.WorkdirLocked as e:  # another run holds the workdir: say so in one line
+        raise SystemExit(f"train.py: {e}") from None
     if summary.get("interrupted"):
         return 1  # stopped by a signal after saving: not finished
     return 0

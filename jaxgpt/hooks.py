@@ -9,6 +9,9 @@ A hook is `Hook(fn, every)`: the loop calls `fn(step, state)` after every step w
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import shutil
 import signal
 import threading
 import time
@@ -54,22 +57,70 @@ class Evaluator:
 
 
 class Checkpointer:
-    """Saves the train state (with the newest evaluation of the same step, which ranks it for keep_best)."""
+    """Saves the train state (with the newest evaluation of the same step, which ranks it for keep_best).
+
+    A save that fails (a full disk, a lost mount) stops the run with `save_error`: the previous checkpoint
+    stays complete, since orbax commits a step by renaming it only once every file is written.
+    """
 
     def __init__(self, mngr: Any, meta: dict[str, Any], evaluator: Evaluator, before_save: Callable[[], None],
                  last_saved: int | None) -> None:
         self.mngr, self.meta, self.evaluator, self.before_save = mngr, meta, evaluator, before_save
-        self.last_saved = last_saved
+        self.last_saved = last_saved  # the newest step saved, or being saved in the background
+        self.kept = last_saved  # the newest complete step
+        self.in_flight: int | None = None
 
     def __call__(self, step: int, state: TrainState) -> None:
         if step == self.last_saved:
             return
         self.before_save()  # never write a checkpoint past a non-finite step
+        self.wait()
         metrics = self.evaluator.last if self.evaluator.last_step == step else {}
-        checkpoint.save_run_step(self.mngr, step, params=state.params,
-                                 optimizer={"step": state.step, "opt_state": state.opt_state},
-                                 meta={"step": step, **self.meta, **metrics}, val_loss=metrics.get("val_loss"))
-        self.last_saved = step
+        try:
+            checkpoint.save_run_step(self.mngr, step, params=state.params,
+                                     optimizer={"step": state.step, "opt_state": state.opt_state},
+                                     meta={"step": step, **self.meta, **metrics}, val_loss=metrics.get("val_loss"))
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for one failed write
+            raise save_error(step, Path(self.mngr.directory), self.kept, e) from e
+        self.last_saved = self.in_flight = step
+
+    def wait(self) -> None:
+        """Wait for a background save; its failure is raised as `save_error`."""
+        try:
+            self.mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise save_error(self.in_flight, Path(self.mngr.directory), self.kept, e) from e
+        if self.in_flight is not None:
+            self.kept, self.in_flight = self.in_flight, None
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.absolute()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def save_error(step: int | None, ckpt_dir: Path, kept: int | None, e: BaseException) -> OSError:
+    """The one-line error a failed checkpoint save stops the run with: the step, the disk and its free space,
+    and the checkpoint that is kept. The failed step's partial folder is removed, freeing its space."""
+    for partial in ckpt_dir.glob(f"{step}{checkpoint.ORBAX_TMP_MARKER}*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    chain, cause = [], e
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in chain)
+    what = "the disk is full" if full else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    kept_msg = f"step {kept} is kept and restorable" if kept is not None else "there is no earlier checkpoint"
+    return OSError(errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO,
+                   f"saving checkpoint step {step} to {ckpt_dir} failed ({what}; the disk mounted at "
+                   f"{_mount_point(ckpt_dir)} has {free}); training stopped. The last complete checkpoint: "
+                   f"{kept_msg}. Free space there (or move the workdir), then run the same command to resume")
 
 
 class Profiler:

@@ -40,9 +40,24 @@ class MetricsLog:
                     f.write(b"\n")
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record) + "\n"
-        with open(self.path, "a") as f:
-            f.write(line)
+        """Append one line whole or not at all: a failed write (a full disk) is cut back to the last complete
+        line before the error is raised, so readers never meet a partial record."""
+        data = memoryview((json.dumps(record) + "\n").encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError as e:
+                try:
+                    os.ftruncate(fd, end)
+                except OSError:
+                    pass
+                raise OSError(e.errno, f"cannot append to {self.path} ({e.strerror}); its complete lines are "
+                              "kept. Free space on that disk, then run the same command to resume") from e
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         pass

@@ -8,7 +8,9 @@ Rerunning the same workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ import ml_collections
 import optax
 
 from jaxgpt import batches as batches_lib
-from jaxgpt import checkpoint, host_memory, metrics, runs, steps, train_config, weights, writers
+from jaxgpt import checkpoint, host_memory, metrics, runs, steps, train_config, weights, workdir_lock, writers
 from jaxgpt.hooks import Checkpointer, Evaluator, Hook, Profiler, SignalStop
 
 Params = Any
@@ -36,8 +38,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     `combine(trainable, frozen) -> params` choose what is trained; `shardings_fn(state, frozen)` places state,
     batches and frozen params on a mesh (default: a mesh over jax.devices() from config.mesh). With
     config.lora.rank > 0 the loaded model is frozen and LoRA adapters are trained. Raises FloatingPointError
-    naming the step when the loss (or gradient) stops being finite.
+    naming the step when the loss (or gradient) stops being finite, and WorkdirLocked when another run holds
+    `workdir` (process 0 holds its lock from the first write to the last: jaxgpt.workdir_lock).
     """
+    lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(config, workdir, tx, split, combine, shardings_fn)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tx: optax.GradientTransformation | None,
+           split: Callable, combine: Callable, shardings_fn: Callable | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     wd = Path(workdir)
@@ -97,9 +107,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         bar.close()
         if profiler:
             profiler.stop()
-        s.mngr.wait_until_finished()
+        checkpointer.wait()
         s.mngr.close()
-        log.close()
+        with contextlib.suppress(OSError) if sys.exc_info()[0] else contextlib.nullcontext():
+            log.close()  # on a full disk the writers' flush fails too: keep the error that stopped the run
     summary = {"start_step": start, "workdir": str(wd), "step": step, "wall_s": time.perf_counter() - t_start,
                **step_metrics.latest, **evaluator.last}
     if stop.signal:

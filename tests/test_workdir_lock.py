@@ -1,0 +1,184 @@
+"""Tests for jaxgpt.workdir_lock: one run per workdir; a live holder is named and refused, a gone one (dead PID,
+reused PID, rebooted machine, silent host) is taken over; racing starters get exactly one winner; readers never
+touch the lock; `train` and train.py refuse a held workdir before writing anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxgpt import workdir_lock as wl
+from test_faults import tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_lock(wd: Path, **holder) -> Path:
+    wd.mkdir(parents=True, exist_ok=True)
+    me = wl.me()
+    path = wd / wl.LOCK_NAME
+    path.write_text(json.dumps({**me, **holder}))
+    return path
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_live_holder_is_refused_in_one_line_naming_it(tmp_path):
+    with wl.WorkdirLock(tmp_path) as held:
+        assert held.taken_over is None
+        with pytest.raises(wl.WorkdirLocked) as e:
+            wl.WorkdirLock(tmp_path).acquire()
+        msg = str(e.value)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.holder["started"]))
+        assert "\n" not in msg
+        assert f"is in use by another training run (host {socket.gethostname()}, PID {os.getpid()}, " \
+               f"started {started})" in msg and "use another --workdir" in msg
+        assert wl.holder_of(tmp_path)["token"] == held.holder["token"]
+    assert not (tmp_path / wl.LOCK_NAME).exists()  # released
+    wl.WorkdirLock(tmp_path).acquire().release()  # and free again
+
+
+@pytest.mark.parametrize("holder,reason", [
+    (lambda: {"pid": dead_pid()}, r"PID \d+ is gone"),
+    (lambda: {"start": "1"}, rf"PID {os.getpid()} now belongs to another process"),  # this PID, another start
+    (lambda: {"boot_id": "another-boot"}, "the machine rebooted since"),
+])
+def test_a_stale_lock_on_this_host_is_taken_over(tmp_path, holder, reason):
+    if wl.process_start(os.getpid()) is None or wl._boot_id() is None:
+        pytest.skip("no /proc: process start times are unknown here")
+    write_lock(tmp_path, **holder())
+    with wl.WorkdirLock(tmp_path) as lock:
+        assert lock.taken_over is not None
+        assert re.search(reason, lock.taken_over), lock.taken_over
+        assert wl.holder_of(tmp_path)["token"] == lock.holder["token"]
+
+
+def test_another_hosts_lock_is_refused_until_its_heartbeat_is_stale(tmp_path):
+    path = write_lock(tmp_path, host="node-17", pid=4242)
+    with pytest.raises(wl.WorkdirLocked, match=r"host node-17, PID 4242"):
+        wl.WorkdirLock(tmp_path).acquire()
+    old = time.time() - wl.STALE_AFTER_S - 5
+    os.utime(path, (old, old))
+    with wl.WorkdirLock(tmp_path) as lock:
+        assert "no heartbeat from host node-17" in lock.taken_over
+
+
+def test_the_holder_refreshes_its_heartbeat(tmp_path):
+    with wl.WorkdirLock(tmp_path, heartbeat_s=0.05) as lock:
+        old = time.time() - 1000
+        os.utime(lock.path, (old, old))
+        deadline = time.time() + 10
+        while lock.path.stat().st_mtime < time.time() - 100 and time.time() < deadline:
+            time.sleep(0.02)
+        assert lock.path.stat().st_mtime > time.time() - 100
+
+
+def test_release_never_removes_a_lock_taken_over_since(tmp_path):
+    lock = wl.WorkdirLock(tmp_path).acquire()
+    other = write_lock(tmp_path, host="node-3", pid=99)  # another run took it over meanwhile
+    lock.release()
+    assert other.exists() and json.loads(other.read_text())["host"] == "node-3"
+
+
+def test_a_foreign_lock_file_is_refused_with_the_fix(tmp_path):
+    (tmp_path / wl.LOCK_NAME).write_text("{not json")
+    with pytest.raises(wl.WorkdirLocked, match=r"is not a jaxgpt lock file; if no run uses .* delete it"):
+        wl.WorkdirLock(tmp_path).acquire()
+
+
+RACE = r"""
+import sys, time
+from jaxgpt import workdir_lock as wl
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+try:
+    lock = wl.WorkdirLock(sys.argv[1]).acquire()
+except wl.WorkdirLocked:
+    print("refused"); sys.exit(0)
+print("holder", flush=True)
+if sys.argv[3] == "kill":
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(1.5)
+lock.release()
+"""
+
+
+def test_racing_starters_get_exactly_one_holder(tmp_path):
+    go = time.time() + 1.5  # after every interpreter has started
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), str(go), "hold"], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO) for _ in range(4)]
+    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outs == ["holder", "refused", "refused", "refused"], outs
+    assert not (tmp_path / wl.LOCK_NAME).exists()
+
+
+def test_the_lock_of_a_sigkilled_run_is_taken_over(tmp_path):
+    p = subprocess.run([sys.executable, "-c", RACE, str(tmp_path), "0", "kill"], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert p.returncode == -signal.SIGKILL and p.stdout.strip() == "holder"
+    killed = wl.holder_of(tmp_path)["pid"]  # the lock file the killed process left behind
+    assert killed != os.getpid()
+    with wl.WorkdirLock(tmp_path) as lock:
+        assert f"PID {killed} is gone" in lock.taken_over
+
+
+def test_readers_ignore_the_lock_and_leave_a_running_save_alone(tmp_path):
+    """checkpoint.load_run (what jaxgpt.sample, eval and exports read through) works on a held workdir and
+    changes nothing in it: neither the lock nor a save in progress."""
+    import chex
+    import numpy as np
+
+    from jaxgpt import checkpoint
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.model import init_params
+
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    params = init_params(cfg, 3)
+    mngr = checkpoint.run_checkpoint_manager(tmp_path)
+    checkpoint.save_run_step(mngr, 5, params=params, optimizer={"step": np.int32(5)}, meta={"step": 5})
+    mngr.close()
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": "abcdefghijk", "vocab_size": 11}))
+    with wl.WorkdirLock(tmp_path) as lock:
+        in_flight = tmp_path / "checkpoints" / f"6{checkpoint.ORBAX_TMP_MARKER}"
+        (in_flight / "params").mkdir(parents=True)
+        before = (lock.path.read_text(), lock.path.stat().st_mtime_ns)
+        _, got, _ = checkpoint.load_run(tmp_path)
+        chex.assert_trees_all_equal(got, params)
+        assert (lock.path.read_text(), lock.path.stat().st_mtime_ns) == before
+        assert in_flight.is_dir()
+
+
+def tiny_flags(wd: Path, data_dir: Path) -> list[str]:
+    return [f"--config={REPO / 'configs' / 'tiny.py'}", f"--workdir={wd}", f"--config.data.dir={data_dir}"]
+
+
+def test_train_and_train_py_refuse_a_held_workdir_before_writing(tmp_path, pydoc_char_dir):
+    """The case that used to crash both runs: a second train.py on a workdir in use."""
+    from jaxgpt import trainer
+
+    wd = tmp_path / "wd"
+    with wl.WorkdirLock(wd):
+        with pytest.raises(wl.WorkdirLocked, match=rf"PID {os.getpid()}"):
+            trainer.train(tiny(pydoc_char_dir), wd)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), *tiny_flags(wd, pydoc_char_dir)], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1, p.stderr[-2000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("train.py: ") and f"PID {os.getpid()}" in last and "Traceback" not in p.stderr, \
+            p.stderr[-2000:]
+        assert sorted(f.name for f in wd.iterdir()) == [wl.LOCK_NAME, wl.LOCK_NAME + ".guard"]  # nothing written
