@@ -245,15 +245,27 @@ def distributed_args(coordinator: str | None = None, num_processes: int | None =
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None,
-                                 environ: Mapping[str, str] | None = None) -> bool:
+                                 environ: Mapping[str, str] | None = None,
+                                 heartbeat_timeout_s: int | None = None) -> bool:
     """Call `jax.distributed.initialize` when flags or the environment describe a multi-process run.
 
     Must run before any computation or `jax.devices()`. No-op (returns False) for a single process or when
     already initialized; returns True when it initialized. On CPU, cross-process collectives use gloo.
+
+    heartbeat_timeout_s (default $JAXGPT_HEARTBEAT_TIMEOUT_S, else JAX's default): a process that sends no
+    heartbeat for this long is declared dead and JAX terminates every other process with an error, so a
+    dead or unreachable host stops the run within about this bound instead of leaving it in a collective.
     """
-    args = distributed_args(coordinator, num_processes, process_id, environ)
+    env = os.environ if environ is None else environ
+    args = distributed_args(coordinator, num_processes, process_id, env)
     if args is None or jax.distributed.is_initialized():
         return False
+    heartbeat = heartbeat_timeout_s or env.get("JAXGPT_HEARTBEAT_TIMEOUT_S")
+    if heartbeat:
+        if not str(heartbeat).isdigit() or int(heartbeat) < 1:
+            raise ValueError(f"heartbeat timeout {heartbeat!r} is not valid; use a whole number of seconds >= 1 "
+                             "(JAXGPT_HEARTBEAT_TIMEOUT_S)")
+        args["heartbeat_timeout_seconds"] = int(heartbeat)
     # Cross-process collectives of the CPU backend (CPU-only runs and tests); accelerators are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**args)
