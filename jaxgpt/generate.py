@@ -333,6 +333,8 @@ def _generate_jit(params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.A
     state, logits0 = _prefill(params, tokens, lengths, rng, sampler, config=config, max_len=max_len,
                               cache_kind=cache_kind, cache_dtype=cache_dtype, slide=slide)
     tok0 = state.last
+    if n_steps == 0:  # one new token: the prefill's
+        return Generation(tok0[:, None], state.count, logits0[:, None] if return_logits else None)
     state, toks, logits = _decode(params, state, sampler, config=config, n_steps=n_steps,
                                   return_logits=return_logits, window=window)
     out_tokens = jnp.concatenate([tok0[:, None], toks], axis=1)  # [B, N]
