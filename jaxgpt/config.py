@@ -16,6 +16,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "manual")
+REMATS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
     attention: str = "xla"  # xla | cudnn (GPU) | manual (einsum + softmax, supports attention dropout)
+    # How the step runs, not what it computes (the numbers are the same; see jaxgpt/model.py):
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable (jax.checkpoint policy)
+    scan_layers: bool = False  # the blocks as one lax.scan over stacked params: compile once, not n_layer times
 
     def __post_init__(self) -> None:
         def choice(field: str, allowed: tuple[str, ...]) -> None:
@@ -58,6 +62,7 @@ class GPTConfig:
         choice("dtype", DTYPES)
         choice("param_dtype", DTYPES)
         choice("attention", ATTENTION_IMPLS)
+        choice("remat", REMATS)
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
@@ -73,7 +78,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.layer_norm_eps={self.layer_norm_eps!r} is not valid; use a value > 0")
         if not float(self.rope_theta) > 0:
             raise ValueError(f"GPTConfig.rope_theta={self.rope_theta!r} is not valid; use a value > 0")
-        for f in ("bias", "tie_embeddings"):
+        for f in ("bias", "tie_embeddings", "scan_layers"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"GPTConfig.{f}={getattr(self, f)!r} is not valid; use True or False")
 

@@ -7,6 +7,13 @@ Dense kernels are [in, out], exactly GPT-2's Conv1D layout.
 The model knows nothing of LoRA or quantization: it multiplies weights through `jaxgpt.weights` (`matmul`,
 `embed`, `attend`), which hands any non-array weight leaf to that leaf's own method.
 The KV cache is an argument and a return value: `apply(..., cache=c)` returns `(logits, new_cache)`.
+
+Scale switches (they change memory and compile time, never the numbers): `config.remat` recomputes each
+block's activations in the backward pass under a `jax.checkpoint` policy; `config.scan_layers` runs the blocks
+as one `lax.scan` over their parameters stacked along a leading layer axis, so the block is traced and
+compiled once, not n_layer times. The parameters stay in the unrolled layout (h_0 ... h_{L-1}) everywhere,
+checkpoints and Hugging Face files included: the model stacks them inside the step (`jaxgpt.layers`).
+Activations are pinned to the batch split of the device mesh (`jaxgpt.sharding.constrain_batch`).
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import layers as layers_lib
 from jaxgpt.config import GPTConfig
 from jaxgpt.dropout import dropout
 from jaxgpt.rope import apply_rope
+from jaxgpt.sharding import constrain_batch
 from jaxgpt.weights import attend, count_params, embed, is_array, matmul  # noqa: F401 (count_params re-exported)
 
 
@@ -165,6 +174,7 @@ class CausalSelfAttention(nn.Module):
         if cfg.pos_embedding == "rope":
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
+        q, k, v = constrain_batch(q), constrain_batch(k), constrain_batch(v)
 
         if layer_cache is None:
             mask = None  # plain causal over the T tokens
@@ -179,7 +189,7 @@ class CausalSelfAttention(nn.Module):
         y = dot_product_attention(
             q, k, v, mask, impl=cfg.attention, dropout_rate=cfg.dropout if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None)
-        y = y.reshape(B, T, C)
+        y = constrain_batch(y.reshape(B, T, C))  # [B, T, C]
         y = Dense(C, cfg.bias, cfg.compute_dtype, cfg.params_dtype, std=0.02 / math.sqrt(2 * cfg.n_layer),
                   name="c_proj")(y)
         return _dropout(self, y, cfg.dropout, deterministic), layer_cache
@@ -192,7 +202,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         h = Dense(4 * cfg.n_embd, cfg.bias, cfg.compute_dtype, cfg.params_dtype, name="c_fc")(x)
-        h = nn.gelu(h, approximate=True)  # GPT-2's tanh GELU ("gelu_new")
+        h = constrain_batch(nn.gelu(h, approximate=True))  # [B, T, 4C]; GPT-2's tanh GELU ("gelu_new")
         h = Dense(cfg.n_embd, cfg.bias, cfg.compute_dtype, cfg.params_dtype,
                   std=0.02 / math.sqrt(2 * cfg.n_layer), name="c_proj")(h)
         return _dropout(self, h, cfg.dropout, deterministic)
@@ -205,6 +215,7 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any,
                  deterministic: bool) -> tuple[jax.Array, Any]:
         cfg = self.config
+        x = constrain_batch(x)  # [B, T, C]
         ln_1, ln_2 = make_norm(cfg, "ln_1"), make_norm(cfg, "ln_2")
         attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
         if cfg.norm_position == "pre":  # GPT-2: x + f(LN(x))
@@ -215,7 +226,40 @@ class Block(nn.Module):
             a, layer_cache = attn(x, positions, layer_cache, deterministic)
             x = ln_1(x + a)
             x = ln_2(x + mlp(x, deterministic))
-        return x, layer_cache
+        return constrain_batch(x), layer_cache
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # not scores
+}
+
+
+def block_class(config: GPTConfig) -> Any:
+    """Block, under `nn.remat` with the config's policy unless config.remat is "none"."""
+    if config.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[config.remat], static_argnums=(4,))  # 4: deterministic
+
+
+def scan_blocks(config: GPTConfig, blocks: Any, x: jax.Array, positions: jax.Array, layers: Any,
+                deterministic: bool, dropout_rng: jax.Array | None) -> tuple[jax.Array, Any]:
+    """Run the blocks as one lax.scan over their stacked params `blocks` (leading axis n_layer).
+
+    layers: the per-layer caches stacked the same way, or None. Layer i draws its dropout masks from
+    fold_in(dropout_rng, i). Returns (x, new stacked caches).
+    """
+    block = Block(config, parent=None)
+
+    def body(x: jax.Array, inp: tuple) -> tuple[jax.Array, Any]:
+        i, params, layer_cache = inp
+        rngs = {} if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, i)}
+        return block.apply({"params": params}, x, positions, layer_cache, deterministic, rngs=rngs)
+
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
+    return jax.lax.scan(body, x, (jnp.arange(config.n_layer), blocks, layers))
 
 
 class GPT(nn.Module):
@@ -243,13 +287,8 @@ class GPT(nn.Module):
             x = x + Embed(cfg.block_size, cfg.n_embd, cfg.compute_dtype, cfg.params_dtype, name="wpe")(positions)
         elif cfg.pos_embedding == "sinusoidal":
             x = x + sinusoidal_embedding(positions, cfg.n_embd, SINUSOIDAL_RMS).astype(cfg.compute_dtype)
-        x = _dropout(self, x, cfg.dropout, deterministic)
-
-        new_layers = []
-        for i in range(cfg.n_layer):
-            layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache = Block(cfg, name=f"h_{i}")(x, positions, layer_cache, deterministic)
-            new_layers.append(layer_cache)
+        x = constrain_batch(_dropout(self, x, cfg.dropout, deterministic))  # [B, T, C]
+        x, new_layers = self.blocks(x, positions, cache, deterministic)
 
         if logits_at is not None:  # [B] -> logits [B, V]; [B, K] -> [B, K, V]: the head reads only these rows
             at = jnp.asarray(logits_at, jnp.int32).reshape(B, -1)  # [B, K]
@@ -260,12 +299,31 @@ class GPT(nn.Module):
             logits = wte.attend(x)
         else:
             logits = Dense(cfg.vocab_size, False, cfg.compute_dtype, cfg.params_dtype, name="lm_head")(x)
-        logits = logits.astype(jnp.float32)  # [B, T, V]
+        logits = constrain_batch(logits.astype(jnp.float32))  # [B, T, V]
         if logits_at is not None and jnp.ndim(logits_at) == 1:
             logits = logits[:, 0]  # [B, V]
         if cache is None:
             return logits
         return logits, cache.replace(layers=tuple(new_layers), lengths=positions[:, -1] + 1)
+
+
+    def blocks(self, x: jax.Array, positions: jax.Array, cache: Any, deterministic: bool) -> tuple[jax.Array, Any]:
+        """The n_layer blocks h_0 ... h_{L-1}: unrolled, or one scan over their stacked params."""
+        cfg = self.config
+        params = self.variables.get("params", {})
+        blocks = [params.get(f"h_{i}") for i in range(cfg.n_layer)]
+        if cfg.scan_layers and not self.is_initializing() and layers_lib.same_structure(blocks):
+            stacked_cache = None if cache is None else layers_lib.stack(cache.layers)
+            dropout_rng = None if deterministic or cfg.dropout == 0.0 else self.make_rng("dropout")
+            x, stacked_cache = scan_blocks(cfg, layers_lib.stack(blocks), x, positions, stacked_cache,
+                                           deterministic, dropout_rng)
+            return x, None if cache is None else layers_lib.unstack(stacked_cache, cfg.n_layer)
+        new_layers = []  # unrolled (and always at init, so both layouts start from the same numbers)
+        for i in range(cfg.n_layer):
+            layer_cache = None if cache is None else cache.layers[i]
+            x, layer_cache = block_class(cfg)(cfg, name=f"h_{i}")(x, positions, layer_cache, deterministic)
+            new_layers.append(layer_cache)
+        return x, tuple(new_layers)
 
 
 def init_params(config: GPTConfig, rng: jax.Array | int = 0) -> Any:

@@ -10,11 +10,17 @@ JAX is the distributed engine; this module only decides where each array lives:
   function shards an optimizer state (Adam's mu and nu have their parameter's shape) or a whole train state.
 
 `jax.jit(step, in_shardings=..., out_shardings=...)` then inserts the all-gathers and reduce-scatters.
+Activations are pinned to the batch split too (`constrain_batch`, called by the model at the block
+boundaries and inside attention), as MaxText does: without it XLA follows the fsdp-split weights and keeps
+the whole global batch on every device with the heads split instead. The pins need the mesh at trace time,
+so trace and call the step inside `with jax.set_mesh(mesh):` (`activation_mesh(mesh)`); without a mesh
+context they are no-ops.
 Multi-host runs call `maybe_initialize_distributed` first, before anything touches a device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -121,6 +127,30 @@ def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """The same value on every device (losses, metrics, step counters)."""
     return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations
+
+
+def activation_mesh(mesh: Mesh | None) -> Any:
+    """The context the train step is traced and run in, so `constrain_batch` sees the mesh (None: no mesh)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keep x [B, ...] split along its rows over ("data", "fsdp") when such a mesh is active at trace time.
+
+    A no-op without a mesh context, on a mesh of one device, inside shard_map over these axes, or when B does
+    not divide by the device count (one-row decoding on a mesh).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or set(BATCH_AXES) & set(mesh.manual_axes):
+        return x
+    n = mesh.shape[DATA] * mesh.shape[FSDP]
+    if n == 1 or x.ndim == 0 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -161,6 +162,38 @@ def worker_multihost(outdir: Path) -> None:
         "local_device_count": jax.local_device_count(), "param_specs": sh.spec_summary(params)}))
 
 
+# The compiled FSDP steps must keep activations split over the batch: attention scores [B/8, H, T, T] on each
+# of 8 devices, never the whole batch B with the heads split. Shapes chosen so no other array ends in T, T.
+ACT_CFG = GPTConfig(vocab_size=96, block_size=24, n_layer=2, n_head=8, n_embd=64)
+ACT_BATCH = 16
+
+
+def worker_activations(outdir: Path) -> None:
+    """Compile the real train and eval steps for a 1 x 8 FSDP mesh; record every [..., T, T] shape in the HLO."""
+    from jaxgpt import steps as step_lib
+    from jaxgpt.train_config import base_config
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.min_shard_size = 1, 8, 256
+    mesh, shardings_fn = step_lib.mesh_shardings_fn(c, ACT_BATCH)
+    tx = step_lib.make_optimizer(c)
+    state = jax.eval_shape(lambda: step_lib.init_state(init_params(ACT_CFG, 0), tx))
+    s = shardings_fn(state, None)
+    step = step_lib.make_train_step(ACT_CFG, tx, shardings=s)
+    abstract = lambda tree, sharding: jax.tree.map(  # noqa: E731
+        lambda x, sd: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sd), tree, sharding)
+    batch = jax.ShapeDtypeStruct((1, ACT_BATCH, ACT_CFG.block_size), jnp.int32, sharding=s.batch)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=s.rng)
+    T = ACT_CFG.block_size
+    rows = jax.ShapeDtypeStruct((ACT_BATCH, T), jnp.int32)  # the eval step gets host arrays: no sharding given
+    with sh.activation_mesh(mesh):
+        hlo = step.lower(abstract(state, s.state), (batch, batch), rng, None).compile().as_text()
+        hlo_eval = step_lib.make_eval_step(ACT_CFG).lower(abstract(state.params, s.state.params), rows,
+                                                          rows).compile().as_text()
+    scores = {name: sorted({m for m in re.findall(rf"\[([\d,]+),{T},{T}\]", text)})
+              for name, text in (("train", hlo), ("eval", hlo_eval))}
+    (outdir / "activations.json").write_text(json.dumps({"scores": scores, "n_devices": jax.device_count()}))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Subprocess helpers
 
@@ -255,6 +288,21 @@ def test_data_parallel_mesh_replicates_params(mesh_results):
 def test_shard_batch_rejects_indivisible_batch(mesh_results):
     msg = mesh_results[0]["bad_batch_error"]
     assert msg is not None and "(6, 4)" in msg and "multiple of 8" in msg
+
+
+def test_fsdp_activations_stay_split_over_the_batch(tmp_path):
+    """The compiled 1 x 8 FSDP train and eval steps hold attention scores [B/8, H, T, T] on a device, never the
+    whole batch [B, H/k, T, T] (the eval step, given unsharded rows, did before activations were pinned)."""
+    proc = subprocess.run([sys.executable, __file__, "activations", str(tmp_path)], env=_env(8),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "activations.json").read_text())
+    assert got["n_devices"] == 8
+    per_device = f"{ACT_BATCH // 8},{ACT_CFG.n_head}"
+    for step in ("train", "eval"):
+        shapes = got["scores"][step]
+        assert per_device in shapes, (step, shapes)
+        assert all(str(ACT_BATCH) not in shape.split(",") for shape in shapes), (step, shapes)  # no whole batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -369,4 +417,4 @@ def test_maybe_initialize_distributed_single_process_is_noop():
 
 if __name__ == "__main__":
     mode, outdir = sys.argv[1], Path(sys.argv[2])
-    {"mesh": worker_mesh, "multihost": worker_multihost}[mode](outdir)
+    {"mesh": worker_mesh, "multihost": worker_multihost, "activations": worker_activations}[mode](outdir)
