@@ -27,6 +27,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_params
 
 TOL = 1e-5  # float32: activation space vs weight space
+# One block: every test here is about one kernel's product, and a second block only adds compile time.
 
 
 def _params(cfg: GPTConfig, seed: int = 0, std: float = 0.1) -> dict:
@@ -74,7 +75,7 @@ def _tokens(seed: int, shape=(2, 17)) -> jax.Array:
 def test_wrap_logits_and_grads_equal_weight_space(targets, rslora, param_dtype):
     """The bfloat16 base's reference is weight space on the same values upcast to float32 (the model computes
     in float32): apply_lora on the bfloat16 base would round W + A B back to bfloat16."""
-    cfg = GPTConfig.preset("tiny", param_dtype=param_dtype)
+    cfg = GPTConfig.preset("tiny", n_layer=1, param_dtype=param_dtype)
     cfg32 = cfg.replace(param_dtype="float32")
     base = _params(cfg)
     base32 = jax.tree.map(lambda x: x.astype(jnp.float32), base)
@@ -104,7 +105,7 @@ def test_wrap_logits_and_grads_equal_weight_space(targets, rslora, param_dtype):
 
 
 def test_wrap_bad_input():
-    cfg = GPTConfig.preset("tiny")
+    cfg = GPTConfig.preset("tiny", n_layer=1)
     base = _params(cfg)
     lcfg = lora.LoraConfig(rank=2, alpha=5.0, targets=("attn/c_attn/v",))
     ad = _random_adapters(base, lcfg, 0)
@@ -173,7 +174,7 @@ def test_bfloat16_base_trains_like_float32_where_weight_space_lags():
 def test_qlora_int8_trains_and_merged_export_matches_unmerged():
     """Adapters trained on an int8 base; merged (dequantized) they give the unmerged model's logits. Also an
     int4 base, and the quantize helpers on wrapped params."""
-    cfg = GPTConfig.preset("tiny")
+    cfg = GPTConfig.preset("tiny", n_layer=1)
     float_base = _params(cfg, seed=5)
     qbase = quantize.quantize(float_base)
     q4 = quantize.quantize(float_base, quantize.QuantConfig(bits=4, granularity="group", group_size=8))
@@ -187,14 +188,13 @@ def test_qlora_int8_trains_and_merged_export_matches_unmerged():
         apply = lambda p: GPT(cfg).apply({"params": p}, toks)  # noqa: E731
         wrapped = lora.wrap(qbase, ad, lcfg)
         logits = {"unmerged": apply(wrapped), "merged": apply(lora.merge(qbase, ad, lcfg)),
-                  "dequantized": apply(quantize.dequantize(wrapped)), "int4 unmerged": apply(lora.wrap(q4, ad, lcfg)),
+                  "int4 unmerged": apply(lora.wrap(q4, ad, lcfg)),
                   "int4 merged": apply(lora.merge(q4, ad, lcfg))}
         return first, last, ad, logits
 
     first, last, ad, logits = run(qbase, q4, toks)
     assert float(last) < float(first) - 0.05, (first, last)
     np.testing.assert_allclose(logits["merged"], logits["unmerged"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(logits["dequantized"], logits["unmerged"], atol=TOL, rtol=0)
     np.testing.assert_allclose(logits["int4 merged"], logits["int4 unmerged"], atol=TOL, rtol=0)
     wrapped = lora.wrap(qbase, ad, lcfg)
     leaf = wrapped["h_0"]["attn"]["c_attn"]["kernel"]
@@ -205,6 +205,9 @@ def test_qlora_int8_trains_and_merged_export_matches_unmerged():
     chex.assert_trees_all_close(quantize.dequantize(merged), lora.merge(quantize.dequantize(qbase), ad, lcfg),
                                 atol=1e-6, rtol=0)
     assert quantize.is_quantized(wrapped)  # the quantize helpers see through the LoRA leaves
+    float_leaf = quantize.dequantize(wrapped)["h_0"]["attn"]["c_attn"]["kernel"]
+    assert isinstance(float_leaf, lora.LoraWeight) and not isinstance(float_leaf.base, quantize.QuantizedArray)
+    chex.assert_trees_all_close(float_leaf.dequantize(), merged["h_0"]["attn"]["c_attn"]["kernel"], atol=1e-6, rtol=0)
     report, q_report = quantize.size_report(wrapped), quantize.size_report(qbase)
     assert report["quantized_bytes"] == q_report["quantized_bytes"]
     assert report["other_bytes"] == q_report["other_bytes"] + sum(x.nbytes for x in jax.tree.leaves(ad))
@@ -217,7 +220,7 @@ def test_qlora_int8_trains_and_merged_export_matches_unmerged():
 def test_train_step_writes_no_float_copy_of_an_adapted_kernel():
     """Weight space writes W + A B (and its [in, out] gradient) for every adapted kernel; activation space
     writes neither. Shapes chosen so that no activation shares a kernel's shape."""
-    cfg = GPTConfig.preset("tiny", n_embd=24, n_head=2, vocab_size=61)
+    cfg = GPTConfig.preset("tiny", n_layer=1, n_embd=24, vocab_size=61)
     base = _params(cfg)
     lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("all",))
     ad = lora.init_lora(0, base, lcfg)
@@ -236,7 +239,7 @@ def test_train_step_writes_no_float_copy_of_an_adapted_kernel():
 
         hlo = jax.jit(step).lower(ad, opt.init(ad), base, toks).compile().as_text()
         counts[name] = sum(shape in kernels for _, shape, _ in quantize.hlo_float_buffers(hlo))
-    assert counts["activation"] == 0 and counts["weight"] >= 8, counts
+    assert counts["activation"] == 0 and counts["weight"] >= 4, counts  # 4 adapted kernels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,7 +247,7 @@ def test_train_step_writes_no_float_copy_of_an_adapted_kernel():
 
 
 def test_tree_shardings_on_wrapped_params():
-    cfg = GPTConfig.preset("tiny")
+    cfg = GPTConfig.preset("tiny", n_layer=1)
     base = _params(cfg)
     lcfg = lora.LoraConfig(rank=2, alpha=5.0, targets=("attn/c_attn/q", "mlp/c_fc"))
     wrapped = lora.wrap(quantize.quantize(base), _random_adapters(base, lcfg, 0), lcfg)
@@ -258,7 +261,7 @@ def test_tree_shardings_on_wrapped_params():
 def worker_multihost(outdir: Path) -> None:
     """One of two processes with one CPU device each: adapters sharded over both, then both exports."""
     assert sh.maybe_initialize_distributed() is True
-    base = _params(GPTConfig.preset("tiny"))
+    base = _params(GPTConfig.preset("tiny", n_layer=1))
     lcfg = lora.LoraConfig(rank=2, alpha=5.0, targets=("attn/c_attn/q", "attn/c_attn/v", "mlp/c_fc"))
     ad = _random_adapters(base, lcfg, 7)
     mesh = sh.make_mesh(data=1, fsdp=2)
@@ -290,7 +293,7 @@ def test_exports_gather_adapters_sharded_over_two_processes(tmp_path):
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
-    base = _params(GPTConfig.preset("tiny"))
+    base = _params(GPTConfig.preset("tiny", n_layer=1))
     lcfg = lora.LoraConfig(rank=2, alpha=5.0, targets=("attn/c_attn/q", "attn/c_attn/v", "mlp/c_fc"))
     want = _random_adapters(base, lcfg, 7)
     got, got_cfg = lora.load_adapters(tmp_path / "adapters", base)
