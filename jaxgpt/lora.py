@@ -479,20 +479,11 @@ def lora_param_count(params: Any, cfg: LoraConfig) -> dict[str, Any]:
 
 
 def host_arrays(tree: Any) -> Any:
-    """tree with every array as a NumPy array on this host, ready to write.
+    """tree with every array as a NumPy array on this host, ready to write (`jaxgpt.sharding.gather_to_host`:
+    arrays sharded over several processes are all-gathered, a collective every process must join)."""
+    from jaxgpt.sharding import gather_to_host
 
-    An array sharded over several processes is gathered first (`process_allgather`): that is a collective,
-    so on a multi-host mesh every process calls this (and save_adapters / save_peft, which use it) together.
-    Arrays this process holds whole are copied without any communication.
-    """
-    from jax.experimental import multihost_utils
-
-    def one(x: Any) -> np.ndarray:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    return jax.tree.map(one, tree)
+    return gather_to_host(tree)
 
 
 def _storable(x: np.ndarray) -> np.ndarray:
