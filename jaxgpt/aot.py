@@ -1,0 +1,269 @@
+"""Compile the real train step (and a decode step) for a TPU topology without the TPU, and say whether it fits.
+
+    python -m jaxgpt.aot --topology v5e:4x4 --config=configs/gpt2_124m.py --config.mesh.fsdp=16 \
+        --config.model.remat=full --config.model.scan_layers=True [--batch_per_chip 8] [--max_batch]
+
+XLA compiles for the topology on this host (libtpu: `pip install "jax[tpu]==<jax version>"`; the compile runs
+on the CPU) and `memory_analysis()` gives the bytes one chip needs: arguments (params, optimizer state,
+batch), temporaries (activations), outputs not aliased to arguments. The step is the function the trainer
+jits, with its shardings (`jaxgpt.steps`), traced in the mesh context so the activations are pinned to the
+batch split. FLOPs per step come from XLA's `cost_analysis` (its time estimate is not reported: it is not
+usable for TPU programs compiled this way). Without --topology it compiles for the local devices (a real TPU
+host). It exits 1 with one line naming what to change when the step does not fit; --max_batch searches the
+largest per-chip batch that does (linear in the batch: two compiles predict it, more confirm it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+GIB = 2**30
+# HBM per chip by device kind (substring match, most specific first): what a chip has, not what XLA may use.
+HBM_BYTES = (("v5 lite", 16 * GIB), ("v5e", 16 * GIB), ("v6 lite", 32 * GIB), ("v6e", 32 * GIB),
+             ("v5p", 95 * GIB), ("v5", 95 * GIB), ("v4", 32 * GIB), ("v3", 16 * GIB), ("v2", 8 * GIB))
+
+
+@dataclasses.dataclass
+class Report:
+    """One compiled step's per-chip memory (bytes) and cost."""
+
+    step: str  # "train" or "decode"
+    chips: int
+    batch_per_chip: int
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    code: int
+    hbm: int | None
+    flops: float | None  # per step, all chips together
+    compile_s: float
+
+    @property
+    def total(self) -> int:
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm is None else self.total <= self.hbm
+
+    def line(self) -> str:
+        hbm = "?" if self.hbm is None else f"{self.hbm / GIB:.2f}"
+        flops = "?" if self.flops is None else f"{self.flops:.3e}"
+        return (f"{self.step:6s} chips={self.chips} batch/chip={self.batch_per_chip} args={self.argument / GIB:.2f} "
+                f"temp={self.temp / GIB:.2f} out-alias={(self.output - self.alias) / GIB:.2f} "
+                f"total={self.total / GIB:.2f} GiB / HBM {hbm} GiB fits={self.fits} FLOPs/step={flops} "
+                f"compile={self.compile_s:.1f}s")
+
+
+def _steps_module() -> Any:
+    try:
+        from jaxgpt import steps
+    except ImportError:  # before the training loop was split
+        from jaxgpt import train_lib as steps
+    return steps
+
+
+def topology_devices(name: str | None) -> list:
+    """The devices of a TPU topology ("v5e:4x4") to compile for; None: the local devices."""
+    import jax
+
+    if not name:
+        return list(jax.devices())
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown name: one clear line
+        raise SystemExit(f"aot: cannot describe TPU topology {name!r} ({type(e).__name__}: {str(e)[:200]}); "
+                         'install libtpu (pip install "jax[tpu]==<jax version>") and use a name like v5e:2x2') from None
+
+
+def hbm_bytes(device: Any) -> int | None:
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+        if limit:
+            return int(limit)
+    except Exception:  # noqa: BLE001 - compile-only topology devices have no stats
+        pass
+    kind = str(getattr(device, "device_kind", "")).lower()
+    return next((b for k, b in HBM_BYTES if k in kind), None)
+
+
+def _report(step: str, compiled: Any, chips: int, bpc: int, hbm: int | None, seconds: float) -> Report:
+    m = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = float(cost["flops"]) * chips if cost and cost.get("flops", -1) > 0 else None  # per device -> all
+    return Report(step, chips, bpc, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes), hbm,
+                  flops, seconds)
+
+
+def model_config(config: Any) -> Any:
+    """GPTConfig from config.model (vocab_size 0: GPT-2's 50257) with config.mixed_precision."""
+    from jaxgpt.config import GPTConfig
+
+    fields = dict(config.model.to_dict())
+    fields["vocab_size"] = fields.get("vocab_size") or 50257
+    cfg = GPTConfig.from_dict(fields)
+    return cfg.replace(dtype="bfloat16", param_dtype="float32") if config.get("mixed_precision") else cfg
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
+    """Compile the trainer's step for `devices` at `batch_per_chip` rows a chip (x grad_accum micro-batches)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgpt import sharding as sh
+    from jaxgpt.model import init_params
+
+    steps = _steps_module()
+    cfg = model_config(config)
+    rows = batch_per_chip * len(devices)
+    mesh, shardings_fn = steps.mesh_shardings_fn(config, rows, devices=devices)
+    tx = steps.make_optimizer(config)
+    state = jax.eval_shape(lambda: steps.init_state(init_params(cfg, 0), tx))
+    s = shardings_fn(state, None)
+    step = steps.make_train_step(cfg, tx, shardings=s)
+    batch = jax.ShapeDtypeStruct((int(config.grad_accum), rows, cfg.block_size), jnp.int32, sharding=s.batch)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=s.rng)
+    t0 = time.perf_counter()
+    with sh.activation_mesh(mesh):
+        compiled = step.lower(_abstract(state, s.state), (batch, batch), rng, None).compile()
+    return _report("train", compiled, len(devices), batch_per_chip, hbm_bytes(devices[0]), time.perf_counter() - t0)
+
+
+def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
+    """Compile one cached decode step (one new token a row, a cache of block_size) with fsdp-split weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgpt import sharding as sh
+    from jaxgpt.kv_cache import init_cache
+    from jaxgpt.model import GPT, init_params
+
+    cfg = model_config(config)
+    rows = batch_per_chip * len(devices)
+    mesh = sh.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices=devices)
+    params = jax.eval_shape(lambda: init_params(cfg, 0))
+    cache = jax.eval_shape(lambda: init_cache(cfg, rows, cfg.block_size, cfg.compute_dtype))
+    cache_sharding = jax.tree.map(lambda _: sh.batch_sharding(mesh), cache)
+    tokens = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=sh.batch_sharding(mesh))
+
+    def decode(params: Any, tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        logits, cache = GPT(cfg).apply({"params": params}, tokens, cache=cache)
+        return jnp.argmax(logits[:, -1], axis=-1), cache
+
+    p_sh = sh.param_shardings(params, mesh, int(config.mesh.min_shard_size))
+    fn = jax.jit(decode, donate_argnums=(2,), out_shardings=(sh.batch_sharding(mesh), cache_sharding))
+    t0 = time.perf_counter()
+    with sh.activation_mesh(mesh):
+        compiled = fn.lower(_abstract(params, p_sh), tokens, _abstract(cache, cache_sharding)).compile()
+    return _report("decode", compiled, len(devices), batch_per_chip, hbm_bytes(devices[0]), time.perf_counter() - t0)
+
+
+def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096) -> tuple[int, list[Report]]:
+    """The largest per-chip batch whose train step fits: a line through two compiles, then confirm."""
+    reports = [compile_train(config, devices, start), compile_train(config, devices, 2 * start)]
+    a, b = reports
+    if a.hbm is None:
+        raise SystemExit("aot: the chip's HBM is unknown; --max_batch needs it")
+    if not a.fits:
+        return 0, reports
+    per_row = max((b.total - a.total) / start, 1.0)
+    guess = min(limit, max(start, int((a.hbm - a.total) / per_row) + start))
+    tried = {r.batch_per_chip: r for r in reports}
+    lo, hi = max(k for k, r in tried.items() if r.fits), min([k for k, r in tried.items() if not r.fits] + [limit + 1])
+    while hi - lo > 1:  # bisect around the guess (the line is close: a few compiles at most)
+        mid = guess if lo < guess < hi else (lo + hi) // 2
+        r = tried[mid] = compile_train(config, devices, mid)
+        reports.append(r)
+        lo, hi = (mid, hi) if r.fits else (lo, mid)
+        guess = lo + 1 if r.fits else hi - 1
+    return lo, reports
+
+
+def advice(config: Any, r: Report) -> str:
+    need, have = r.total / GIB, (r.hbm or 0) / GIB
+    fsdp, remat = int(config.mesh.fsdp), config.model.remat
+    tips = [f"lower the batch ({r.batch_per_chip} a chip; try --max_batch)"]
+    if fsdp < r.chips:
+        tips.append(f"raise --config.mesh.fsdp (now {fsdp}, up to {r.chips}) with --config.mesh.data=-1")
+    if remat != "full":
+        tips.append(f"set --config.model.remat=full (now {remat})")
+    return f"aot: the {r.step} step does not fit: {need:.2f} GiB a chip > {have:.2f} GiB HBM; " + ", or ".join(tips)
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    config = flags.FLAGS["config"].value
+    devices = topology_devices(flags.FLAGS["topology"].value)
+    n = len(devices)
+    bpc = flags.FLAGS["batch_per_chip"].value
+    if bpc is None:
+        if int(config.batch_size) % n:
+            raise SystemExit(f"aot: config.batch_size={config.batch_size} does not split over {n} chips; "
+                             "pass --batch_per_chip N")
+        bpc = int(config.batch_size) // n
+    cfg = model_config(config)
+    print(f"aot: {n} x {devices[0].device_kind}, mesh data={config.mesh.data} fsdp={config.mesh.fsdp}, "
+          f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} T={cfg.block_size} dtype={cfg.dtype} remat={cfg.remat} "
+          f"scan_layers={cfg.scan_layers} grad_accum={config.grad_accum}", flush=True)
+    reports = []
+    if flags.FLAGS["max_batch"].value:
+        best, tried = max_batch(config, devices, start=max(1, bpc))
+        reports += tried
+        for r in tried:
+            print(r.line(), flush=True)
+        print(f"aot: largest batch per chip that fits: {best}", flush=True)
+    else:
+        reports.append(compile_train(config, devices, bpc))
+        print(reports[-1].line(), flush=True)
+    if flags.FLAGS["decode"].value:
+        reports.append(compile_decode(config, devices, bpc))
+        print(reports[-1].line(), flush=True)
+    out = flags.FLAGS["json"].value
+    if out:
+        from jaxgpt import atomic
+
+        rows = [{**dataclasses.asdict(r), "total": r.total, "fits": r.fits} for r in reports]
+        atomic.write_json(out, {"topology": flags.FLAGS["topology"].value, "model": cfg.to_dict(),
+                                "mesh": config.mesh.to_dict(), "reports": rows})
+    bad = next((r for r in reports if r.fits is False and not flags.FLAGS["max_batch"].value), None)
+    if bad is not None:
+        print(advice(config, bad), file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config_flags.DEFINE_config_file("config", os.path.join(root, "configs", "gpt2_124m.py"),
+                                    "training config; override fields with --config.<field>=<value>")
+    flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5e:4x4 (default: local devices)")
+    flags.DEFINE_integer("batch_per_chip", None, "sequences a chip (default: config.batch_size / chips)")
+    flags.DEFINE_bool("max_batch", False, "search the largest per-chip batch that fits")
+    flags.DEFINE_bool("decode", True, "also compile a one-token decode step with a block_size cache")
+    flags.DEFINE_string("json", None, "write the reports to this JSON file")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,66 @@
+"""jaxgpt.aot: the compile-and-fit report. The TPU topology compile runs only where libtpu is importable
+(`pip install "jax[tpu]==<jax version>"`, e.g. in a separate venv); the local-device path and the advice line
+run everywhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxgpt import aot
+from jaxgpt.train_config import base_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_config():
+    c = base_config()
+    c.model.update(vocab_size=96, n_layer=2, n_head=2, n_embd=16, block_size=32, scan_layers=True, remat="full")
+    c.batch_size = 4
+    return c
+
+
+def test_local_devices_report():
+    import jax
+
+    r = aot.compile_train(_tiny_config(), jax.devices()[:1], batch_per_chip=4)
+    assert (r.step, r.chips, r.batch_per_chip) == ("train", 1, 4)
+    assert r.argument > 0 and r.temp > 0 and r.total >= r.argument
+    assert r.flops is None or r.flops > 0
+    assert "batch/chip=4" in r.line() and "total=" in r.line()
+
+
+def test_advice_names_what_to_change():
+    c = _tiny_config()
+    c.mesh.fsdp, c.model.remat = 1, "none"
+    r = aot.Report("train", 16, 8, 10 * aot.GIB, 0, 0, 20 * aot.GIB, 0, 16 * aot.GIB, None, 1.0)
+    assert r.fits is False
+    msg = aot.advice(c, r)
+    assert "30.00 GiB a chip > 16.00 GiB HBM" in msg and "--config.mesh.fsdp" in msg and "remat=full" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (jax[tpu])")
+def test_tpu_topology_compile(tmp_path):
+    out = tmp_path / "aot.json"
+    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1"}
+    env.pop("JAX_PLATFORMS", None)
+    cmd = [sys.executable, "-m", "jaxgpt.aot", "--topology", "v5e:2x2", f"--config={REPO}/configs/tiny.py",
+           "--config.model.vocab_size=96", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+           "--config.model.scan_layers=True", "--batch_per_chip=2", f"--json={out}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    train, decode = got["reports"]
+    assert (train["step"], decode["step"]) == ("train", "decode")
+    for r in (train, decode):
+        assert r["chips"] == 4 and r["hbm"] == 16 * aot.GIB and r["fits"] is True
+        assert r["argument"] > 0 and r["total"] == r["argument"] + r["output"] - r["alias"] + r["temp"] + r["code"]
+    assert train["flops"] > decode["flops"] > 0
+    assert "train  chips=4 batch/chip=2" in proc.stdout
