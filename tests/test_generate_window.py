@@ -101,6 +101,15 @@ def test_window_block_minus_one_is_nanogpt_crop():
     assert np.asarray(out.tokens[0]).tolist() == idx[len(prompt):]
     assert len(set(idx[len(prompt):])) > 1  # not one repeated token
 
+    class Tok:  # what sample_text needs of a tokenizer
+        eot_id = None
+
+        def decode(self, ids):
+            return ",".join(map(str, ids))
+
+    text = G.sample_text(params, cfg, Tok(), prompt, N, temperature=0, window=BLOCK - 1)
+    assert text == ",".join(map(str, idx[len(prompt):]))
+
 
 def test_sampling_generate_and_stream_equal_reference():
     cfg = config("rope")
