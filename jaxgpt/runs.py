@@ -33,6 +33,8 @@ from jaxgpt.steps import TrainState, identity_combine, init_state, no_split
 Params = Any
 LORA_RUN_FILE = "lora_run.json"
 # what config.model may change on a loaded model when fine-tuning
+# how the step runs, not what it computes: a run may resume with other values
+RUN_ONLY_FIELDS = ("remat", "scan_layers")
 FINETUNE_OVERRIDES = ("dropout", "dtype", "param_dtype", "attention", "block_size", "remat", "scan_layers")
 
 
@@ -231,9 +233,10 @@ def check_identity(wd: Path, steps: list[int], cfg: GPTConfig, lora_now: dict[st
     if not steps:
         return
     cfg_file = wd / "config.json"
-    if cfg_file.is_file() and json.loads(cfg_file.read_text()) != cfg.to_dict():
-        saved = json.loads(cfg_file.read_text())
-        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
+    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+    diff = {k: (saved.get(k, v), v) for k, v in cfg.to_dict().items()  # fields older runs lack have defaults
+            if k not in RUN_ONLY_FIELDS and saved.get(k, v) != v} if saved is not None else {}
+    if diff:
         raise ValueError(f"{wd} holds a run of another model (saved, now: {diff}); resume with the same "
                          "config or use a new --workdir")
     lora_file = wd / LORA_RUN_FILE

@@ -21,6 +21,7 @@ import ml_collections
 import optax
 
 from jaxgpt import batches as batches_lib
+from jaxgpt import sharding as sh
 from jaxgpt import checkpoint, host_memory, metrics, runs, steps, train_config, weights, workdir_lock, writers
 from jaxgpt.hooks import Checkpointer, Evaluator, Hook, Profiler, SignalStop
 
@@ -78,7 +79,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tx: op
         log.write({"kind": "event", "event": "resume", "step": start, "time": time.time()})
     t_start, step = time.perf_counter(), start
     try:
-        with SignalStop() as stop, s.data.prefetch(start) as feed:
+        with SignalStop() as stop, s.data.prefetch(start) as feed, sh.activation_mesh(s.mesh):
             if start == 0 and config.eval_at_start and max_iters > 0:
                 _evaluate_while_compiling(s, state, frozen, evaluator)
             while step < max_iters and not stop.signal:
@@ -137,8 +138,9 @@ def _setup(config: ml_collections.ConfigDict, wd: Path, tx: Any, trainable: runs
                          f"{cfg.vocab_size}; set config.model.vocab_size >= {data_meta['vocab_size']} (or 0)")
     T, B, A, seed = cfg.block_size, int(config.batch_size), int(config.grad_accum), int(config.seed)
     runs.check_lora_export(cfg, config, trainable)
+    mesh = None  # the mesh activations are pinned to (batch over every device); unknown for a given shardings_fn
     if shardings_fn is None:
-        _, shardings_fn = steps.mesh_shardings_fn(config, B)
+        mesh, shardings_fn = steps.mesh_shardings_fn(config, B)
     lora_now = runs.lora_identity(config, trainable)
     mngr, ckpt_steps = runs.open_checkpoints(config, wd, cfg, lora_now)
     try:
@@ -164,7 +166,7 @@ def _setup(config: ml_collections.ConfigDict, wd: Path, tx: Any, trainable: runs
     n_params = weights.count_params((state.params, frozen))
     n_params -= T * cfg.n_embd if cfg.pos_embedding == "learned" else 0
     return _Setup(
-        cfg=cfg, tok_meta=tok_meta, trainable=trainable, mngr=mngr, state=state, frozen=frozen, start=start,
+        cfg=cfg, tok_meta=tok_meta, trainable=trainable, mngr=mngr, mesh=mesh, state=state, frozen=frozen, start=start,
         resumed=bool(ckpt_steps), data=data, lr_fn=lr_fn, tokens_per_step=A * B * T,
         flops_per_token=metrics.flops_per_token(cfg.n_layer, T, cfg.n_embd, n_params),
         train_step=steps.make_train_step(cfg, tx, trainable.combine, shardings),
@@ -196,8 +198,11 @@ def _extra_hooks(config: ml_collections.ConfigDict, s: _Setup, log: Any) -> list
 def _evaluate_while_compiling(s: _Setup, state: steps.TrainState, frozen: Params, evaluator: Evaluator) -> None:
     """The step-0 evaluation, with the train step compiling in a background thread meanwhile (the first call
     then reuses it; a failure is left to that call to report)."""
-    compiling = threading.Thread(target=steps.compile_quietly, daemon=True,
-                                 args=(s.train_step, state, s.data.place(s.data.host(s.start)), s.dropout_rng, frozen))
+    def compile_step() -> None:
+        with sh.activation_mesh(s.mesh):  # the mesh context is per thread
+            steps.compile_quietly(s.train_step, state, s.data.place(s.data.host(s.start)), s.dropout_rng, frozen)
+
+    compiling = threading.Thread(target=compile_step, daemon=True)
     compiling.start()
     evaluator(0, state)
     compiling.join()

@@ -295,6 +295,24 @@ def test_a_finished_run_is_not_retrained(finished_run, pydoc_char_dir, capsys, t
     assert [json.loads(line)["event"] for line in after[len(before):].splitlines()] == ["resume"]
 
 
+def test_a_run_resumes_with_scanned_layers_and_remat(finished_run, pydoc_char_dir, tmp_path):
+    """remat and scan_layers change how the step runs, not the model: a run saved unrolled resumes scanned with
+    full remat, and its losses are those of resuming it unrolled."""
+    import shutil
+
+    losses = {}
+    for name, changes in (("plain", {}), ("scanned", {"scan_layers": True, "remat": "full"})):
+        wd = tmp_path / name
+        shutil.copytree(finished_run[0], wd)
+        c = tiny_config(pydoc_char_dir, max_iters=44, lr_decay_iters=44, sample_tokens=0)
+        c.model.update(changes)
+        assert trainer.train(c, wd)["start_step"] == 40
+        losses[name] = [r["loss"] for r in metrics.read_metrics(wd / "metrics.jsonl")
+                        if r["kind"] == "train" and r["step"] >= 40]
+    assert len(losses["plain"]) == 4
+    np.testing.assert_allclose(losses["scanned"], losses["plain"], rtol=1e-5)
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pydoc_char_dir, tmp_path):
     """An optimizer that turns the update at step 7 into NaN: the run stops naming step 7, checkpoint 5 stays."""
     c = tiny_config(pydoc_char_dir, ckpt_interval=5, eval_interval=5, log_interval=3, max_iters=20)
