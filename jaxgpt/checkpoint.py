@@ -275,8 +275,12 @@ def check_run_checkpoints(workdir: str | os.PathLike, steps: list[int]) -> None:
 
 
 def _run_abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs of a tree of arrays (or of ShapeDtypeStructs)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """ShapeDtypeStructs of a tree of arrays (or of ShapeDtypeStructs), keeping their shardings: orbax restores
+    onto them, resharding a checkpoint saved on another mesh. Leaves without one go to this process's first
+    device (the saved shardings may name devices this process does not have)."""
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)
+                                                       or one), tree)
 
 
 def restore_run_step(mngr, step: int, *, params: Any, optimizer: Any | None = None) -> dict[str, Any]:

@@ -285,8 +285,11 @@ def initial_state(cfg: GPTConfig, params: Params | None, seed: int, tx: Any, tra
     return init_state(trainable_params, tx), frozen
 
 
-def restore_state(mngr, wd: Path, step: int, state: TrainState) -> TrainState:
-    """The train state saved at `step` (its structure and dtypes from `state`)."""
+def restore_state(mngr, wd: Path, step: int, state: TrainState, shardings: Any = None) -> TrainState:
+    """The train state saved at `step` (its structure and dtypes from `state`), placed on `shardings` (a tree
+    like `state`; default: the shardings of `state`'s arrays), so a run saved on one mesh resumes on another."""
+    if shardings is not None:
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     r = checkpoint.restore_run_step(mngr, step, params=state.params,
                                     optimizer={"step": state.step, "opt_state": state.opt_state})
     opt = r["optimizer"]

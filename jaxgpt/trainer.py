@@ -151,9 +151,9 @@ def _setup(config: ml_collections.ConfigDict, wd: Path, tx: Any, trainable: runs
         state, frozen = runs.initial_state(cfg, init.params, seed, tx, trainable, bool(ckpt_steps))
         del init
         start = ckpt_steps[-1] if ckpt_steps else 0
-        if ckpt_steps:
-            state = runs.restore_state(mngr, wd, start, state)
         shardings = shardings_fn(state, frozen) if shardings_fn else None
+        if ckpt_steps:  # straight onto this run's mesh, whatever mesh saved it
+            state = runs.restore_state(mngr, wd, start, state, shardings.state if shardings else None)
         place = batches_lib.place_fn(shardings.state if shardings else None)
         state = place(state, shardings.state) if shardings else place(state)
         frozen = place(frozen, shardings.frozen) if shardings and frozen is not None else frozen

@@ -197,11 +197,191 @@ def test_a_metrics_write_cut_short_leaves_only_whole_lines(tmp_path, monkeypatch
     assert [r["step"] for r in metrics.read_metrics(path)] == [0, 1] and valid_json_lines(path)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# A dead process in a two-process run (gloo collectives on localhost, as tests/test_sharding.py)
+
+HEARTBEAT_S = 5  # JAXGPT_HEARTBEAT_TIMEOUT_S of the workers: the bound on noticing a dead peer
+
+
+def worker_collectives(out: Path) -> None:
+    """One of two processes: an all-gather every 0.1 s until the other one dies."""
+    from jax.experimental import multihost_utils
+
+    from jaxgpt import sharding as sh
+
+    assert sh.maybe_initialize_distributed() is True
+    i = 0
+    while True:
+        multihost_utils.process_allgather(np.array([i], np.int32))
+        (out / f"step_{sh.jax.process_index()}").write_text(str(i))
+        i += 1
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("victim", [1, 0])  # a worker; the coordinator (it hosts JAX's coordination service)
+def test_a_dead_process_stops_the_other_within_the_heartbeat_bound(tmp_path, victim):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "JAXGPT_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S)}
+        log = (tmp_path / f"p{i}.log").open("w")
+        procs.append(subprocess.Popen([sys.executable, __file__, "collectives", str(tmp_path)], env=env, cwd=REPO,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not all((tmp_path / f"step_{i}").is_file() for i in range(2)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                (tmp_path / "p0.log").read_text()[-2000:]
+            time.sleep(0.1)
+        procs[victim].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        survivor = procs[1 - victim]
+        code = survivor.wait(timeout=HEARTBEAT_S + 60)  # never a hang: a TimeoutExpired fails the test
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    log = (tmp_path / f"p{1 - victim}.log").read_text()
+    assert code != 0 and waited < HEARTBEAT_S + 30, (code, waited)  # the bound, with slack for a loaded machine
+    assert ("Terminating process because the JAX distributed service detected fatal errors" in log
+            or "Connection reset by peer" in log), log[-3000:]
+
+
+def test_a_bad_heartbeat_timeout_is_refused():
+    from jaxgpt import sharding as sh
+
+    with pytest.raises(ValueError, match=r"heartbeat timeout '-3' is not valid; use a whole number of seconds"):
+        sh.maybe_initialize_distributed("127.0.0.1:1", 2, 0, environ={"JAXGPT_HEARTBEAT_TIMEOUT_S": "-3"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume on another mesh: checkpointed on 8 devices (2 x 4), resumed on 4 (1 x 4) and on 1
+
+
+SAVE_AT, MESH_STEPS = 3, 5  # the 8-device runs stop at SAVE_AT; the resumed and reference runs go on to MESH_STEPS
+MESHES = {8: (2, 4), 4: (1, 4), 1: (1, 1)}
+# batch 8 splits over 8 devices; min_shard_size 256 splits the tiny model's kernels (and Adam's moments) over fsdp
+MESH_RUN = {"batch_size": 8, "max_iters": SAVE_AT, "lr_decay_iters": MESH_STEPS, "warmup_iters": 2,
+            "ckpt_interval": SAVE_AT, "eval_interval": 100, "eval_iters": 1, "sample_tokens": 0,
+            "mesh.min_shard_size": 256, "lora.export": False}
+
+
+def mesh_config(data_dir: str, devices: int, kind: str, base: Path, **more):
+    data, fsdp = MESHES[devices]
+    lora = {"init_from": "run", "init_path": str(base), "lora.rank": 2, "lora.alpha": 4.0,
+            "lora.targets": ("attn/c_attn", "mlp/c_fc")} if kind == "lora" else {}
+    return tiny(data_dir, **{**MESH_RUN, "mesh.data": data, "mesh.fsdp": fsdp, **lora, **more})
+
+
+def train_losses(wd: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def restored_on_this_mesh(c, wd: Path) -> dict:
+    """runs.restore_state of step SAVE_AT into a target placed on this process's mesh: where its leaves land, and
+    whether their values are the ones saved (read back without any sharding)."""
+    import jax
+
+    from jaxgpt import runs, steps
+
+    from jaxgpt import data as data_lib
+
+    _, shardings_fn = steps.mesh_shardings_fn(c, c.batch_size)
+    init = runs.initial_model(c, data_lib.load_meta(Path(c.data.dir)))
+    trainable = runs.trainable_of(c, steps.no_split, steps.identity_combine)
+    state, frozen = runs.initial_state(init.cfg, init.params, int(c.seed), steps.make_optimizer(c), trainable, True)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                          shardings_fn(abstract, frozen).state)
+    mngr = checkpoint.run_checkpoint_manager(wd, read_only=True)
+    try:
+        got = runs.restore_state(mngr, wd, SAVE_AT, target)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        plain = runs.restore_state(mngr, wd, SAVE_AT, abstract, jax.tree.map(lambda _: one, abstract))
+    finally:
+        mngr.close()
+    leaves, want = jax.tree.leaves(got), jax.tree.leaves(target)
+    return {"n_devices": sorted({len(x.sharding.device_set) for x in leaves}),
+            "same_shardings": all(x.sharding.is_equivalent_to(t.sharding, x.ndim) for x, t in zip(leaves, want)),
+            "equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves, jax.tree.leaves(plain))),
+            "n_leaves": len(leaves)}
+
+
+def worker_mesh(job: str, root: Path, data_dir: str) -> dict:
+    """job "save" (8 devices): full and LoRA runs to SAVE_AT. job "resume" (4 or 1 devices): for each, an
+    uninterrupted run to MESH_STEPS on this mesh, and a copy of the 8-device run resumed to MESH_STEPS."""
+    import jax
+
+    n = jax.device_count()
+    base = root / "full_8"
+    out: dict = {"devices": n}
+    for kind in ("full", "lora"):
+        if job == "save":
+            trainer.train(mesh_config(data_dir, n, kind, base), root / f"{kind}_8")
+            continue
+        c = mesh_config(data_dir, n, kind, base, max_iters=MESH_STEPS)
+        ref, resumed = root / f"{kind}_ref_{n}", root / f"{kind}_resumed_{n}"
+        trainer.train(c, ref)
+        shutil.copytree(root / f"{kind}_8", resumed)
+        out[f"{kind}_restore"] = restored_on_this_mesh(c, resumed)
+        trainer.train(c, resumed)
+        out[kind] = {"ref": train_losses(ref), "resumed": train_losses(resumed),
+                     "resumed_from": [r["step"] for r in metrics.read_metrics(resumed / "metrics.jsonl")
+                                      if r.get("event") == "resume"]}
+    return out
+
+
+def _mesh_env(devices: int, cache: Path) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def test_a_run_checkpointed_on_8_devices_resumes_on_4_and_on_1(pydoc_char_dir, tmp_path):
+    """Full and LoRA runs: the state restored onto the new mesh is the saved one, placed with the new
+    shardings, and the steps after the checkpoint give the losses of a run that never left the new mesh
+    (rtol 1e-5: float32, only the reduction order across devices differs)."""
+    def run(job: str, devices: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, __file__, "mesh", job, str(tmp_path), str(pydoc_char_dir)],
+                                env=_mesh_env(devices, tmp_path / f"cache_{devices}"), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(proc: subprocess.Popen) -> dict:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 0, stderr[-3000:]
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    assert result(run("save", 8))["devices"] == 8
+    procs = {n: run("resume", n) for n in (4, 1)}  # the two meshes at once
+    for n, proc in procs.items():
+        out = result(proc)
+        assert out["devices"] == n
+        for kind in ("full", "lora"):
+            r = out[f"{kind}_restore"]
+            assert r["n_devices"] == [n], (n, kind, r)  # every leaf lives on the new mesh
+            assert r["same_shardings"] and r["equal"] and r["n_leaves"] > 3, (n, kind, r)
+            got = out[kind]
+            assert got["resumed_from"] == [SAVE_AT], (n, kind, got)
+            after = [str(s) for s in range(SAVE_AT, MESH_STEPS)]
+            assert sorted(got["resumed"], key=int)[-len(after):] == after
+            np.testing.assert_allclose([got["resumed"][s] for s in after], [got["ref"][s] for s in after], rtol=1e-5,
+                                       err_msg=f"{kind} on {n} devices")
+            assert len(set(got["resumed"].values())) > 1, got  # the steps really ran
+    assert out["full"]["ref"][str(MESH_STEPS - 1)] < out["full"]["ref"]["0"]  # and trained
+
+
 if __name__ == "__main__":
     import jax  # noqa: F401
 
     job = sys.argv[1]
     if job == "full_disk":
         print(json.dumps(worker_full_disk(Path(sys.argv[2]), sys.argv[3])))
+    elif job == "collectives":
+        worker_collectives(Path(sys.argv[2]))
+    elif job == "mesh":
+        print(json.dumps(worker_mesh(sys.argv[2], Path(sys.argv[3]), sys.argv[4])))
     else:
         raise SystemExit(f"unknown job {job}")
