@@ -120,14 +120,22 @@ def device_peak_flops(device: Any | None = None) -> float | None:
 
 class Throughput:
     """Tokens/s over the steps finished since the last `restart` (compilation, evaluation and checkpoints are
-    not training time: the loop restarts the meter after them)."""
+    not training time: the loop restarts the meter after them), and the share of that time the loop waited for
+    its next batch (`data_wait`: near 0 when the batches are built ahead of the steps)."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None) -> None:
         self.tokens_per_step, self.fpt, self.peak = tokens_per_step, flops_per_token, peak_flops
         self.restart()
 
     def restart(self) -> None:
-        self.t0, self.dispatched, self.finished = time.perf_counter(), 0, 0
+        self.t0, self.dispatched, self.finished, self.waited = time.perf_counter(), 0, 0, 0.0
+
+    def waited_for_data(self, seconds: float) -> None:
+        self.waited += seconds
+
+    def data_wait(self) -> float | None:
+        dt = time.perf_counter() - self.t0
+        return self.waited / dt if dt > 0 else None
 
     def dispatched_one(self) -> None:
         self.dispatched += 1
@@ -189,5 +197,6 @@ class StepMetrics:
             if step % self.log_interval == 0 or step == steps[-1]:
                 self.log.write({"kind": "train", "step": step, "loss": float(m["loss"]),
                                 "grad_norm": float(m["grad_norm"]), "lr": float(lrs[i]) if lrs is not None else None,
-                                "tokens_per_s": tps, "mfu": mfu, "time": time.time()})
+                                "tokens_per_s": tps, "mfu": mfu, "data_wait": self.meter.data_wait(),
+                                "time": time.time()})
         self.latest = {"loss": float(values[-1]["loss"]), "tokens_per_s": tps, "mfu": mfu}

@@ -85,7 +85,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tx: op
             while step < max_iters and not stop.signal:
                 if profiler:
                     profiler.before_step(step)
+                t_wait = time.perf_counter()
                 _, host_batch = next(feed)
+                meter.waited_for_data(time.perf_counter() - t_wait)
                 state, m = s.train_step(state, s.data.place(host_batch), s.dropout_rng, frozen)
                 step_metrics.add(step, m)
                 step += 1

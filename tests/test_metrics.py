@@ -36,3 +36,12 @@ def test_throughput_excludes_time_before_a_restart():
 
 def test_flops_per_token_is_6n_plus_attention():
     assert metrics.flops_per_token(12, 1024, 768, 85_000_000) == 6 * 85_000_000 + 12 * 12 * 1024 * 768
+
+
+def test_data_wait_is_the_share_of_time_spent_waiting_for_batches():
+    m = metrics.Throughput(tokens_per_step=1000, flops_per_token=6.0, peak_flops=None)
+    m.waited_for_data(0.01)
+    time.sleep(0.04)
+    assert 0 < m.data_wait() <= 0.01 / 0.04
+    m.restart()
+    assert m.data_wait() == 0.0
