@@ -1,4 +1,5 @@
-"""Shared test fixtures: the test data folder ($JAXGPT_SHARED, default ../shared beside the repo)."""
+"""Shared test fixtures: the test data folder ($JAXGPT_SHARED, default ../shared beside the repo) and fresh
+random params of a config (`from conftest import SHARED, random_params`)."""
 
 import os
 from pathlib import Path
@@ -29,3 +30,25 @@ def pydoc_char_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pydoc") / "pydoc_char"
     data_lib.prepare(d, dataset="pydoc", tokenizer="char")
     return d
+
+
+def random_params(cfg, seed: int = 0, std: float = 0.02, norm_scales: str = "normal"):
+    """Params of `cfg` with every leaf drawn fresh in NumPy (no compile, unlike model.init): weights and biases
+    ~ N(0, std); norm scales 1 + N(0, std) ("normal"), U(0.5, 1.5) ("uniform") or N(0, std) ("same")."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxgpt.model import init_params
+
+    shapes = jax.eval_shape(lambda: init_params(cfg, 0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        is_scale = jax.tree_util.keystr(path).endswith("['scale']")
+        if is_scale and norm_scales == "uniform":
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape).astype(s.dtype))
+        offset = 1.0 if is_scale and norm_scales == "normal" else 0.0
+        return jnp.asarray((offset + std * rng.standard_normal(s.shape)).astype(s.dtype))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)

@@ -10,10 +10,11 @@ import pytest
 from absl.testing import parameterized
 from jax import lax
 
+from conftest import random_params as shared_random_params
 from jaxgpt.checkpoint import pytree_bytes_on_disk, restore_pytree, save_pytree
 from jaxgpt.config import GPTConfig
 from jaxgpt.kv_cache import init_cache
-from jaxgpt.model import GPT, init_params
+from jaxgpt.model import GPT
 from jaxgpt.quantize import (
     QuantConfig,
     QuantizedArray,
@@ -35,16 +36,8 @@ TINY = GPTConfig.preset("tiny")  # V=97, T=32, 2 layers, 2 heads, C=16
 
 
 def random_params(cfg: GPTConfig, seed: int = 0):
-    """Params of `cfg` with every leaf fresh random (NumPy): weights ~ N(0, 0.02), norm scales ~ U(0.5, 1.5)."""
-    shapes = jax.eval_shape(lambda: init_params(cfg, 0))
-    rng = np.random.default_rng(seed)
-
-    def fresh(path, s):
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape).astype(s.dtype))
-        return jnp.asarray((0.02 * rng.standard_normal(s.shape)).astype(s.dtype))
-
-    return jax.tree_util.tree_map_with_path(fresh, shapes)
+    """Params of `cfg` with every leaf fresh random: weights ~ N(0, 0.02), norm scales ~ U(0.5, 1.5)."""
+    return shared_random_params(cfg, seed, std=0.02, norm_scales="uniform")
 
 
 @pytest.fixture(scope="module")
