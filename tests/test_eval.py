@@ -4,12 +4,17 @@ The model is a random transformers GPT2LMHeadModel (GPT-2's 50257-token vocabula
 64 positions) saved to a folder with a Hugging Face tokenizer built from the offline gpt2.tiktoken, so
 jaxgpt (`load_hf_gpt2`, tiktoken) and transformers read the same weights and the same tokens. The data is
 text from tinyshakespeare written by the tests. The lm-eval comparison is in tests/test_eval_lm_eval.py.
+
+Speed: most of the time is compiling the scorer once per padded batch shape. Every test scores 8 rows per
+call and its data is sized so that the batches land on a few shared shapes (contexts of 34-64 tokens,
+continuations of up to 16 tokens, or windows of 64), which the jit cache then reuses across tests.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import chex
 import numpy as np
@@ -48,11 +53,20 @@ def words(shared_dir, seed: int, lo: int, hi: int) -> str:
     return " ".join(text[start:start + int(rng.integers(lo, hi))])
 
 
+def tiny_hf_gpt2_dir(tmp_path_factory, bpe_file) -> Path:
+    """The tiny model folder, made once per test session for both eval test files (built in a temporary
+    folder, then renamed into place)."""
+    path = tmp_path_factory.getbasetemp() / "tiny_hf_gpt2"
+    if not path.is_dir():
+        tmp = tmp_path_factory.mktemp("tiny_hf_gpt2_partial")
+        save_tiny_hf_gpt2(tmp, bpe_file)
+        tmp.rename(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, gpt2_bpe_file):
-    d = tmp_path_factory.mktemp("tiny_hf_gpt2")
-    save_tiny_hf_gpt2(d, gpt2_bpe_file)
-    return d
+    return tiny_hf_gpt2_dir(tmp_path_factory, gpt2_bpe_file)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +80,13 @@ def models(hf_dir, gpt2_bpe_file):
 
 @pytest.fixture(scope="module")
 def hellaswag_file(tmp_path_factory, shared_dir):
-    """12 HellaSwag-format examples; two contexts are longer than the model's 64 positions."""
+    """12 HellaSwag-format examples; two contexts are longer than the model's 64 positions, the others
+    34-64 tokens, endings up to 16 tokens (the batches then share two padded shapes)."""
     path = tmp_path_factory.mktemp("hellaswag") / "val.jsonl"
     lines = []
     for i in range(12):
-        ctx = words(shared_dir, 100 + i, 60, 80) if i in (3, 7) else words(shared_dir, 100 + i, 3, 25)
-        endings = [words(shared_dir, 1000 + 4 * i + j, 2, 14) for j in range(4)]
+        ctx = words(shared_dir, 100 + i, 70, 80) if i in (3, 7) else words(shared_dir, 100 + i, 28, 36)
+        endings = [words(shared_dir, 1000 + 4 * i + j, 2, 8) for j in range(4)]
         lines.append(json.dumps({"ctx": ctx, "endings": endings, "label": i % 4, "ind": i}))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -95,8 +110,8 @@ def torch_hellaswag(model, tokenizer, examples) -> tuple[np.ndarray, np.ndarray]
             tgt[b, :len(r) - 1] = torch.tensor(r[1:])
             mask[b, len(r) - 1 - n_end[b]:len(r) - 1] = True
         with torch.no_grad():
-            logits = model(inp).logits.double()
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none") * mask
+            logp = torch.log_softmax(model(inp).logits.double(), -1)  # [4, T, V]
+        loss = -logp.gather(-1, tgt[..., None])[..., 0] * mask  # [4, T] cross-entropy at the ending tokens
         sums.append(loss.sum(1).numpy())
         means.append((loss.sum(1) / mask.sum(1)).numpy())
     return np.array(sums), np.array(means)
@@ -120,20 +135,23 @@ def test_hellaswag_matches_transformers_recipe(models, hellaswag_file):
 
 def torch_logprob(model, ctx: list[int], cont: list[int]) -> float:
     """log p(cont | ctx) by one transformers forward over ctx + cont, left-truncated to 64 + 1 tokens."""
-    seq = (ctx + cont)[-(BLOCK + 1):]
+    seq, n = (ctx + cont)[-(BLOCK + 1):], len(cont)
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([seq[:-1]])).logits[0].double(), -1)
-    n = len(cont)
-    return float(sum(logp[len(seq) - 1 - n + j, t] for j, t in enumerate(cont)))
+        logp = torch.log_softmax(model(torch.tensor([seq[:-1]])).logits[0, -n:].double(), -1)  # [n, V]
+    return float(logp[torch.arange(n), torch.tensor(cont)].sum())
 
 
 def test_scoring_groups_and_pads_like_single_requests(models):
-    """Ragged requests in batches (shared and distinct contexts, a group split over batches, over-long
-    contexts) score as transformers scores each one alone."""
+    """Ragged requests in batches score as transformers scores each one alone: an over-long context whose
+    4 continuations truncate it 4 ways, contexts shared by 2, 10 (a group split over batches) and 6
+    requests, and a one-token context (nothing cached) padded beside a long one."""
     cfg, params, _, hf = models
     rng = np.random.default_rng(1)
-    ctxs = [rng.integers(0, 50257, n).tolist() for n in (1, 5, 30, 70)]
-    reqs = [(c, rng.integers(0, 50257, int(rng.integers(1, 9))).tolist()) for c in ctxs for _ in range(3)]
+    long_ctx = rng.integers(0, 50257, 70).tolist()
+    reqs = [(long_ctx, rng.integers(0, 50257, n).tolist()) for n in (2, 4, 6, 8)]
+    for n_ctx, n_req in ((55, 2), (50, 2), (40, 10), (1, 6)):
+        ctx = rng.integers(0, 50257, n_ctx).tolist()
+        reqs += [(ctx, rng.integers(0, 50257, int(rng.integers(1, 9))).tolist()) for _ in range(n_req)]
     s = score(params, cfg, reqs, batch_size=8)
     chex.assert_trees_all_close(s.logprob, np.array([torch_logprob(hf, c, x) for c, x in reqs]), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(s.truncated, [len(c) > BLOCK + 1 - len(x) for c, x in reqs])
@@ -163,7 +181,7 @@ def torch_perplexity(model, ids: list[int], max_length: int, stride: int) -> flo
 @pytest.mark.parametrize("max_length,stride", [(64, 24), (48, 48)])
 def test_perplexity_matches_transformers_recipe(models, shared_dir, max_length, stride):
     cfg, params, tok, hf = models
-    ids = tok.encode(words(shared_dir, 7, 150, 160))
+    ids = tok.encode(words(shared_dir, 7, 150, 155))  # at most 8 windows: one batch
     res = perplexity(params, cfg, ids, stride=stride, max_length=max_length, batch_size=8)
     assert res["ppl"] == pytest.approx(torch_perplexity(hf, ids, max_length, stride), rel=1e-4)
     spans = windows(len(ids), max_length, stride)
@@ -211,7 +229,8 @@ def test_adapters_for_another_base(hf_dir, gpt2_bpe_file, hellaswag_file, tmp_pa
     from jaxgpt.config import GPTConfig
     from jaxgpt.model import init_params
 
-    other = init_params(GPTConfig(vocab_size=64, block_size=BLOCK, n_layer=2, n_head=2, n_embd=48), 0)
+    other_cfg = GPTConfig(vocab_size=64, block_size=BLOCK, n_layer=2, n_head=2, n_embd=48)
+    other = jax.eval_shape(lambda: init_params(other_cfg, 0))  # shapes are all the adapters need
     lcfg = lora.LoraConfig(rank=2, alpha=4)
     lora.save_adapters(tmp_path / "lora", lora.init_lora(jax.random.PRNGKey(0), other, lcfg), lcfg)
     args = ["hellaswag", "--init-from", str(hf_dir), "--bpe-file", str(gpt2_bpe_file), "--data",

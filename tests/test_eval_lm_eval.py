@@ -3,7 +3,8 @@
 Two local tasks (YAMLs over jsonl files the test writes): multiple choice (acc, acc_norm) and rolling
 log-likelihood (word/byte perplexity, bits per byte, documents longer than the 64-token window). Both models
 must give the same per-request log-likelihoods (1e-4) and the same metrics; generate_until must produce
-the same greedy text. The tiny model and its tokenizer come from tests/test_eval.py.
+the same greedy text. The tiny model and its tokenizer come from tests/test_eval.py, and like its data the
+data here is sized so that the scorer's batches share the padded shapes of those tests (few compiles).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from test_eval import BLOCK, save_tiny_hf_gpt2, words
+from test_eval import BLOCK, tiny_hf_gpt2_dir, words
 
 MC_YAML = """task: jaxgpt_test_mc
 dataset_path: json
@@ -60,13 +61,12 @@ def setup(tmp_path_factory, gpt2_bpe_file, shared_dir):
     from jaxgpt.eval.lm_eval_model import JaxGPTLM
     from jaxgpt.tokenizer import gpt2_tokenizer
 
-    root = tmp_path_factory.mktemp("lm_eval")
-    hf_dir, tasks = root / "model", root / "tasks"
-    tasks.mkdir()
-    save_tiny_hf_gpt2(hf_dir, gpt2_bpe_file, seed=1)
-    mc = [{"question": words(shared_dir, 10 + i, 3, 20), "label": i % 3,
-           "choices": [words(shared_dir, 50 + 3 * i + j, 1, 8) for j in range(3)]} for i in range(6)]
-    docs = [{"text": words(shared_dir, 90 + i, 10, 120)} for i in range(4)]
+    hf_dir, tasks = tiny_hf_gpt2_dir(tmp_path_factory, gpt2_bpe_file), tmp_path_factory.mktemp("lm_eval_tasks")
+    mc = [{"question": words(shared_dir, 10 + i, 26, 32), "label": i % 3,
+           "choices": [words(shared_dir, 50 + 3 * i + j, 1, 6) for j in range(3)]} for i in range(6)]
+    # 1 + 1 + 2 + 0 windows after the first: one batch of 8 rows
+    docs = [{"text": words(shared_dir, 90 + i, lo, hi)} for i, (lo, hi) in enumerate(((50, 70), (50, 70),
+                                                                                       (100, 110), (10, 30)))]
     for name, rows, yaml in (("mc", mc, MC_YAML), ("rolling", docs, ROLLING_YAML)):
         (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tasks / f"{name}.yaml").write_text(yaml.format(data=tasks / f"{name}.jsonl"))
@@ -83,9 +83,15 @@ def _run(lm, manager):
                                    log_samples=True, bootstrap_iters=0)
 
 
-def test_same_loglikelihoods_and_metrics_as_hf(setup):
+@pytest.fixture(scope="module")
+def runs(setup):
+    """Both tasks evaluated with the jaxgpt model and with lm-eval's hf model."""
     _, _, ours, theirs, manager = setup
-    a, b = _run(ours, manager), _run(theirs, manager)
+    return _run(ours, manager), _run(theirs, manager)
+
+
+def test_same_loglikelihoods_and_metrics_as_hf(setup, runs):
+    ours, (a, b) = setup[2], runs
     for task in ("jaxgpt_test_mc", "jaxgpt_test_rolling"):
         la = [r[0] if isinstance(r, (list, tuple)) else r for s in a["samples"][task] for r in s["resps"]]
         lb = [r[0] if isinstance(r, (list, tuple)) else r for s in b["samples"][task] for r in s["resps"]]
@@ -108,26 +114,28 @@ def test_generate_until_matches_hf_greedy(setup, shared_dir):
     assert ours.generate_until(reqs) == theirs.generate_until(reqs)
 
 
-def test_command_and_unknown_task(setup, gpt2_bpe_file, capsys):
+def test_command_and_unknown_task(setup, runs, gpt2_bpe_file, capsys):
     from jaxgpt.eval.__main__ import main
 
     hf_dir, tasks, _, _, _ = setup
     common = ["lm-eval", "--init-from", str(hf_dir), "--bpe-file", str(gpt2_bpe_file), "--include-path", str(tasks),
               "--only-include-path"]
     assert main([*common, "--tasks", "jaxgpt_test_mc", "--batch-size", "8"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert set(out["results"]["jaxgpt_test_mc"]) >= {"acc,none", "acc_norm,none"}
+    out = json.loads(capsys.readouterr().out)["results"]["jaxgpt_test_mc"]
+    assert set(out) >= {"acc,none", "acc_norm,none"}
+    assert [out[k] for k in ("acc,none", "acc_norm,none")] == [runs[0]["results"]["jaxgpt_test_mc"][k]
+                                                               for k in ("acc,none", "acc_norm,none")]
     assert main([*common, "--tasks", "jaxgpt_test_mc,no_such_task"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown lm-eval task(s) ['no_such_task']" in err[0]
 
 
-def test_registered_by_name(setup, gpt2_bpe_file):
+def test_registered_by_name(setup, runs, gpt2_bpe_file):
     import lm_eval
 
-    hf_dir, _, ours, _, manager = setup
+    hf_dir, _, _, _, manager = setup
     args = f"init_from={hf_dir},bpe_file={gpt2_bpe_file},batch_size=8"
     by_name = lm_eval.simple_evaluate(model="jaxgpt", model_args=args, tasks=["jaxgpt_test_mc"], task_manager=manager,
                                       bootstrap_iters=0)
-    direct = lm_eval.simple_evaluate(model=ours, tasks=["jaxgpt_test_mc"], task_manager=manager, bootstrap_iters=0)
-    assert by_name["results"] == direct["results"]
+    direct = runs[0]  # the same model passed as an object, on the same tasks
+    assert by_name["results"]["jaxgpt_test_mc"] == direct["results"]["jaxgpt_test_mc"]
