@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_params as shared_random_params
 from jaxgpt import generate as G
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
@@ -29,15 +30,8 @@ SWEEP = [
 
 
 def random_params(cfg: GPTConfig, seed: int):
-    """Fresh random weights of the model's shapes, drawn in NumPy (no compile, unlike model.init)."""
-    shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        scale = jax.tree_util.keystr(path).endswith("['scale']")
-        return jnp.asarray((scale + 0.2 * rng.standard_normal(x.shape)).astype(x.dtype))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    """Fresh random weights of the model's shapes (weights N(0, 0.2), norm scales 1 + N(0, 0.2)), no compile."""
+    return shared_random_params(cfg, seed, std=0.2)
 
 
 @pytest.fixture(scope="module")

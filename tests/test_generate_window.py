@@ -4,10 +4,10 @@ nanoGPT's crop-to-block_size loop when window = block_size - 1."""
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_params as shared_random_params
 from jaxgpt import generate as G
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
@@ -19,15 +19,8 @@ N = 21  # the 1-token row fills its 8 slots at token 7, then (window 4) refills 
 
 
 def random_params(cfg: GPTConfig, seed: int):
-    """Fresh random weights of the model's shapes, drawn in NumPy (no compile, unlike model.init)."""
-    shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        scale = jax.tree_util.keystr(path).endswith("['scale']")
-        return jnp.asarray((scale + 0.3 * rng.standard_normal(x.shape)).astype(x.dtype))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    """Fresh random weights of the model's shapes (weights N(0, 0.2), norm scales 1 + N(0, 0.2)), no compile."""
+    return shared_random_params(cfg, seed, std=0.2)
 
 
 def config(pos: str) -> GPTConfig:

@@ -6,15 +6,13 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_params as shared_random_params
 from jaxgpt import checkpoint
 from jaxgpt import generate as G
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
 from jaxgpt.sample import SEPARATOR, TextStream, build_parser, main, run
 from jaxgpt.tokenizer import CharTokenizer, gpt2_tokenizer
 
@@ -24,10 +22,8 @@ needs_bpe = pytest.mark.skipif(not BPE.is_file(), reason=f"{BPE} (offline GPT-2 
 
 
 def random_params(cfg: GPTConfig, seed: int):
-    """Fresh random weights of the model's shapes, drawn in NumPy (no compile)."""
-    shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), shapes)
+    """Fresh random weights of the model's shapes (every leaf N(0, 0.3)), no compile."""
+    return shared_random_params(cfg, seed, std=0.3, norm_scales="same")
 
 
 def sample(argv: list[str]) -> tuple[str, str, list[str]]:
