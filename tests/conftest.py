@@ -52,3 +52,24 @@ def random_params(cfg, seed: int = 0, std: float = 0.02, norm_scales: str = "nor
         return jnp.asarray((offset + std * rng.standard_normal(s.shape)).astype(s.dtype))
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_gpt2(tmp_path_factory):
+    """(model, cfg, params): a random 2-layer transformers GPT-2 (vocab 97, n_embd 32, no dropout, every weight
+    random) and the same weights loaded into jaxgpt through its save_pretrained folder. Shared: copy, never modify."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxgpt.checkpoint import load_hf_gpt2
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():  # biases and LayerNorms start at 0/1: make every weight random
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("hf_gpt2")
+    model.save_pretrained(d)
+    cfg, params = load_hf_gpt2(d)
+    return model, cfg, params

@@ -16,7 +16,7 @@ import pytest
 from absl.testing import parameterized
 
 from jaxgpt import lora
-from jaxgpt.checkpoint import export_hf_gpt2, load_hf_gpt2
+from jaxgpt.checkpoint import export_hf_gpt2
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_params
 
@@ -25,26 +25,17 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 RANK, ALPHA = 4, 12.0  # scale 3 (LoRA) or 6 (RsLoRA), never 1
-C, V, T = 32, 97, 16
+V, T = 97, 16  # vocabulary of conftest.py's hf_tiny_gpt2, tokens per row
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fixtures: one random transformers GPT-2, loaded into jaxgpt through its save_pretrained directory
+# Fixtures: one random transformers GPT-2 loaded into jaxgpt (conftest.py's hf_tiny_gpt2)
 
 
 @pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
-    torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=C, n_layer=2, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    with torch.no_grad():  # biases and LayerNorms start at 0/1: make every weight random
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    d = tmp_path_factory.mktemp("hf_gpt2")
-    model.save_pretrained(d)
-    cfg, params = load_hf_gpt2(d)
-    return model, cfg, params
+def hf_base(hf_tiny_gpt2):
+    assert hf_tiny_gpt2[1].vocab_size == V
+    return hf_tiny_gpt2
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ peft's logits (1e-4), q/k/v slices and RsLoRA included."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import chex
@@ -13,7 +14,6 @@ import numpy as np
 import pytest
 
 from jaxgpt import lora
-from jaxgpt.checkpoint import load_hf_gpt2
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_params
 
@@ -21,28 +21,28 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-V = 97
+# LLVM at -O0 without XLA's fusion emitters: a fraction of the compile time, the same numbers to 1e-4.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 @pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
-    torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    with torch.no_grad():  # biases and LayerNorms start at 0/1: make every weight random
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    d = tmp_path_factory.mktemp("hf_gpt2")
-    model.save_pretrained(d)
-    cfg, params = load_hf_gpt2(d)
-    toks = np.random.default_rng(1).integers(0, V, size=(2, 16))
-    return model, cfg, params, toks
+def hf_base(hf_tiny_gpt2):
+    """conftest.py's random transformers GPT-2 in jaxgpt, and tokens: (model, cfg, params, toks)."""
+    model, cfg, params = hf_tiny_gpt2
+    return model, cfg, params, np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 16))
 
 
 def _jax_logits(cfg, params, adapters, lcfg, toks):
-    return np.asarray(jax.jit(lambda p, a, t: GPT(cfg).apply({"params": lora.wrap(p, a, lcfg)}, t))(
-        params, adapters, jnp.asarray(toks)))
+    forward = functools.partial(jax.jit, compiler_options=FAST_COMPILE)(
+        lambda p, a, t: GPT(cfg).apply({"params": lora.wrap(p, a, lcfg)}, t))
+    return np.asarray(forward(params, adapters, jnp.asarray(toks)))
+
+
+def _random_adapters(params, lcfg, seed, std=0.2):
+    """init_lora's tree with fresh normal A and B (NumPy draws over its shapes: nothing compiled)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(std * rng.standard_normal(x.shape), jnp.float32),
+                        jax.eval_shape(lambda: lora.init_lora(0, params, lcfg)))
 
 
 def _torch_logits(model, toks):
@@ -57,9 +57,7 @@ def _torch_logits(model, toks):
 def test_save_peft_loads_in_peft_with_same_logits_and_round_trips(hf_base, tmp_path, targets, rslora):
     hf_model, cfg, params, toks = hf_base
     lcfg = lora.LoraConfig(rank=4, alpha=12.0, targets=targets, rank_stabilized=rslora)
-    rng = np.random.default_rng(2)
-    ad = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), jnp.float32),
-                      lora.init_lora(0, params, lcfg))
+    ad = _random_adapters(params, lcfg, 2)
     lora.save_peft(tmp_path / "peft", ad, lcfg)
     pmodel = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "peft").eval()
     want = _jax_logits(cfg, params, ad, lcfg, toks)
@@ -99,14 +97,14 @@ def test_peft_bad_input(hf_base, tmp_path):
     _, _, params, _ = hf_base
     untied = jax.eval_shape(lambda: init_params(GPTConfig.preset("tiny", tie_embeddings=False), 0))
     lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("lm_head",))
-    ad = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), lora.init_lora(0, untied, lcfg))
     with pytest.raises(ValueError, match="LoRA on lm_head has no peft equivalent on a transformers GPT-2"):
-        lora.save_peft(tmp_path / "head", ad, lcfg)
+        lora.save_peft(tmp_path / "head", _random_adapters(untied, lcfg, 0), lcfg)
     assert not (tmp_path / "head").exists()
     lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("c_fc",))
-    lora.save_peft(tmp_path / "ok", lora.init_lora(0, params, lcfg), lcfg)
+    ad = _random_adapters(params, lcfg, 1)
+    lora.save_peft(tmp_path / "ok", ad, lcfg)
     with pytest.raises(FileExistsError, match="already exists"):
-        lora.save_peft(tmp_path / "ok", lora.init_lora(0, params, lcfg), lcfg)
+        lora.save_peft(tmp_path / "ok", ad, lcfg)
     conf_file = tmp_path / "ok" / lora.PEFT_CONFIG
     conf_file.write_text(json.dumps({**json.loads(conf_file.read_text()), "use_dora": True}))
     with pytest.raises(ValueError, match=r"uses use_dora=True \(DoRA\), which jaxgpt's LoRA does not support"):
