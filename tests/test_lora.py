@@ -26,6 +26,8 @@ peft = pytest.importorskip("peft")
 
 RANK, ALPHA = 4, 12.0  # scale 3 (LoRA) or 6 (RsLoRA), never 1
 V, T = 97, 16  # vocabulary of conftest.py's hf_tiny_gpt2, tokens per row
+# LLVM at -O0 without XLA's fusion emitters: a fraction of the compile time, the same numbers to the tolerances here.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,8 +86,24 @@ def _peft_model(hf_model, target_modules, rslora: bool, seed: int = 0):
     return model, adapters
 
 
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _forward(cfg: GPTConfig, params, toks) -> jax.Array:
+    return GPT(cfg).apply({"params": params}, toks)
+
+
 def _logits(cfg: GPTConfig, params, toks) -> np.ndarray:
-    return np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(toks)))
+    """Compiled once per config and params structure (plain and merged params share it)."""
+    return np.asarray(_forward(cfg, params, jnp.asarray(toks)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=FAST_COMPILE)
+def _adapter_grads(cfg: GPTConfig, lcfg: lora.LoraConfig, params, adapters, toks) -> dict:
+    """Gradients of the next-token loss w.r.t. A and B (weight space, the base held fixed)."""
+    def loss(ad):
+        logits = GPT(cfg).apply({"params": lora.apply_lora(params, ad, lcfg)}, toks[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+
+    return jax.grad(loss)(adapters)
 
 
 def _torch_logits(model, toks) -> np.ndarray:
@@ -131,12 +149,8 @@ def test_logits_and_grads_match_peft(hf_base, tokens, rslora, peft_targets, targ
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(want - _torch_logits(hf_model, tokens)).max() > 1e-2  # the adapters really change the model
 
-    # gradients of the next-token loss w.r.t. A and B (base closed over) equal peft's
-    def loss(ad):
-        logits = GPT(cfg).apply({"params": lora.apply_lora(params, ad, lcfg)}, jnp.asarray(tokens[:, :-1]))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(tokens[:, 1:])).mean()
-
-    grads = jax.grad(loss)(adapters)
+    # gradients of the next-token loss w.r.t. A and B (base held fixed) equal peft's
+    grads = jax.device_get(_adapter_grads(cfg, lcfg, params, adapters, jnp.asarray(tokens)))
     t_logits = pmodel(torch.as_tensor(tokens[:, :-1])).logits
     torch.nn.functional.cross_entropy(t_logits.reshape(-1, V), torch.as_tensor(tokens[:, 1:]).reshape(-1)).backward()
     for name, module in pmodel.named_modules():
@@ -172,9 +186,10 @@ def test_merged_export_matches_peft_unmerged(hf_base, tokens, rslora, tmp_path):
 
 
 def _random_adapters(params, lcfg, seed):
-    """init_lora's tree with every A and B replaced by fresh normal values (B nonzero)."""
+    """init_lora's tree with every A and B replaced by fresh normal values (B nonzero; NumPy draws over its
+    shapes, nothing compiled)."""
     rng = np.random.default_rng(seed)
-    ad = lora.init_lora(seed, params, lcfg)
+    ad = jax.eval_shape(lambda: lora.init_lora(seed, params, lcfg))
     return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32), ad)
 
 
@@ -283,7 +298,7 @@ def test_optimizer_state_is_adapter_sized_and_grads_reach_adapters_only():
         logits = GPT(cfg).apply({"params": lora.apply_lora(p, ad, lcfg)}, batch[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def step(ad, st, p, batch):
         value, g = jax.value_and_grad(loss)(ad, p, batch)  # w.r.t. argument 0, the adapters, only
         upd, st = opt.update(g, st, ad)
