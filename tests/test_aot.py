@@ -26,7 +26,19 @@ def _tiny_config():
     return c
 
 
-def test_local_devices_report():
+@pytest.fixture
+def little_optimisation():
+    """XLA's "do little optimisation" mode while a test compiles (a few times faster): the test checks the
+    report's fields, not how fast the compiled step runs."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def test_local_devices_report(little_optimisation):
     import jax
 
     r = aot.compile_train(_tiny_config(), jax.devices()[:1], batch_per_chip=4)
