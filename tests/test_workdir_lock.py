@@ -139,6 +139,7 @@ def test_readers_ignore_the_lock_and_leave_a_running_save_alone(tmp_path):
     """checkpoint.load_run (what jaxgpt.sample, eval and exports read through) works on a held workdir and
     changes nothing in it: neither the lock nor a save in progress."""
     import chex
+    import jax
     import numpy as np
 
     from jaxgpt import checkpoint
@@ -146,7 +147,9 @@ def test_readers_ignore_the_lock_and_leave_a_running_save_alone(tmp_path):
     from jaxgpt.model import init_params
 
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
-    params = init_params(cfg, 3)
+    rng = np.random.default_rng(3)  # random values in the model's structure (no init to compile)
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype),
+                          jax.eval_shape(lambda: init_params(cfg, 3)))
     mngr = checkpoint.run_checkpoint_manager(tmp_path)
     checkpoint.save_run_step(mngr, 5, params=params, optimizer={"step": np.int32(5)}, meta={"step": 5})
     mngr.close()
