@@ -62,7 +62,7 @@ def _loss_fn(cfg: GPTConfig, lcfg: lora.LoraConfig, transform):
     return loss
 
 
-def _tokens(seed: int, shape=(2, 17)) -> jax.Array:
+def _tokens(seed: int, shape: tuple[int, int]) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).integers(0, 97, shape), jnp.int32)
 
 
@@ -82,7 +82,7 @@ def test_wrap_logits_and_grads_equal_weight_space(targets, rslora, param_dtype):
     base = _params(cfg)
     lcfg = lora.LoraConfig(rank=3, alpha=7.0, targets=targets, rank_stabilized=rslora)
     ad = _random_adapters(base, lcfg, 1)
-    toks = _tokens(2)
+    toks = _tokens(2, (2, 18))  # logits of 17 positions
 
     @_jit
     def both(ad, base, toks):
@@ -132,7 +132,9 @@ def test_wrap_bad_input():
 
 
 def _fine_tune(cfg, base, lcfg, transform, steps, lr, toks):
-    """(first loss, loss after `steps` adamw steps on the adapters, adapters); traceable (one scan)."""
+    """(first loss, loss after `steps` adamw steps on the adapters, adapters); traceable (one scan). The scan
+    runs steps + 1 times so that the last loss is one of its values (no separate forward to compile): the
+    adapters returned have had that one extra update."""
     loss = _loss_fn(cfg, lcfg, transform)
     opt = optax.adamw(lr)
     ad0 = lora.init_lora(0, jax.eval_shape(lambda: base), lcfg)
@@ -143,8 +145,8 @@ def _fine_tune(cfg, base, lcfg, transform, steps, lr, toks):
         upd, st = opt.update(g, st, ad)
         return (optax.apply_updates(ad, upd), st), value
 
-    (ad, _), values = jax.lax.scan(step, (ad0, opt.init(ad0)), None, length=steps)
-    return values[0], loss(ad, base, toks)[0], ad
+    (ad, _), values = jax.lax.scan(step, (ad0, opt.init(ad0)), None, length=steps + 1)
+    return values[0], values[steps], ad
 
 
 def test_bfloat16_base_trains_like_float32_where_weight_space_lags():
