@@ -44,7 +44,7 @@ LORA_ONE = lora.LoraConfig(rank=2, alpha=3.0, targets=("h_1/attn/c_attn",))
 class Case(NamedTuple):
     switches: dict[str, Any]  # the architecture, for both models
     run: dict[str, Any]  # how the compared model runs (the reference: unrolled, no remat)
-    lora: lora.LoraConfig | None  # adapters (activation-space, lora.wrap) with gradients for them too
+    adapters: lora.LoraConfig | None  # adapters (activation-space, lora.wrap) with gradients for them too
     scans: bool  # whether the compared model really runs a lax.scan
     hf: bool = False  # the compared model reads its params back from Hugging Face files (the unrolled layout)
 
@@ -116,7 +116,7 @@ def test_scan_and_remat_match_unrolled(name, tmp_path):
     cfg = BASE.replace(**case.switches)
     got_cfg = cfg.replace(**case.run)
     params, tokens = _params(cfg, seed), _tokens(cfg, seed)
-    adapters = None if case.lora is None else _adapters(params, case.lora, seed + 50)
+    adapters = None if case.adapters is None else _adapters(params, case.adapters, seed + 50)
     got_params = params
     if case.hf:
         export_hf_gpt2(got_cfg, params, tmp_path)
@@ -125,7 +125,7 @@ def test_scan_and_remat_match_unrolled(name, tmp_path):
 
     runs = {}
     for key, c, p in (("ref", cfg, params), ("got", got_cfg, got_params)):
-        traced = _value_and_grad(c, tokens, case.lora).trace(p, adapters)
+        traced = _value_and_grad(c, tokens, case.adapters).trace(p, adapters)
         runs[key] = _how_it_runs(traced.jaxpr), traced.lower().compile()(p, adapters)
     (ref_how, ref), (got_how, got) = runs["ref"], runs["got"]
     remat = got_cfg.remat
@@ -159,7 +159,9 @@ def test_cached_decode_matches_unrolled():
         logits1, cache = GPT(c).apply({"params": params}, tokens[:, 6:], cache=cache)  # 3 more
         return (logits0, logits1, cache) + ((GPT(c).apply({"params": params}, tokens),) if whole else ())
 
-    ref, got = run(cfg, True), run(cfg.replace(scan_layers=True, remat="full"), False)
+    traced = run.trace(cfg.replace(scan_layers=True, remat="full"), False)
+    assert _how_it_runs(traced.jaxpr)["layer_scans"] == 2  # prefill and decode scan
+    ref, got = run(cfg, True), traced.lower().compile()()
     assert isinstance(got[2].layers, tuple) and len(got[2].layers) == cfg.n_layer
     chex.assert_trees_all_close(got, ref[:3], atol=TOL, rtol=TOL)
     chex.assert_trees_all_close(jnp.concatenate(got[:2], axis=1), ref[3], atol=1e-5, rtol=1e-5)
@@ -183,7 +185,10 @@ def test_dropout_scanned_draws_per_layer_masks():
     the key changes the output (so dropout is applied)."""
     cfg = BASE.replace(dropout=0.2, scan_layers=True, attention="manual")
     params, tokens = _params(cfg, 12), _tokens(cfg, 12)
-    run = _jit(lambda key: GPT(cfg).apply({"params": params}, tokens, deterministic=False, rngs={"dropout": key}))
+    traced = _jit(lambda key: GPT(cfg).apply({"params": params}, tokens, deterministic=False,
+                                             rngs={"dropout": key})).trace(jax.random.PRNGKey(0))
+    assert _how_it_runs(traced.jaxpr)["layer_scans"] == 1
+    run = traced.lower().compile()
     a, b, c = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
     chex.assert_trees_all_equal(a, b)
     assert float(jnp.abs(a - c).max()) > 1e-3
