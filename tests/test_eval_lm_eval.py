@@ -3,7 +3,8 @@
 Two local tasks (YAMLs over jsonl files the test writes): multiple choice (acc, acc_norm) and rolling
 log-likelihood (word/byte perplexity, bits per byte, documents longer than the 64-token window). Both models
 must give the same per-request log-likelihoods (1e-4) and the same metrics; generate_until must produce
-the same greedy text. The tiny model and its tokenizer come from tests/test_eval.py, and like its data the
+the same greedy text. The tiny model comes from tests/test_eval.py (lm-eval's hf model reads the same tokens
+with a Hugging Face tokenizer built from the offline gpt2.tiktoken), and like the data there the
 data here is sized so that the scorer's batches share the padded shapes of those tests (few compiles).
 """
 
@@ -14,7 +15,9 @@ import json
 import numpy as np
 import pytest
 
-from test_eval import BLOCK, tiny_hf_gpt2_dir, words
+from jaxgpt.tokenizer import GPT2_PAT_STR
+
+from test_eval import BLOCK, tiny_hf_gpt2_dir, torch_one_thread, words  # noqa: F401 (fixture)
 
 MC_YAML = """task: jaxgpt_test_mc
 dataset_path: json
@@ -47,6 +50,26 @@ metric_list:
 """
 
 
+def hf_gpt2_tokenizer(bpe_file):
+    """GPT-2's tokenizer as a Hugging Face fast tokenizer, built from the tiktoken ranks file."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    tok = TikTokenConverter(vocab_file=str(bpe_file), pattern=GPT2_PAT_STR,
+                            extra_special_tokens=["<|endoftext|>"]).converted()
+    eot = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eot, bos_token=eot, unk_token=eot)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_environment_report():
+    """simple_evaluate reports the environment (`pip list` and more in subprocesses: seconds per call);
+    the tests compare results, not that report."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("lm_eval.evaluator.add_env_info", lambda results: None)
+        yield
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, gpt2_bpe_file, shared_dir):
     """(hf dir, task dir, jaxgpt LM, hf LM, TaskManager over the local tasks only)."""
@@ -61,7 +84,7 @@ def setup(tmp_path_factory, gpt2_bpe_file, shared_dir):
     from jaxgpt.eval.lm_eval_model import JaxGPTLM
     from jaxgpt.tokenizer import gpt2_tokenizer
 
-    hf_dir, tasks = tiny_hf_gpt2_dir(tmp_path_factory, gpt2_bpe_file), tmp_path_factory.mktemp("lm_eval_tasks")
+    hf_dir, tasks = tiny_hf_gpt2_dir(tmp_path_factory), tmp_path_factory.mktemp("lm_eval_tasks")
     mc = [{"question": words(shared_dir, 10 + i, 26, 32), "label": i % 3,
            "choices": [words(shared_dir, 50 + 3 * i + j, 1, 6) for j in range(3)]} for i in range(6)]
     # 1 + 1 + 2 + 0 windows after the first: one batch of 8 rows
@@ -72,7 +95,7 @@ def setup(tmp_path_factory, gpt2_bpe_file, shared_dir):
         (tasks / f"{name}.yaml").write_text(yaml.format(data=tasks / f"{name}.jsonl"))
     cfg, params = load_hf_gpt2(hf_dir)
     ours = JaxGPTLM(params=params, config=cfg, tokenizer=gpt2_tokenizer(gpt2_bpe_file), batch_size=8)
-    theirs = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu")
+    theirs = HFLM(pretrained=str(hf_dir), tokenizer=hf_gpt2_tokenizer(gpt2_bpe_file), batch_size=8, device="cpu")
     return hf_dir, tasks, ours, theirs, TaskManager(include_path=str(tasks), include_defaults=False)
 
 
