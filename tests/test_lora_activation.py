@@ -26,6 +26,8 @@ from jaxgpt import sharding as sh
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_params
 
+from conftest import random_params
+
 TOL = 1e-5  # float32: activation space vs weight space
 # One block: every test here is about one kernel's product, and a second block only adds compile time.
 # Compiling is most of these tests' time: LLVM at -O0 without XLA's fusion emitters compiles several times
@@ -36,14 +38,7 @@ _jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 def _params(cfg: GPTConfig, seed: int = 0, std: float = 0.1) -> dict:
     """Random params of cfg's shapes (NumPy draws, nothing compiled): norm scales around 1, the rest around 0."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: init_params(cfg, 0))
-
-    def draw(path, s):
-        centre = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(centre + std * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    return random_params(cfg, seed, std)
 
 
 def _random_adapters(params, lcfg, seed, std=0.1):
