@@ -1,13 +1,13 @@
 """jaxgpt.eval against plain transformers implementations of the same recipes, on a random tiny GPT-2.
 
 The model is a random transformers GPT2LMHeadModel (GPT-2's 50257-token vocabulary, 2 layers, 32 wide,
-64 positions) saved to a folder with a Hugging Face tokenizer built from the offline gpt2.tiktoken, so
-jaxgpt (`load_hf_gpt2`, tiktoken) and transformers read the same weights and the same tokens. The data is
-text from tinyshakespeare written by the tests. The lm-eval comparison is in tests/test_eval_lm_eval.py.
+64 positions) saved to a folder once per test session, so jaxgpt (`load_hf_gpt2`) and transformers read
+the same weights; both are fed the tokens of the offline gpt2.tiktoken. The data is text from
+tinyshakespeare written by the tests. The lm-eval comparison is in tests/test_eval_lm_eval.py.
 
-Speed: most of the time is compiling the scorer once per padded batch shape. Every test scores 8 rows per
-call and its data is sized so that the batches land on a few shared shapes (contexts of 34-64 tokens,
-continuations of up to 16 tokens, or windows of 64), which the jit cache then reuses across tests.
+Most of the time is compiling the scorer, once per padded batch shape, so every test scores 8 rows per
+call and its data is sized to land on a few shared shapes (contexts padded to 64 tokens, continuations to
+16 or 64), which the jit cache reuses from test to test.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def models(hf_dir, gpt2_bpe_file):
 @pytest.fixture(scope="module")
 def hellaswag_file(tmp_path_factory, shared_dir):
     """12 HellaSwag-format examples; two contexts are longer than the model's 64 positions, the others
-    34-64 tokens, endings up to 16 tokens (the batches then share two padded shapes)."""
+    34 to 64 tokens, endings at most 16 (every batch pads to the same lengths)."""
     path = tmp_path_factory.mktemp("hellaswag") / "val.jsonl"
     lines = []
     for i in range(12):

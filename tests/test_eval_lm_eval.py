@@ -3,9 +3,9 @@
 Two local tasks (YAMLs over jsonl files the test writes): multiple choice (acc, acc_norm) and rolling
 log-likelihood (word/byte perplexity, bits per byte, documents longer than the 64-token window). Both models
 must give the same per-request log-likelihoods (1e-4) and the same metrics; generate_until must produce
-the same greedy text. The tiny model comes from tests/test_eval.py (lm-eval's hf model reads the same tokens
-with a Hugging Face tokenizer built from the offline gpt2.tiktoken), and like the data there the
-data here is sized so that the scorer's batches share the padded shapes of those tests (few compiles).
+the same greedy text. The tiny model comes from tests/test_eval.py; lm-eval's hf model gets a Hugging Face
+tokenizer built from the offline gpt2.tiktoken. As there, the data is sized so that the scorer's batches
+share a few padded shapes (few compiles).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import json
 
 import numpy as np
 import pytest
-
-from jaxgpt.tokenizer import GPT2_PAT_STR
 
 from test_eval import BLOCK, tiny_hf_gpt2_dir, torch_one_thread, words  # noqa: F401 (fixture)
 
@@ -55,6 +53,8 @@ def hf_gpt2_tokenizer(bpe_file):
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
+    from jaxgpt.tokenizer import GPT2_PAT_STR
+
     tok = TikTokenConverter(vocab_file=str(bpe_file), pattern=GPT2_PAT_STR,
                             extra_special_tokens=["<|endoftext|>"]).converted()
     eot = "<|endoftext|>"
@@ -87,7 +87,7 @@ def setup(tmp_path_factory, gpt2_bpe_file, shared_dir):
     hf_dir, tasks = tiny_hf_gpt2_dir(tmp_path_factory), tmp_path_factory.mktemp("lm_eval_tasks")
     mc = [{"question": words(shared_dir, 10 + i, 26, 32), "label": i % 3,
            "choices": [words(shared_dir, 50 + 3 * i + j, 1, 6) for j in range(3)]} for i in range(6)]
-    # 1 + 1 + 2 + 0 windows after the first: one batch of 8 rows
+    # 74, 76, 142 and 41 tokens: 4 first windows (one shared context) and 4 more, one batch of 8 rows
     docs = [{"text": words(shared_dir, 90 + i, lo, hi)} for i, (lo, hi) in enumerate(((50, 70), (50, 70),
                                                                                        (100, 110), (10, 30)))]
     for name, rows, yaml in (("mc", mc, MC_YAML), ("rolling", docs, ROLLING_YAML)):
