@@ -55,7 +55,7 @@ def test_a_live_holder_is_refused_in_one_line_naming_it(tmp_path):
     (lambda: {"pid": dead_pid()}, r"PID \d+ is gone"),
     (lambda: {"start": "1"}, rf"PID {os.getpid()} now belongs to another process"),  # this PID, another start
     (lambda: {"boot_id": "another-boot"}, "the machine rebooted since"),
-])
+], ids=["pid-gone", "pid-reused", "rebooted"])  # fixed ids: pytest-xdist workers must collect the same names
 def test_a_stale_lock_on_this_host_is_taken_over(tmp_path, holder, reason):
     if wl.process_start(os.getpid()) is None or wl._boot_id() is None:
         pytest.skip("no /proc: process start times are unknown here")
