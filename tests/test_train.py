@@ -4,7 +4,6 @@ fine-tuning from Hugging Face and from a jaxgpt run, and non-finite losses."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -30,10 +29,7 @@ BPE = SHARED / "data" / "gpt2.tiktoken"
 def load_config(name: str):
     if str(REPO) not in sys.path:  # as for `python train.py`: configs may import their siblings (`from configs import`)
         sys.path.insert(0, str(REPO))
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return train_config.load_config_file(str(REPO / "configs" / f"{name}.py"))
 
 
 def nanogpt_lr(it, lr, min_lr, warmup, decay):  # nanoGPT train.py get_lr, verbatim logic

@@ -5,7 +5,6 @@ the same run, and the merged Hugging Face export matches jaxgpt's apply_lora log
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ import chex
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint, data as data_lib, lora, metrics, runs, trainer
+from jaxgpt import checkpoint, data as data_lib, lora, metrics, runs, train_config, trainer
 from jaxgpt.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,10 +24,7 @@ RANK, ALPHA = 4, 12.0  # alpha != rank: a scale of 1 would hide scaling bugs
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return train_config.load_config_file(str(REPO / "configs" / f"{name}.py"))
 
 
 def sha256(path: Path) -> str:

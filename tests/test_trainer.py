@@ -4,9 +4,7 @@ recomputed from the checkpoint of the same step."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
-from jaxgpt import checkpoint, loader, metrics, shards, steps, trainer
+from jaxgpt import checkpoint, loader, metrics, shards, steps, train_config, trainer
 from jaxgpt.eval import hellaswag
 from jaxgpt.model import init_params
 from jaxgpt.tokenizer import gpt2_tokenizer
@@ -24,12 +22,7 @@ BPE = SHARED / "data" / "gpt2.tiktoken"
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return train_config.load_config_file(str(REPO / "configs" / "tiny.py"))
 
 
 @pytest.fixture(scope="module")
