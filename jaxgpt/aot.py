@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -42,17 +43,25 @@ class Report:
     hbm: int | None
     flops: float | None  # per step, all chips together
     compile_s: float
+    used: int | None = None  # set when XLA refused the program for lack of HBM: the bytes it said it needs
 
     @property
     def total(self) -> int:
+        if self.used is not None:
+            return self.used
         return self.argument + self.output - self.alias + self.temp + self.code
 
     @property
     def fits(self) -> bool | None:
+        if self.used is not None:
+            return False
         return None if self.hbm is None else self.total <= self.hbm
 
     def line(self) -> str:
         hbm = "?" if self.hbm is None else f"{self.hbm / GIB:.2f}"
+        if self.used is not None:
+            return (f"{self.step:6s} chips={self.chips} batch/chip={self.batch_per_chip} out of memory: XLA needs "
+                    f"{self.used / GIB:.2f} GiB / HBM {hbm} GiB fits=False compile={self.compile_s:.1f}s")
         flops = "?" if self.flops is None else f"{self.flops:.3e}"
         return (f"{self.step:6s} chips={self.chips} batch/chip={self.batch_per_chip} args={self.argument / GIB:.2f} "
                 f"temp={self.temp / GIB:.2f} out-alias={(self.output - self.alias) / GIB:.2f} "
@@ -105,6 +114,19 @@ def _report(step: str, compiled: Any, chips: int, bpc: int, hbm: int | None, sec
                   flops, seconds)
 
 
+_OOM = re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+
+
+def _out_of_memory(e: Exception, step: str, chips: int, bpc: int, hbm: int | None, seconds: float) -> Report:
+    """The report of a program XLA refused for lack of HBM ("Used 21.95G of 15.48G hbm"); other errors re-raise."""
+    m = _OOM.search(str(e))
+    if m is None:
+        raise e
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": GIB, "T": 2**40}
+    used = int(float(m.group(1)) * scale[m.group(2)])
+    return Report(step, chips, bpc, 0, 0, 0, 0, 0, hbm, None, seconds, used=used)
+
+
 def model_config(config: Any) -> Any:
     """GPTConfig from config.model (vocab_size 0: GPT-2's 50257) with config.mixed_precision."""
     from jaxgpt.config import GPTConfig
@@ -140,9 +162,13 @@ def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
     batch = jax.ShapeDtypeStruct((int(config.grad_accum), rows, cfg.block_size), jnp.int32, sharding=s.batch)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=s.rng)
     t0 = time.perf_counter()
-    with sh.activation_mesh(mesh):
-        compiled = step.lower(_abstract(state, s.state), (batch, batch), rng, None).compile()
-    return _report("train", compiled, len(devices), batch_per_chip, hbm_bytes(devices[0]), time.perf_counter() - t0)
+    hbm = hbm_bytes(devices[0])
+    try:
+        with sh.activation_mesh(mesh):
+            compiled = step.lower(_abstract(state, s.state), (batch, batch), rng, None).compile()
+    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program that cannot fit: report it, as not fitting
+        return _out_of_memory(e, "train", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
+    return _report("train", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
 
 
 def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
@@ -169,23 +195,26 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
     p_sh = sh.param_shardings(params, mesh, int(config.mesh.min_shard_size))
     fn = jax.jit(decode, donate_argnums=(2,), out_shardings=(sh.batch_sharding(mesh), cache_sharding))
     t0 = time.perf_counter()
-    with sh.activation_mesh(mesh):
-        compiled = fn.lower(_abstract(params, p_sh), tokens, _abstract(cache, cache_sharding)).compile()
-    return _report("decode", compiled, len(devices), batch_per_chip, hbm_bytes(devices[0]), time.perf_counter() - t0)
+    hbm = hbm_bytes(devices[0])
+    try:
+        with sh.activation_mesh(mesh):
+            compiled = fn.lower(_abstract(params, p_sh), tokens, _abstract(cache, cache_sharding)).compile()
+    except Exception as e:  # noqa: BLE001 - see compile_train
+        return _out_of_memory(e, "decode", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
+    return _report("decode", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
 
 
 def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096) -> tuple[int, list[Report]]:
-    """The largest per-chip batch whose train step fits: a line through two compiles, then confirm."""
+    """The largest per-chip batch whose train step fits (0: none): a line through two compiles, then bisect."""
     reports = [compile_train(config, devices, start), compile_train(config, devices, 2 * start)]
     a, b = reports
     if a.hbm is None:
         raise SystemExit("aot: the chip's HBM is unknown; --max_batch needs it")
-    if not a.fits:
-        return 0, reports
     per_row = max((b.total - a.total) / start, 1.0)
-    guess = min(limit, max(start, int((a.hbm - a.total) / per_row) + start))
+    guess = min(limit, int((a.hbm - a.total) / per_row) + start)
     tried = {r.batch_per_chip: r for r in reports}
-    lo, hi = max(k for k, r in tried.items() if r.fits), min([k for k, r in tried.items() if not r.fits] + [limit + 1])
+    lo = max([k for k, r in tried.items() if r.fits] + [0])
+    hi = min([k for k, r in tried.items() if not r.fits] + [limit + 1])
     while hi - lo > 1:  # bisect around the guess (the line is close: a few compiles at most)
         mid = guess if lo < guess < hi else (lo + hi) // 2
         r = tried[mid] = compile_train(config, devices, mid)

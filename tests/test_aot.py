@@ -76,3 +76,32 @@ def test_tpu_topology_compile(tmp_path):
         assert r["argument"] > 0 and r["total"] == r["argument"] + r["output"] - r["alias"] + r["temp"] + r["code"]
     assert train["flops"] > decode["flops"] > 0
     assert "train  chips=4 batch/chip=2" in proc.stdout
+
+
+def test_out_of_memory_error_becomes_a_report():
+    e = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+                     "Used 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G.")
+    r = aot._out_of_memory(e, "train", 4, 64, 16 * aot.GIB, 3.0)
+    assert r.used == int(21.95 * aot.GIB) and r.total == r.used and r.fits is False
+    assert "out of memory: XLA needs 21.95 GiB" in r.line()
+    with pytest.raises(ValueError, match="other"):
+        aot._out_of_memory(ValueError("some other failure"), "train", 4, 64, 16 * aot.GIB, 3.0)
+
+
+@pytest.mark.parametrize("start", [1, 8, 64])
+def test_max_batch_finds_the_largest_fitting_batch(monkeypatch, start):
+    """A fake compile: 2 GiB fixed + 0.3 GiB a row, refused by XLA (as on a TPU) past 15.5 GiB: the answer is 45
+    from any start, the one above it start included."""
+    calls = []
+
+    def fake(config, devices, bpc):
+        calls.append(bpc)
+        need = int((2 + 0.3 * bpc) * aot.GIB)
+        if need > 15.5 * aot.GIB:
+            return aot.Report("train", 4, bpc, 0, 0, 0, 0, 0, 16 * aot.GIB, None, 0.0, used=need)
+        return aot.Report("train", 4, bpc, 2 * aot.GIB, 0, 0, need - 2 * aot.GIB, 0, 16 * aot.GIB, None, 0.0)
+
+    monkeypatch.setattr(aot, "compile_train", fake)
+    best, reports = aot.max_batch(None, [], start=start)
+    assert best == 45 and len(calls) == len(set(calls)) <= 9
+    assert any(r.batch_per_chip == 46 and r.fits is False for r in reports)
