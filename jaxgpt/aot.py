@@ -93,7 +93,10 @@ def topology_devices(name: str | None) -> list:
                          'install libtpu (pip install "jax[tpu]==<jax version>") and use a name like v5e:2x2') from None
 
 
-def hbm_bytes(device: Any) -> int | None:
+def hbm_bytes(devices: list) -> int | None:
+    """HBM one device may use: the runtime's limit on a real host; else the chip's HBM by kind, split over the
+    chip's cores when the topology lists each core as a device (v4 and v5p without megacore)."""
+    device = devices[0]
     try:
         limit = (device.memory_stats() or {}).get("bytes_limit")
         if limit:
@@ -101,7 +104,9 @@ def hbm_bytes(device: Any) -> int | None:
     except Exception:  # noqa: BLE001 - compile-only topology devices have no stats
         pass
     kind = str(getattr(device, "device_kind", "")).lower()
-    return next((b for k, b in HBM_BYTES if k in kind), None)
+    chip = next((b for k, b in HBM_BYTES if k in kind), None)
+    cores = 1 + max(int(getattr(d, "core_on_chip", 0) or 0) for d in devices)
+    return None if chip is None else chip // cores
 
 
 def _report(step: str, compiled: Any, chips: int, bpc: int, hbm: int | None, seconds: float) -> Report:
@@ -162,7 +167,7 @@ def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
     batch = jax.ShapeDtypeStruct((int(config.grad_accum), rows, cfg.block_size), jnp.int32, sharding=s.batch)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=s.rng)
     t0 = time.perf_counter()
-    hbm = hbm_bytes(devices[0])
+    hbm = hbm_bytes(devices)
     try:
         with sh.activation_mesh(mesh):
             compiled = step.lower(_abstract(state, s.state), (batch, batch), rng, None).compile()
@@ -195,7 +200,7 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
     p_sh = sh.param_shardings(params, mesh, int(config.mesh.min_shard_size))
     fn = jax.jit(decode, donate_argnums=(2,), out_shardings=(sh.batch_sharding(mesh), cache_sharding))
     t0 = time.perf_counter()
-    hbm = hbm_bytes(devices[0])
+    hbm = hbm_bytes(devices)
     try:
         with sh.activation_mesh(mesh):
             compiled = fn.lower(_abstract(params, p_sh), tokens, _abstract(cache, cache_sharding)).compile()
