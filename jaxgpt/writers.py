@@ -11,8 +11,9 @@ when a project is set.
 from __future__ import annotations
 
 import math
-import uuid
 import os
+import sys
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,17 +30,30 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             if k not in SKIP_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch when it is installed,
+    only to accept torch tensors (seconds of start-up per run); the values written here are Python floats."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` inside tensorboardX raises ImportError, which it expects
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ImportError("TensorBoard logging needs tensorboardX; pip install tensorboardX "
+                          "(or set config.tensorboard=False)") from None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardWriter:
     """Scalars into TensorBoard event files in `logdir` (`tensorboard --logdir WORKDIR/tensorboard`)."""
 
     def __init__(self, logdir: str | os.PathLike) -> None:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            raise ImportError("TensorBoard logging needs tensorboardX; pip install tensorboardX "
-                              "(or set config.tensorboard=False)") from None
+        summary_writer = _summary_writer_class()
         Path(logdir).mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
+        self.writer = summary_writer(logdir=str(logdir), flush_secs=30)
 
     def write(self, record: dict[str, Any]) -> None:
         for tag, value in scalars(record).items():

@@ -1,5 +1,10 @@
-"""Shared test fixtures: the test data folder ($JAXGPT_SHARED, default ../shared beside the repo) and fresh
-random params of a config (`from conftest import SHARED, random_params`)."""
+"""Shared test fixtures: the test data folder ($JAXGPT_SHARED, default ../shared beside the repo), fresh random
+params of a config (`from conftest import SHARED, random_params`), and XLA:CPU's fast-compile settings.
+
+The suite compiles with XLA:CPU's backend optimisations off (`FAST_COMPILE`, set here before JAX starts, so
+every test and every subprocess a test starts inherits it): its programs are tiny and run a few times, so
+compiling dominates, and these settings compile several times faster. They change how XLA:CPU generates code,
+not what a program computes; training, sampling and the benchmarks run with XLA's defaults."""
 
 import os
 from pathlib import Path
@@ -8,6 +13,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXGPT_SHARED") or REPO.parent / "shared")  # test modules: `from conftest import SHARED`
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+
+def xla_env(devices: int | None = None, **extra: str) -> dict:
+    """os.environ for a subprocess on CPU: FAST_COMPILE, and `devices` fake CPU devices when given."""
+    flags = os.environ["XLA_FLAGS"]
+    if devices is not None:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
 
 
 @pytest.fixture(scope="session")

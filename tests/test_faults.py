@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 
 from jaxgpt import checkpoint, metrics, trainer
+from conftest import xla_env
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # generous: the subprocesses share the cores with whatever else runs
 # XLA:CPU without its optimizations and fusion emitters compiles the train step several times faster
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 # the tiny config made smaller still; TensorBoard stays on where a full disk must make its writer fail too
 TINIEST = {"model.n_layer": 1, "model.n_embd": 16, "model.block_size": 16, "eval_iters": 1, "sample_tokens": 0}
 # checkpoints at 1, 2, 3: the save of step FAIL_AT meets the fault, KEPT stays; the rerun goes on to LAST
@@ -131,8 +131,8 @@ def test_a_full_disk_during_a_save_stops_with_a_clear_error_and_keeps_the_last_c
         pytest.skip("cannot mount a tmpfs here (unshare -rm not permitted); the injected variant below runs")
     wd = tmp_path / "small_disk"
     wd.mkdir()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "XLA_FLAGS": FAST_COMPILE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the rerun reuses compiles
+    env = xla_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the rerun reuses compiles
     cmd = (f"mount -t tmpfs -o size=8m tmpfs {wd} && exec {sys.executable} {__file__} full_disk {wd} "
            f"{pydoc_char_dir}")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=TIMEOUT_S,
@@ -404,8 +404,7 @@ def worker_mesh(job: str, root: Path, data_dir: str) -> dict:
 
 
 def _mesh_env(devices: int) -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
+    return xla_env(devices)
 
 
 def npz(path: Path) -> dict[str, np.ndarray]:

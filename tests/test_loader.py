@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from jaxgpt import loader, shards
 from jaxgpt.data import batch_rng
+from conftest import xla_env
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (700, 41, 1200, 300, 513)  # shard 1 is too short for a window of 65: it is never drawn
@@ -113,8 +113,7 @@ def test_two_processes_build_the_one_process_global_batch(shard_dir, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": str(REPO)}
+    env = xla_env(2, PYTHONPATH=str(REPO))
     (tmp_path / "w.py").write_text(WORKER)
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "w.py"), f"127.0.0.1:{port}", str(i), str(shard_dir)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

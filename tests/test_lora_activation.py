@@ -26,7 +26,7 @@ from jaxgpt import sharding as sh
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_params
 
-from conftest import random_params
+from conftest import random_params, xla_env
 
 TOL = 1e-5  # float32: activation space vs weight space
 # One block: every test here is about one kernel's product, and a second block only adds compile time.
@@ -292,8 +292,7 @@ def test_exports_gather_adapters_sharded_over_two_processes(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
     env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
-               "--xla_cpu_use_fusion_emitters=false")
+               XLA_FLAGS=xla_env(1)["XLA_FLAGS"])
     procs = [subprocess.Popen([sys.executable, __file__, "multihost", str(tmp_path)], env={**env, "JAX_PROCESS_ID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:

@@ -25,6 +25,7 @@ import pytest
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_params
 from jaxgpt import sharding as sh
+from conftest import xla_env
 
 CFG = GPTConfig.preset("tiny")  # V=97, block 32, 2 layers, 2 heads, C=16
 BATCH, SEQ, STEPS, MIN_SIZE = 8, 16, 4, 100
@@ -201,11 +202,7 @@ def worker_activations(outdir: Path) -> None:
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
-    # Cheap compiles (LLVM optimisation off): these runs check numbers, not speed; the reference runs
-    # in the same process or under the same flags.
-    flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+    env.update(XLA_FLAGS=xla_env(devices)["XLA_FLAGS"], JAX_PLATFORMS="cpu", **extra)
     return env
 
 
@@ -295,7 +292,6 @@ def test_fsdp_activations_stay_split_over_the_batch(tmp_path):
     """The compiled 1 x 8 FSDP train and eval steps hold attention scores [B/8, H, T, T] on a device, never the
     whole batch [B, H/k, T, T] (the eval step, given unsharded rows, did before activations were pinned)."""
     env = _env(8)
-    env["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"  # faster compiles; the partitioning is the same
     proc = subprocess.run([sys.executable, __file__, "activations", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import data as data_lib, metrics, trainer
+from conftest import xla_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -82,7 +82,7 @@ def test_data_by_fsdp_mesh_matches_one_device(pydoc_dir, tmp_path):
     single = trainer.train(tiny_config(pydoc_dir), tmp_path / "one")
     ref = [r["loss"] for r in metrics.read_metrics(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "train"]
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = xla_env(8)
     proc = subprocess.run([sys.executable, "-c", MESH_RUN, str(REPO), json.dumps(overrides(pydoc_dir)),
                            str(tmp_path / "mesh")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
