@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import GPT, GPTConfig, init_params
+from conftest import random_params
+from jaxgpt import GPT, GPTConfig
 
 ALL = list(itertools.product(["learned", "sinusoidal", "rope", "none"], ["layernorm", "rmsnorm"], ["pre", "post"],
                              [True, False], [True, False]))
@@ -89,18 +90,10 @@ def np_forward(cfg: GPTConfig, p, tokens: np.ndarray) -> np.ndarray:
     return x @ head
 
 
-def _randomize(params, seed=0):
-    """Fresh non-trivial values everywhere (biases and norm params too, not the init's zeros and ones)."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    new = [l + 0.1 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, new)
-
-
 @pytest.mark.parametrize("pos,norm,place,tie,bias", ALL[::2] + ALL[1::8])
 def test_matches_numpy_float64(pos, norm, place, tie, bias):
     cfg = GPTConfig.preset("tiny", pos_embedding=pos, norm=norm, norm_position=place, tie_embeddings=tie, bias=bias)
-    params = _randomize(init_params(cfg, 0))
+    params = random_params(cfg, std=0.1)  # every leaf random: biases and norm params too, not the init's 0 and 1
     tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 13), 0, cfg.vocab_size))
     out = GPT(cfg).apply({"params": params}, jnp.asarray(tokens))
     chex.assert_shape(out, (2, 13, cfg.vocab_size))
@@ -130,7 +123,7 @@ class ModelTest(chex.TestCase):
     def test_causal(self):
         """Changing token t never changes logits before t."""
         cfg = GPTConfig.preset("tiny", pos_embedding="rope")
-        params = init_params(cfg, 0)
+        params = random_params(cfg)
         fwd = self.variant(lambda p, t: GPT(cfg).apply({"params": p}, t))
         t1 = jax.random.randint(jax.random.PRNGKey(0), (1, 12), 0, cfg.vocab_size)
         t2 = t1.at[0, 7].set((t1[0, 7] + 1) % cfg.vocab_size)
@@ -141,7 +134,7 @@ class ModelTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_dropout_uses_rng(self):
         cfg = GPTConfig.preset("tiny", dropout=0.2)
-        params = init_params(cfg, 0)
+        params = random_params(cfg)
         t = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, cfg.vocab_size)
         f = self.variant(lambda p, t, k: GPT(cfg).apply({"params": p}, t, deterministic=False, rngs={"dropout": k}))
         a, a2, b = f(params, t, jax.random.PRNGKey(1)), f(params, t, jax.random.PRNGKey(1)), f(params, t, jax.random.PRNGKey(2))
@@ -155,7 +148,7 @@ class ModelTest(chex.TestCase):
 @pytest.mark.parametrize("impl", ["manual", "xla"])
 def test_attention_impls_agree(impl):
     cfg = GPTConfig.preset("tiny", attention=impl)
-    params = _randomize(init_params(cfg, 0))
+    params = random_params(cfg, std=0.1)
     t = jax.random.randint(jax.random.PRNGKey(0), (2, 10), 0, cfg.vocab_size)
     ref = np_forward(cfg, params, np.asarray(t))
     np.testing.assert_allclose(np.asarray(GPT(cfg).apply({"params": params}, t)), ref, atol=1e-4, rtol=1e-4)
@@ -181,7 +174,7 @@ def test_blockwise_causal_attention_matches_float64(rate):
 
 def test_bf16_compute_close_to_f32():
     cfg = GPTConfig.preset("tiny")
-    params = init_params(cfg, 0)
+    params = random_params(cfg)
     t = jax.random.randint(jax.random.PRNGKey(0), (2, 10), 0, cfg.vocab_size)
     f32 = GPT(cfg).apply({"params": params}, t)
     bf16 = GPT(cfg.replace(dtype="bfloat16")).apply({"params": params}, t)
@@ -192,6 +185,6 @@ def test_bf16_compute_close_to_f32():
 
 def test_too_long_sequence_error():
     cfg = GPTConfig.preset("tiny")
-    params = init_params(cfg, 0)
+    params = random_params(cfg)
     with pytest.raises(ValueError, match="exceeds block_size"):
         GPT(cfg).apply({"params": params}, jnp.zeros((1, cfg.block_size + 1), jnp.int32))
