@@ -41,9 +41,10 @@ class Report:
     temp: int
     code: int
     hbm: int | None
-    flops: float | None  # per step, all chips together
+    flops: float | None  # XLA's count per step, all chips together (None for scanned layers: see _report)
     compile_s: float
     used: int | None = None  # set when XLA refused the program for lack of HBM: the bytes it said it needs
+    model_flops: float | None = None  # training FLOPs per step from the model's shape (metrics.flops_per_token)
 
     @property
     def total(self) -> int:
@@ -63,18 +64,12 @@ class Report:
             return (f"{self.step:6s} chips={self.chips} batch/chip={self.batch_per_chip} out of memory: XLA needs "
                     f"{self.used / GIB:.2f} GiB / HBM {hbm} GiB fits=False compile={self.compile_s:.1f}s")
         flops = "?" if self.flops is None else f"{self.flops:.3e}"
+        if self.model_flops is not None:
+            flops += f" model={self.model_flops:.3e}"
         return (f"{self.step:6s} chips={self.chips} batch/chip={self.batch_per_chip} args={self.argument / GIB:.2f} "
                 f"temp={self.temp / GIB:.2f} out-alias={(self.output - self.alias) / GIB:.2f} "
                 f"total={self.total / GIB:.2f} GiB / HBM {hbm} GiB fits={self.fits} FLOPs/step={flops} "
                 f"compile={self.compile_s:.1f}s")
-
-
-def _steps_module() -> Any:
-    try:
-        from jaxgpt import steps
-    except ImportError:  # before the training loop was split
-        from jaxgpt import train_lib as steps
-    return steps
 
 
 def topology_devices(name: str | None) -> list:
@@ -109,9 +104,12 @@ def hbm_bytes(devices: list) -> int | None:
     return None if chip is None else chip // cores
 
 
-def _report(step: str, compiled: Any, chips: int, bpc: int, hbm: int | None, seconds: float) -> Report:
+def _report(step: str, compiled: Any, chips: int, bpc: int, hbm: int | None, seconds: float,
+            scanned: bool) -> Report:
+    """Bytes from memory_analysis; FLOPs from cost_analysis, which counts a loop's body once: for scanned
+    layers that is one layer's share, so no count is reported (the model FLOPs are)."""
     m = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+    cost = None if scanned else compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     flops = float(cost["flops"]) * chips if cost and cost.get("flops", -1) > 0 else None  # per device -> all
     return Report(step, chips, bpc, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
@@ -154,9 +152,10 @@ def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
     import jax.numpy as jnp
 
     from jaxgpt import sharding as sh
+    from jaxgpt import steps
+    from jaxgpt.metrics import flops_per_token
     from jaxgpt.model import init_params
 
-    steps = _steps_module()
     cfg = model_config(config)
     rows = batch_per_chip * len(devices)
     mesh, shardings_fn = steps.mesh_shardings_fn(config, rows, devices=devices)
@@ -172,8 +171,13 @@ def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
         with sh.activation_mesh(mesh):
             compiled = step.lower(_abstract(state, s.state), (batch, batch), rng, None).compile()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program that cannot fit: report it, as not fitting
-        return _out_of_memory(e, "train", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
-    return _report("train", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
+        r = _out_of_memory(e, "train", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
+    else:
+        r = _report("train", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0, cfg.scan_layers)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    tokens = int(config.grad_accum) * rows * cfg.block_size
+    per_token = flops_per_token(cfg.n_layer, cfg.block_size, cfg.n_embd, n_params)
+    return dataclasses.replace(r, model_flops=per_token * tokens)
 
 
 def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
@@ -206,7 +210,7 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
             compiled = fn.lower(_abstract(params, p_sh), tokens, _abstract(cache, cache_sharding)).compile()
     except Exception as e:  # noqa: BLE001 - see compile_train
         return _out_of_memory(e, "decode", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
-    return _report("decode", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
+    return _report("decode", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0, cfg.scan_layers)
 
 
 def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096) -> tuple[int, list[Report]]:
