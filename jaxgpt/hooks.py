@@ -125,7 +125,8 @@ def save_error(step: int | None, ckpt_dir: Path, kept: int | None, e: BaseExcept
 
 class Profiler:
     """A `jax.profiler` trace of steps first..last (inclusive, 0-based) into `out_dir`; TensorBoard's profile
-    plugin or Perfetto reads it."""
+    plugin or Perfetto reads it. The loop runs it before the other hooks, so an evaluation or checkpoint due
+    after step `last` stays out of the trace."""
 
     def __init__(self, steps: tuple[int, int], out_dir: Path, log: Any) -> None:
         self.first, self.last = steps

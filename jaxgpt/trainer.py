@@ -69,12 +69,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tx: op
     evaluator = Evaluator(s.eval_step, s.data.eval_sets, frozen, log, bar.write)
     checkpointer = Checkpointer(s.mngr, s.meta, evaluator, step_metrics.flush, start if s.resumed else None)
     profiler = Profiler(tuple(config.profile_steps), wd / "profile", log) if config.get("profile_steps") else None
-    hooks = [Hook(lambda n, st: step_metrics.flush(keep=1), int(config.log_interval), at_end=False),
+    hooks = [*([Hook(profiler, 1, at_end=False)] if profiler else []),  # first: the trace ends before evals
+             Hook(lambda n, st: step_metrics.flush(keep=1), int(config.log_interval), at_end=False),
              Hook(lambda n, st: (step_metrics.flush(), evaluator(n, st)), int(config.eval_interval),
                   pauses_training=True),
              *_extra_hooks(config, s, log),
-             Hook(checkpointer, int(config.ckpt_interval), pauses_training=True),
-             *([Hook(profiler, 1, at_end=False)] if profiler else [])]
+             Hook(checkpointer, int(config.ckpt_interval), pauses_training=True)]
     if s.resumed:
         log.write({"kind": "event", "event": "resume", "step": start, "time": time.time()})
     t_start, step = time.perf_counter(), start

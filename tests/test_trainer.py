@@ -43,7 +43,7 @@ def shard_run(tmp_path_factory):
     c.data.dir, c.data.bpe_path = str(d), str(BPE)
     c.max_iters, c.eval_interval, c.ckpt_interval, c.eval_iters, c.warmup_iters, c.lr_decay_iters = 4, 2, 2, 1, 1, 4
     c.eval_hellaswag_every, c.hellaswag_path = 2, str(root / "hs.jsonl")
-    c.profile_steps, c.sample_tokens = (1, 2), 5
+    c.profile_steps, c.sample_tokens = (3, 3), 5  # a step with no evaluation in it: a small trace
     wd = root / "wd"
     return c, wd, trainer.train(c, wd)
 
@@ -79,4 +79,4 @@ def test_tensorboard_events_and_the_profile_trace_are_written(shard_run):
     np.testing.assert_allclose([tb[r["step"]] for r in logged], [r["loss"] for r in logged], rtol=1e-6)
     assert "eval/val_loss" in ea.Tags()["scalars"]
     assert list((wd / "profile").rglob("*.xplane.pb")), "no profiler trace written"
-    assert [r["step"] for r in metrics.read_metrics(wd / "metrics.jsonl") if r.get("event") == "profile"] == [3]
+    assert [r["step"] for r in metrics.read_metrics(wd / "metrics.jsonl") if r.get("event") == "profile"] == [4]
