@@ -23,7 +23,7 @@ from jaxgpt import checkpoint, metrics, trainer
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 # dropout and gradient accumulation on, so the resumed run must also restore its dropout keys and micro-batches
-OVERRIDES = {"max_iters": 120, "lr_decay_iters": 120, "ckpt_interval": 20, "eval_interval": 40, "log_interval": 1,
+OVERRIDES = {"max_iters": 60, "lr_decay_iters": 60, "ckpt_interval": 20, "eval_interval": 20, "log_interval": 1,
              "grad_accum": 2, "sample_tokens": 0, "model.dropout": 0.1}
 
 
@@ -111,7 +111,7 @@ def assert_same_run(wd: Path, ref: Path) -> None:
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(reference, pydoc_char_dir, env, tmp_path):
     wd = tmp_path / "wd"
-    kill_at = random.Random().randint(OVERRIDES["ckpt_interval"] + 1, 80)  # after the first checkpoint
+    kill_at = random.Random().randint(OVERRIDES["ckpt_interval"] + 1, 40)  # after the first checkpoint
     proc = launch([str(TRAIN_PY), *flags(pydoc_char_dir, wd)], tmp_path / "log.txt", env)
     wait_for_step(proc, wd, kill_at)
     proc.send_signal(signal.SIGKILL)
@@ -184,7 +184,7 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, pydoc_char_
         if f.is_file():
             f.write_bytes(b"not a checkpoint")
     before = sorted(p.relative_to(wd) for p in wd.rglob("*"))
-    with pytest.raises(ValueError, match=r"checkpoints/120 cannot be restored .*move that step folder aside"):
+    with pytest.raises(ValueError, match=r"checkpoints/60 cannot be restored .*move that step folder aside"):
         trainer.train(config(pydoc_char_dir), wd)
     with pytest.raises(ValueError, match="cannot be restored"):
         checkpoint.load_run(wd)
