@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt import data as data_lib, metrics, trainer
+from jaxgpt import metrics, trainer
 from conftest import xla_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,19 +71,12 @@ def overrides(data_dir: Path) -> dict:
             "eval_iters": 2, "sample_tokens": 0, "mesh.min_shard_size": 256}
 
 
-@pytest.fixture(scope="module")
-def pydoc_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pydoc") / "pydoc_char"
-    data_lib.prepare(d, dataset="pydoc", tokenizer="char")
-    return d
-
-
-def test_data_by_fsdp_mesh_matches_one_device(pydoc_dir, tmp_path):
-    single = trainer.train(tiny_config(pydoc_dir), tmp_path / "one")
+def test_data_by_fsdp_mesh_matches_one_device(pydoc_char_dir, tmp_path):
+    single = trainer.train(tiny_config(pydoc_char_dir), tmp_path / "one")
     ref = [r["loss"] for r in metrics.read_metrics(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "train"]
 
     env = xla_env(8)
-    proc = subprocess.run([sys.executable, "-c", MESH_RUN, str(REPO), json.dumps(overrides(pydoc_dir)),
+    proc = subprocess.run([sys.executable, "-c", MESH_RUN, str(REPO), json.dumps(overrides(pydoc_char_dir)),
                            str(tmp_path / "mesh")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -98,8 +91,8 @@ def test_data_by_fsdp_mesh_matches_one_device(pydoc_dir, tmp_path):
     assert ref[-1] < ref[0]  # it trained
 
 
-def test_mesh_that_does_not_fit_the_devices_is_refused(pydoc_dir, tmp_path):
-    c = tiny_config(pydoc_dir)
+def test_mesh_that_does_not_fit_the_devices_is_refused(pydoc_char_dir, tmp_path):
+    c = tiny_config(pydoc_char_dir)
     c.mesh.data = 1
     c.mesh.fsdp = 2  # one device here: 1 x 2 cannot be made
     with pytest.raises(ValueError, match="data=1 x fsdp=2 = 2 but there are 1 devices"):
