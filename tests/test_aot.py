@@ -81,7 +81,7 @@ def test_tpu_topology_compile(tmp_path):
     train, decode = got["reports"]
     assert (train["step"], decode["step"]) == ("train", "decode")
     for r in (train, decode):
-        assert r["chips"] == 4 and r["hbm"] == 16 * aot.GIB and r["fits"] is True
+        assert r["chips"] == 4 and r["hbm"] == int(16 * aot.GIB * aot.USABLE) and r["fits"] is True
         assert r["argument"] > 0 and r["total"] == r["argument"] + r["output"] - r["alias"] + r["temp"] + r["code"]
     assert train["model_flops"] > 0 and train["flops"] is None is decode["flops"]  # scanned: see _report
     assert "train  chips=4 batch/chip=2" in proc.stdout
@@ -114,3 +114,20 @@ def test_max_batch_finds_the_largest_fitting_batch(monkeypatch, start):
     best, reports = aot.max_batch(None, [], start=start)
     assert best == 45 and len(calls) == len(set(calls)) <= 9
     assert any(r.batch_per_chip == 46 and r.fits is False for r in reports)
+
+
+def test_hbm_of_topology_devices():
+    """Compile-only devices have no memory stats: the chip's HBM by kind, less the runtime's reserve, split over
+    the cores of a chip when each core is a device (v4's topology lists 2 a chip)."""
+    from types import SimpleNamespace
+
+    def dev(kind, core=0):
+        return SimpleNamespace(device_kind=kind, core_on_chip=core, memory_stats=lambda: None)
+
+    assert aot.hbm_bytes([dev("TPU v5 lite")] * 4) == int(16 * aot.GIB * 0.96)
+    assert aot.hbm_bytes([dev("TPU v4", c) for c in (0, 1, 0, 1)]) == int(32 * aot.GIB * 0.96) // 2
+    assert aot.hbm_bytes([dev("TPU v5"), dev("TPU v5")]) == int(95 * aot.GIB * 0.96)
+    assert aot.hbm_bytes([dev("TPU v6 lite")]) == int(32 * aot.GIB * 0.96)
+    assert aot.hbm_bytes([dev("cpu")]) is None
+    real = SimpleNamespace(device_kind="TPU v5 lite", core_on_chip=0, memory_stats=lambda: {"bytes_limit": 12345})
+    assert aot.hbm_bytes([real]) == 12345  # a real host: the runtime's own limit
