@@ -1,0 +1,116 @@
+"""The fit table of docs/scale.md: every GPT-2 preset x TPU topology x remat policy x mesh, compiled with
+`python -m jaxgpt.aot --max_batch` (one process a row, a JSON a row; rows already in OUT are skipped, so an
+interrupted run continues), then rendered as markdown.
+
+    TPU_SKIP_MDS_QUERY=1 /work/venv-tpu/bin/python benchmarks/tpu_fit.py run --out fit [--only 1.5b v5e-4x4]
+    python benchmarks/tpu_fit.py table --out fit > table.md
+
+Each row is a train step at seq 1024, bf16 compute with float32 master weights and AdamW state, scanned layers,
+no gradient accumulation. `--max_batch` compiles 4-6 times a row; on a 2-core host that is 10-20 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280), "1.5B": (48, 25, 1600)}
+# name -> (topology, devices); v4's topology lists each of a chip's two cores as a device
+TOPOLOGIES = {"v5e-16": ("v5e:4x4", 16), "v5p-8": ("v5p:2x2x1", 4), "v6e-8": ("v6e:2x4", 8),
+              "v4-8": ("v4:2x2x1", 8), "v5e-64": ("v5e:8x8", 64)}
+REMATS = ("full", "dots_saveable", "none")
+MESHES = ("fsdp", "dp")
+START = {"124M": 8, "355M": 4, "774M": 4, "1.5B": 2}  # the first batch --max_batch compiles
+
+
+def rows() -> list[tuple[str, str, str, str]]:
+    """(preset, topology, remat, mesh), most informative first: FSDP with full remat everywhere, then the rest."""
+    first = [(p, t, "full", "fsdp") for t in TOPOLOGIES for p in PRESETS]
+    rest = [(p, t, r, m) for t in TOPOLOGIES for m in MESHES for r in REMATS for p in PRESETS]
+    return first + [r for r in rest if r not in first]
+
+
+def row_name(preset: str, topo: str, remat: str, mesh: str) -> str:
+    return f"{preset}_{topo}_{mesh}_{remat}"
+
+
+def aot_args(preset: str, topo: str, remat: str, mesh: str) -> list[str]:
+    L, H, C = PRESETS[preset]
+    name, n = TOPOLOGIES[topo]
+    data, fsdp = (n, 1) if mesh == "dp" else (1, n)
+    return [f"--config={REPO}/configs/gpt2_124m.py", f"--topology={name}", f"--config.model.n_layer={L}",
+            f"--config.model.n_head={H}", f"--config.model.n_embd={C}", f"--config.mesh.data={data}",
+            f"--config.mesh.fsdp={fsdp}", f"--config.model.remat={remat}", "--config.model.scan_layers=True",
+            "--config.grad_accum=1", f"--batch_per_chip={START[preset]}", "--max_batch", "--decode=False"]
+
+
+def run(out: Path, only: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1"}
+    env.pop("JAX_PLATFORMS", None)
+    for row in rows():
+        name = row_name(*row)
+        if (out / f"{name}.json").exists() or (only and not all(o in name for o in only)):
+            continue
+        t0 = time.time()
+        with open(out / f"{name}.log", "w") as log:
+            rc = subprocess.run([sys.executable, "-m", "jaxgpt.aot", *aot_args(*row), f"--json={out / name}.json"],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"{name}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
+
+
+def model_flops(preset: str, rows: int, T: int = 1024, V: int = 50304) -> float:
+    """Training FLOPs of a step of `rows` sequences: (6N + 12LTC) a token (jaxgpt.metrics.flops_per_token), N the
+    parameters of the preset with tied embeddings, biases and learned positions."""
+    L, _, C = PRESETS[preset]
+    n = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+    return (6 * n + 12 * L * T * C) * rows * T
+
+
+def table(out: Path) -> str:
+    """One markdown line a finished row: the largest batch a chip holds and the GiB a chip needs at it."""
+    gib = 2**30
+    lines = ["| model | topology | mesh | remat | largest batch/chip | GiB/chip at it (usable) | GiB/row | "
+             "model TFLOPs/step at it | compiles |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows():
+        f = out / f"{row_name(*row)}.json"
+        if not f.exists():
+            continue
+        reports = [r for r in json.loads(f.read_text())["reports"] if r["step"] == "train"]
+        fitting = [r for r in reports if r["fits"]]
+        best = max(fitting, key=lambda r: r["batch_per_chip"]) if fitting else None
+        a, b = sorted(reports, key=lambda r: r["batch_per_chip"])[:2]
+        per_row = (b["total"] - a["total"]) / (b["batch_per_chip"] - a["batch_per_chip"]) / gib
+        preset, topo, remat, mesh = row
+        mesh_s = f"fsdp {TOPOLOGIES[topo][1]}" if mesh == "fsdp" else f"data {TOPOLOGIES[topo][1]}"
+        if best is None:
+            lines.append(f"| {preset} | {topo} | {mesh_s} | {remat} | 0 (does not fit) | "
+                         f"{a['total'] / gib:.2f} at {a['batch_per_chip']} ({a['hbm'] / gib:.2f}) | {per_row:.3f} | - | "
+                         f"{len(reports)} |")
+            continue
+        tflops = f"{model_flops(preset, best['batch_per_chip'] * best['chips']) / 1e12:.0f}"
+        lines.append(f"| {preset} | {topo} | {mesh_s} | {remat} | {best['batch_per_chip']} | "
+                     f"{best['total'] / gib:.2f} ({best['hbm'] / gib:.2f}) | {per_row:.3f} | {tflops} | {len(reports)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("run", "table"))
+    ap.add_argument("--out", type=Path, default=Path("tpu_fit_out"))
+    ap.add_argument("--only", nargs="*", default=[], help="run only rows whose name holds all of these")
+    args = ap.parse_args()
+    if args.what == "run":
+        run(args.out, args.only)
+    else:
+        print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
