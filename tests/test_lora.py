@@ -27,7 +27,6 @@ peft = pytest.importorskip("peft")
 RANK, ALPHA = 4, 12.0  # scale 3 (LoRA) or 6 (RsLoRA), never 1
 V, T = 97, 16  # vocabulary of conftest.py's hf_tiny_gpt2, tokens per row
 # LLVM at -O0 without XLA's fusion emitters: a fraction of the compile time, the same numbers to the tolerances here.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,7 +85,7 @@ def _peft_model(hf_model, target_modules, rslora: bool, seed: int = 0):
     return model, adapters
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg: GPTConfig, params, toks) -> jax.Array:
     return GPT(cfg).apply({"params": params}, toks)
 
@@ -96,7 +95,7 @@ def _logits(cfg: GPTConfig, params, toks) -> np.ndarray:
     return np.asarray(_forward(cfg, params, jnp.asarray(toks)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _adapter_grads(cfg: GPTConfig, lcfg: lora.LoraConfig, params, adapters, toks) -> dict:
     """Gradients of the next-token loss w.r.t. A and B (weight space, the base held fixed)."""
     def loss(ad):
@@ -275,7 +274,7 @@ def test_init_lora_matches_peft_init_and_starts_at_base():
     assert a.var() == pytest.approx(bound ** 2 / 3, rel=0.05)
     _, base = _tiny()
     lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("all",))
-    start = jax.jit(lambda b: lora.apply_lora(b, lora.init_lora(1, b, lcfg), lcfg), compiler_options=FAST_COMPILE)
+    start = jax.jit(lambda b: lora.apply_lora(b, lora.init_lora(1, b, lcfg), lcfg))
     chex.assert_trees_all_equal(start(base), base)
 
 
@@ -299,7 +298,7 @@ def test_optimizer_state_is_adapter_sized_and_grads_reach_adapters_only():
         logits = GPT(cfg).apply({"params": lora.apply_lora(p, ad, lcfg)}, batch[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @jax.jit
     def step(ad, st, p, batch):
         value, g = jax.value_and_grad(loss)(ad, p, batch)  # w.r.t. argument 0, the adapters, only
         upd, st = opt.update(g, st, ad)

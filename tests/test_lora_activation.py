@@ -7,7 +7,6 @@ CPU run (see test_exports_gather_adapters_sharded_over_two_processes).
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import subprocess
@@ -32,8 +31,6 @@ TOL = 1e-5  # float32: activation space vs weight space
 # One block: every test here is about one kernel's product, and a second block only adds compile time.
 # Compiling is most of these tests' time: LLVM at -O0 without XLA's fusion emitters compiles several times
 # faster and changes how, not what, is computed (each comparison is within one executable's results).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def _params(cfg: GPTConfig, seed: int = 0, std: float = 0.1) -> dict:
@@ -79,7 +76,7 @@ def test_wrap_logits_and_grads_equal_weight_space(targets, rslora, param_dtype):
     ad = _random_adapters(base, lcfg, 1)
     toks = _tokens(2, (2, 18))  # logits of 17 positions
 
-    @_jit
+    @jax.jit
     def both(ad, base, toks):
         base32 = jax.tree.map(lambda x: x.astype(jnp.float32), base)
         got = jax.value_and_grad(_loss_fn(cfg, lcfg, lora.wrap), has_aux=True)(ad, base, toks)
@@ -154,7 +151,7 @@ def test_bfloat16_base_trains_like_float32_where_weight_space_lags():
     lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("all",))
     runs = {"f32": (cfg32, lora.wrap), "bf16": (cfg16, lora.wrap), "bf16 weight space": (cfg16, lora.apply_lora)}
 
-    @_jit
+    @jax.jit
     def drops(base32, toks):
         base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base32)
         out = {}
@@ -178,7 +175,7 @@ def test_qlora_int8_trains_and_merged_export_matches_unmerged():
                            rank_stabilized=True)
     toks = _tokens(6, (5, 17))  # 80 rows: the quantized product's GEMM path
 
-    @_jit
+    @jax.jit
     def run(float_base, toks):  # quantized here too: one compiled program for the whole test
         qbase = quantize.quantize(float_base)
         q4 = quantize.quantize(float_base, quantize.QuantConfig(bits=4, granularity="group", group_size=8))
@@ -238,7 +235,7 @@ def test_train_step_writes_no_float_copy_of_an_adapted_kernel():
             return optax.apply_updates(ad, upd), st, value
 
         lowered = jax.jit(step).lower(ad, jax.eval_shape(opt.init, ad), base, toks)
-        hlo = lowered.compile(compiler_options={"xla_backend_optimization_level": 0}).as_text()
+        hlo = lowered.compile().as_text()
         counts[name] = sum(shape in kernels for _, shape, _ in quantize.hlo_float_buffers(hlo))
     assert counts["activation"] == 0 and counts["weight"] >= 4, counts  # 4 adapted kernels
 
@@ -251,7 +248,7 @@ def test_tree_shardings_on_wrapped_params():
     cfg = GPTConfig.preset("tiny", n_layer=1)
     base = _params(cfg)
     lcfg = lora.LoraConfig(rank=2, alpha=5.0, targets=("attn/c_attn/q", "mlp/c_fc"))
-    wrapped = lora.wrap(_jit(quantize.quantize)(base), _random_adapters(base, lcfg, 0), lcfg)
+    wrapped = lora.wrap(jax.jit(quantize.quantize)(base), _random_adapters(base, lcfg, 0), lcfg)
     shardings = sh.tree_shardings(wrapped, sh.make_mesh(), min_size=1)
     placed = jax.device_put(wrapped, shardings)
     chex.assert_trees_all_equal_structs(placed, wrapped)

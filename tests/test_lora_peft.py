@@ -4,7 +4,6 @@ peft's logits (1e-4), q/k/v slices and RsLoRA included."""
 from __future__ import annotations
 
 import copy
-import functools
 import json
 
 import chex
@@ -22,7 +21,6 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 # LLVM at -O0 without XLA's fusion emitters: a fraction of the compile time, the same numbers to 1e-4.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +31,7 @@ def hf_base(hf_tiny_gpt2):
 
 
 def _jax_logits(cfg, params, adapters, lcfg, toks):
-    forward = functools.partial(jax.jit, compiler_options=FAST_COMPILE)(
+    forward = jax.jit(
         lambda p, a, t: GPT(cfg).apply({"params": lora.wrap(p, a, lcfg)}, t))
     return np.asarray(forward(params, adapters, jnp.asarray(toks)))
 

@@ -5,8 +5,8 @@ jaxgpt.layers.
 
 Compiling is what these tests cost, so: one tiny config; a set of switch combinations in which every value of
 every switch, every remat policy and both layouts appear (remat and scan never change the numbers, so one
-combination per policy suffices); logits and gradients from one compiled function; and FAST_COMPILE. Every
-model run is jitted (eager flax runs op by op)."""
+combination per policy suffices); logits and gradients from one compiled function; and XLA:CPU's fast-compile settings
+(conftest.FAST_COMPILE). Every model run is jitted (eager flax runs op by op)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ TOL = 1e-6  # float32: the scan and remat only reorder when the same ops run
 BASE = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=16)
 # XLA:CPU without LLVM optimisation and with its classic per-op emitters compiles these small programs several
 # times faster. Both sides of every comparison are compiled alike, so what is compared is unchanged.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # How each remat policy reads in the program (jax.checkpoint's policy), so a test can see it is the one applied.
 POLICY_NAMES = {"full": "nothing_saveable", "dots_saveable": "DotsSaveable(only_if_no_batch_dims=False)",
                 "dots_with_no_batch_dims_saveable": "DotsSaveable(only_if_no_batch_dims=True)"}
@@ -64,11 +63,6 @@ CASES = {
     # adapters on one layer only: the blocks differ, so the model runs them unrolled, each under nn.remat
     "gpt2-lora-one-layer-unrolled-remat": Case({}, dict(scan_layers=True, remat="dots_saveable"), LORA_ONE, False),
 }
-
-
-def _jit(fn, **kwargs):
-    """jax.jit with FAST_COMPILE on CPU (other backends do not know the XLA:CPU options)."""
-    return jax.jit(fn, compiler_options=FAST_COMPILE if jax.default_backend() == "cpu" else None, **kwargs)
 
 
 def _params(cfg: GPTConfig, seed: int) -> Any:
@@ -104,7 +98,7 @@ def _value_and_grad(cfg: GPTConfig, tokens: jax.Array, lcfg: lora.LoraConfig | N
         logits = GPT(cfg).apply({"params": p}, tokens)  # [B, T, V]
         return (logits * jnp.cos(jnp.arange(logits.size).reshape(logits.shape))).mean(), logits
 
-    return _jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -152,7 +146,7 @@ def test_cached_decode_matches_unrolled():
     cfg = BASE.replace(pos_embedding="rope")
     params, tokens = _params(cfg, 10), _tokens(cfg, 10, T=9)
 
-    @functools.partial(_jit, static_argnums=(0, 1))
+    @functools.partial(jax.jit, static_argnums=(0, 1))
     def run(c: GPTConfig, whole: bool):
         cache = init_cache(c, 2, 12)
         logits0, cache = GPT(c).apply({"params": params}, tokens[:, :6], cache=cache)  # prefill
@@ -175,7 +169,7 @@ def test_quantized_scanned_matches_unrolled():
     def run(p, c):
         return {bits: GPT(c).apply({"params": quantize(p, QuantConfig(bits=bits))}, tokens) for bits in (8, 4)}
 
-    ref, got = (_jit(run, static_argnums=1).trace(params, c) for c in (BASE, BASE.replace(scan_layers=True)))
+    ref, got = (jax.jit(run, static_argnums=1).trace(params, c) for c in (BASE, BASE.replace(scan_layers=True)))
     assert [_how_it_runs(t.jaxpr)["layer_scans"] for t in (ref, got)] == [0, 2]  # both widths really scan
     chex.assert_trees_all_close(got.lower().compile()(params), ref.lower().compile()(params), atol=TOL, rtol=TOL)
 
@@ -185,7 +179,7 @@ def test_dropout_scanned_draws_per_layer_masks():
     the key changes the output (so dropout is applied)."""
     cfg = BASE.replace(dropout=0.2, scan_layers=True, attention="manual")
     params, tokens = _params(cfg, 12), _tokens(cfg, 12)
-    traced = _jit(lambda key: GPT(cfg).apply({"params": params}, tokens, deterministic=False,
+    traced = jax.jit(lambda key: GPT(cfg).apply({"params": params}, tokens, deterministic=False,
                                              rngs={"dropout": key})).trace(jax.random.PRNGKey(0))
     assert _how_it_runs(traced.jaxpr)["layer_scans"] == 1
     run = traced.lower().compile()
