@@ -65,14 +65,6 @@ def run(out: Path, only: list[str]) -> None:
         print(f"{name}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
 
 
-def model_flops(preset: str, rows: int, T: int = 1024, V: int = 50304) -> float:
-    """Training FLOPs of a step of `rows` sequences: (6N + 12LTC) a token (jaxgpt.metrics.flops_per_token), N the
-    parameters of the preset with tied embeddings, biases and learned positions."""
-    L, _, C = PRESETS[preset]
-    n = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
-    return (6 * n + 12 * L * T * C) * rows * T
-
-
 def table(out: Path) -> str:
     """One markdown line a finished row: the largest batch a chip holds and the GiB a chip needs at it."""
     gib = 2**30
@@ -94,7 +86,7 @@ def table(out: Path) -> str:
                          f"{a['total'] / gib:.2f} at {a['batch_per_chip']} ({a['hbm'] / gib:.2f}) | {per_row:.3f} | - | "
                          f"{len(reports)} |")
             continue
-        tflops = f"{model_flops(preset, best['batch_per_chip'] * best['chips']) / 1e12:.0f}"
+        tflops = f"{best['model_flops'] / 1e12:.0f}"  # aot's count: jaxgpt.metrics.flops_per_token
         lines.append(f"| {preset} | {topo} | {mesh_s} | {remat} | {best['batch_per_chip']} | "
                      f"{best['total'] / gib:.2f} ({best['hbm'] / gib:.2f}) | {per_row:.3f} | {tflops} | {len(reports)} |")
     return "\n".join(lines)

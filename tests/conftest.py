@@ -14,7 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXGPT_SHARED") or REPO.parent / "shared")  # test modules: `from conftest import SHARED`
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # a test's subprocess importing conftest has them
+    os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 
 def xla_env(devices: int | None = None, **extra: str) -> dict:

@@ -403,10 +403,6 @@ def worker_mesh(job: str, root: Path, data_dir: str) -> dict:
     return out
 
 
-def _mesh_env(devices: int) -> dict[str, str]:
-    return xla_env(devices)
-
-
 def npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as f:
         return dict(f)
@@ -419,7 +415,7 @@ def test_a_run_checkpointed_on_8_devices_resumes_on_4_and_on_1(pydoc_char_dir, t
     meshes agree (rtol 1e-5: float32, only the reduction order across devices differs)."""
     def run(job: str, devices: int) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, __file__, "mesh", job, str(tmp_path), str(pydoc_char_dir)],
-                                env=_mesh_env(devices), cwd=REPO,
+                                env=xla_env(devices), cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(proc: subprocess.Popen) -> dict:

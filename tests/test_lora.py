@@ -26,7 +26,6 @@ peft = pytest.importorskip("peft")
 
 RANK, ALPHA = 4, 12.0  # scale 3 (LoRA) or 6 (RsLoRA), never 1
 V, T = 97, 16  # vocabulary of conftest.py's hf_tiny_gpt2, tokens per row
-# LLVM at -O0 without XLA's fusion emitters: a fraction of the compile time, the same numbers to the tolerances here.
 
 
 # ---------------------------------------------------------------------------------------------------------

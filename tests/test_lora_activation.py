@@ -29,8 +29,6 @@ from conftest import random_params, xla_env
 
 TOL = 1e-5  # float32: activation space vs weight space
 # One block: every test here is about one kernel's product, and a second block only adds compile time.
-# Compiling is most of these tests' time: LLVM at -O0 without XLA's fusion emitters compiles several times
-# faster and changes how, not what, is computed (each comparison is within one executable's results).
 
 
 def _params(cfg: GPTConfig, seed: int = 0, std: float = 0.1) -> dict:
@@ -216,7 +214,8 @@ def test_qlora_int8_trains_and_merged_export_matches_unmerged():
 def test_train_step_writes_no_float_copy_of_an_adapted_kernel():
     """Weight space writes W + A B (and its [in, out] gradient) for every adapted kernel; activation space
     writes neither. Shapes chosen so that no activation shares a kernel's shape. Only lowered and compiled,
-    on abstract values; LLVM at -O0 leaves the optimized HLO as it is at the default level."""
+    on abstract values, under the suite's fast-compile settings (conftest.FAST_COMPILE): weight space still
+    writes its copies there, so the count tells the two apart."""
     cfg = GPTConfig.preset("tiny", n_layer=1, n_embd=24, vocab_size=61)
     base = jax.eval_shape(lambda: init_params(cfg, 0))
     lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("all",))

@@ -20,8 +20,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-# LLVM at -O0 without XLA's fusion emitters: a fraction of the compile time, the same numbers to 1e-4.
-
 
 @pytest.fixture(scope="module")
 def hf_base(hf_tiny_gpt2):
