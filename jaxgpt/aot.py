@@ -149,14 +149,14 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
-    """Compile the trainer's step for `devices` at `batch_per_chip` rows a chip (x grad_accum micro-batches)."""
+def train_program(config: Any, devices: list, batch_per_chip: int) -> tuple[Any, tuple, Any, Any]:
+    """(jitted step, abstract arguments, mesh, abstract train state): the trainer's step for `devices` at
+    `batch_per_chip` rows a chip (x grad_accum micro-batches), its state in the trainer's layout, ready to
+    `step.lower(*args)` inside `sharding.activation_mesh(mesh)`."""
     import jax
     import jax.numpy as jnp
 
-    from jaxgpt import sharding as sh
     from jaxgpt import steps
-    from jaxgpt.metrics import flops_per_token
     from jaxgpt.model import init_params
 
     cfg = model_config(config)
@@ -164,21 +164,35 @@ def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
     mesh, shardings_fn = steps.mesh_shardings_fn(config, rows, devices=devices)
     tx = steps.make_optimizer(config)
     state = jax.eval_shape(lambda: steps.init_state(init_params(cfg, 0), tx))
+    layout = steps.StateLayout.of(cfg, steps.identity_combine, state.params)
+    state = jax.eval_shape(layout.inward, state)  # the trainer's layout: stacked blocks for a scanned model
     s = shardings_fn(state, None)
     step = steps.make_train_step(cfg, tx, shardings=s)
     batch = jax.ShapeDtypeStruct((int(config.grad_accum), rows, cfg.block_size), jnp.int32, sharding=s.batch)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=s.rng)
+    return step, (_abstract(state, s.state), (batch, batch), rng, None), mesh, state
+
+
+def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
+    """Compile the trainer's step for `devices` at `batch_per_chip` rows a chip (x grad_accum micro-batches)."""
+    import jax
+
+    from jaxgpt import sharding as sh
+    from jaxgpt.metrics import flops_per_token
+
+    cfg = model_config(config)
+    step, args, mesh, state = train_program(config, devices, batch_per_chip)
     t0 = time.perf_counter()
     hbm = hbm_bytes(devices)
     try:
         with sh.activation_mesh(mesh):
-            compiled = step.lower(_abstract(state, s.state), (batch, batch), rng, None).compile()
+            compiled = step.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program that cannot fit: report it, as not fitting
         r = _out_of_memory(e, "train", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
     else:
         r = _report("train", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0, cfg.scan_layers)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    tokens = int(config.grad_accum) * rows * cfg.block_size
+    tokens = int(config.grad_accum) * batch_per_chip * len(devices) * cfg.block_size
     per_token = flops_per_token(cfg.n_layer, cfg.block_size, cfg.n_embd, n_params)
     return dataclasses.replace(r, model_flops=per_token * tokens)
 

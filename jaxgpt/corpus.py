@@ -14,7 +14,6 @@ command skips what is written and continues from the last complete shard, produc
 
 from __future__ import annotations
 
-import collections
 import glob as globlib
 import json
 import multiprocessing as mp

@@ -64,8 +64,9 @@ class Checkpointer:
     """
 
     def __init__(self, mngr: Any, meta: dict[str, Any], evaluator: Evaluator, before_save: Callable[[], None],
-                 last_saved: int | None) -> None:
+                 last_saved: int | None, unrolled: Callable[[TrainState], TrainState] = lambda state: state) -> None:
         self.mngr, self.meta, self.evaluator, self.before_save = mngr, meta, evaluator, before_save
+        self.unrolled = unrolled  # the loop's state layout -> the checkpoints' (unrolled) one
         self.last_saved = last_saved  # the newest step saved, or being saved in the background
         self.kept = last_saved  # the newest complete step
         self.in_flight: int | None = None
@@ -76,6 +77,7 @@ class Checkpointer:
         self.before_save()  # never write a checkpoint past a non-finite step
         self.wait()
         metrics = self.evaluator.last if self.evaluator.last_step == step else {}
+        state = self.unrolled(state)
         try:
             checkpoint.save_run_step(self.mngr, step, params=state.params,
                                      optimizer={"step": state.step, "opt_state": state.opt_state},

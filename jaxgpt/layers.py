@@ -6,8 +6,11 @@ know whether the model scans. `GPTConfig.scan_layers` stacks the blocks inside t
 as one `lax.scan`, and the gradient flows back to each h_i. The same functions stack per-layer KV-cache
 entries for the scan and split them again.
 
-`stack_layers` / `unstack_layers` convert a whole params tree to and from the stacked layout ({"h": [L, ...]})
-for code that wants to hold it that way (e.g. to read a scanned model's params from elsewhere).
+`stack_layers` / `unstack_layers` convert a whole params tree to and from the stacked layout ({"h": [L, ...]});
+`stack_tree` / `unstack_tree` convert every params-shaped dict inside any tree (a whole train state: params
+and AdamW's moments). The trainer holds a scanned model's train state stacked between the checkpoint edges,
+so the optimizer updates one [L, ...] array per block weight, not L arrays (jaxgpt.steps.StateLayout); the
+model scans params that arrive stacked without stacking them again.
 """
 
 from __future__ import annotations
@@ -63,6 +66,31 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
                          "some layers only); stack params whose blocks all look alike")
     rest = {k: v for k, v in params.items() if not _LAYER.match(k)}
     return {**rest, STACKED: stack(blocks)}
+
+
+def is_unrolled(tree: Any) -> bool:
+    """A dict in the unrolled layout: it holds blocks h_0 ... h_{L-1}."""
+    return isinstance(tree, Mapping) and layer_count(tree) > 0
+
+
+def is_stacked(tree: Any) -> bool:
+    """A dict in the stacked layout: it holds the blocks under "h"."""
+    return isinstance(tree, Mapping) and STACKED in tree
+
+
+def in_stacked(path: Sequence[Any]) -> bool:
+    """Whether a leaf's key path (jax.tree_util) runs through stacked blocks: its leading axis is the layer."""
+    return any(getattr(k, "key", None) == STACKED for k in path)
+
+
+def stack_tree(tree: Any) -> Any:
+    """Every unrolled params dict inside `tree` (params, an optax state, a train state) -> the stacked layout."""
+    return jax.tree.map(lambda x: stack_layers(x) if is_unrolled(x) else x, tree, is_leaf=is_unrolled)
+
+
+def unstack_tree(tree: Any) -> Any:
+    """The inverse of `stack_tree`: every stacked params dict inside `tree` -> the unrolled layout."""
+    return jax.tree.map(lambda x: unstack_layers(x) if is_stacked(x) else x, tree, is_leaf=is_stacked)
 
 
 def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ Scale switches (they change memory and compile time, never the numbers): `config
 block's activations in the backward pass under a `jax.checkpoint` policy; `config.scan_layers` runs the blocks
 as one `lax.scan` over their parameters stacked along a leading layer axis, so the block is traced and
 compiled once, not n_layer times. The parameters stay in the unrolled layout (h_0 ... h_{L-1}) everywhere,
-checkpoints and Hugging Face files included: the model stacks them inside the step (`jaxgpt.layers`).
+checkpoints and Hugging Face files included: the model stacks them inside the step (`jaxgpt.layers`), or
+scans them as they come when they arrive stacked ({"h": [L, ...]}: a scanned run's train state).
 Activations are pinned to the batch split of the device mesh (`jaxgpt.sharding.constrain_batch`).
 """
 
@@ -312,11 +313,13 @@ class GPT(nn.Module):
         cfg = self.config
         params = self.variables.get("params", {})
         blocks = [params.get(f"h_{i}") for i in range(cfg.n_layer)]
-        if cfg.scan_layers and not self.is_initializing() and layers_lib.same_structure(blocks):
+        stacked = params.get(layers_lib.STACKED)  # params held stacked already (a scanned run's train state)
+        if stacked is None and cfg.scan_layers and not self.is_initializing() and layers_lib.same_structure(blocks):
+            stacked = layers_lib.stack(blocks)
+        if stacked is not None:
             stacked_cache = None if cache is None else layers_lib.stack(cache.layers)
             dropout_rng = None if deterministic or cfg.dropout == 0.0 else self.make_rng("dropout")
-            x, stacked_cache = scan_blocks(cfg, layers_lib.stack(blocks), x, positions, stacked_cache,
-                                           deterministic, dropout_rng)
+            x, stacked_cache = scan_blocks(cfg, stacked, x, positions, stacked_cache, deterministic, dropout_rng)
             return x, None if cache is None else layers_lib.unstack(stacked_cache, cfg.n_layer)
         new_layers = []  # unrolled (and always at init, so both layouts start from the same numbers)
         for i in range(cfg.n_layer):

@@ -8,6 +8,7 @@ JAX is the distributed engine; this module only decides where each array lives:
 - each large parameter is split along its largest dimension divisible by the fsdp size and replicated over
   "data"; small ones (norms, biases) are replicated. The rule reads only a leaf's shape, so the same
   function shards an optimizer state (Adam's mu and nu have their parameter's shape) or a whole train state.
+  A stacked block leaf [L, ...] (jaxgpt.layers) gets one layer's spec with the layer axis unsplit.
 
 `jax.jit(step, in_shardings=..., out_shardings=...)` then inserts the all-gathers and reduce-scatters.
 Activations are pinned to the batch split too (`constrain_batch`, called by the model at the block
@@ -30,6 +31,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxgpt.layers import in_stacked
 from jaxgpt.weights import path_str
 
 DATA, FSDP = "data", "fsdp"
@@ -100,10 +102,13 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> A
     """
     fsdp_size = mesh.shape[FSDP]
 
-    def one(leaf: Any) -> NamedSharding:
-        return NamedSharding(mesh, partition_spec(getattr(leaf, "shape", ()), fsdp_size, min_size))
+    def one(path: Any, leaf: Any) -> NamedSharding:
+        shape = tuple(getattr(leaf, "shape", ()))
+        if in_stacked(path) and shape:  # a stacked block leaf [L, ...]: a layer's own rule, layers unsplit
+            return NamedSharding(mesh, P(None, *partition_spec(shape[1:], fsdp_size, min_size)))
+        return NamedSharding(mesh, partition_spec(shape, fsdp_size, min_size))
 
-    return jax.tree.map(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def param_shardings(params: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Any:

@@ -37,7 +37,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     `tx` replaces the optimizer built from the config; `split(params) -> (trainable, frozen)` and
     `combine(trainable, frozen) -> params` choose what is trained; `shardings_fn(state, frozen)` places state,
-    batches and frozen params on a mesh (default: a mesh over jax.devices() from config.mesh). With
+    batches and frozen params on a mesh (default: a mesh over jax.devices() from config.mesh); with
+    config.model.scan_layers in full training it is also called on the state in the loop's stacked layout
+    (`steps.StateLayout`). With
     config.lora.rank > 0 the loaded model is frozen and LoRA adapters are trained. Raises FloatingPointError
     naming the step when the loss (or gradient) stops being finite, and WorkdirLocked when another run holds
     `workdir` (process 0 holds its lock from the first write to the last: jaxgpt.workdir_lock).
@@ -67,7 +69,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tx: op
     step_metrics = metrics.StepMetrics(log, meter, int(config.log_interval), s.lr_fn, lambda *a: metrics.non_finite_error(
         *a, checkpointer.last_saved, ckpt_dir))
     evaluator = Evaluator(s.eval_step, s.data.eval_sets, frozen, log, bar.write)
-    checkpointer = Checkpointer(s.mngr, s.meta, evaluator, step_metrics.flush, start if s.resumed else None)
+    checkpointer = Checkpointer(s.mngr, s.meta, evaluator, step_metrics.flush, start if s.resumed else None,
+                                s.unrolled)
     profiler = Profiler(tuple(config.profile_steps), wd / "profile", log) if config.get("profile_steps") else None
     hooks = [*([Hook(profiler, 1, at_end=False)] if profiler else []),  # first: the trace ends before evals
              Hook(lambda n, st: step_metrics.flush(keep=1), int(config.log_interval), at_end=False),
@@ -159,6 +162,8 @@ def _setup(config: ml_collections.ConfigDict, wd: Path, tx: Any, trainable: runs
         place = batches_lib.place_fn(shardings.state if shardings else None)
         state = place(state, shardings.state) if shardings else place(state)
         frozen = place(frozen, shardings.frozen) if shardings and frozen is not None else frozen
+        state, shardings, unrolled = _hold_in_layout(steps.StateLayout.of(cfg, trainable.combine, state.params),
+                                                     state, frozen, shardings, shardings_fn)
         data = batches_lib.TrainBatches(ddir, seed=seed, accum=A, batch=B, block=T, eval_iters=int(config.eval_iters),
                                         batch_sharding=shardings.batch if shardings else None,
                                         vocab_size=cfg.vocab_size)
@@ -169,11 +174,24 @@ def _setup(config: ml_collections.ConfigDict, wd: Path, tx: Any, trainable: runs
     n_params -= T * cfg.n_embd if cfg.pos_embedding == "learned" else 0
     return _Setup(
         cfg=cfg, tok_meta=tok_meta, trainable=trainable, mngr=mngr, mesh=mesh, state=state, frozen=frozen, start=start,
-        resumed=bool(ckpt_steps), data=data, lr_fn=lr_fn, tokens_per_step=A * B * T,
+        unrolled=unrolled, resumed=bool(ckpt_steps), data=data, lr_fn=lr_fn, tokens_per_step=A * B * T,
         flops_per_token=metrics.flops_per_token(cfg.n_layer, T, cfg.n_embd, n_params),
         train_step=steps.make_train_step(cfg, tx, trainable.combine, shardings),
         eval_step=steps.make_eval_step(cfg, trainable.combine), dropout_rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
         meta={"model": cfg.to_dict(), "tokenizer": tok_meta, "seed": seed, "data_dir": str(ddir)})
+
+
+def _hold_in_layout(layout: steps.StateLayout, state: steps.TrainState, frozen: Params, shardings: Any,
+                    shardings_fn: Callable | None) -> tuple[steps.TrainState, Any, Callable]:
+    """The state in the loop's layout (stacked blocks for a scanned model), its shardings, and the jitted
+    `unrolled(state)` that checkpoints, side evaluations and exports read (identity when nothing is stacked)."""
+    if not layout.stacked:
+        return state, shardings, lambda st: st
+    unrolled = jax.jit(layout.outward, out_shardings=shardings.state if shardings else None)
+    if shardings is not None:
+        shardings = shardings_fn(jax.eval_shape(layout.inward, state), frozen)
+    state = jax.jit(layout.inward, out_shardings=shardings.state if shardings else None)(state)
+    return state, shardings, unrolled
 
 
 def _extra_hooks(config: ml_collections.ConfigDict, s: _Setup, log: Any) -> list[Hook]:
@@ -189,7 +207,7 @@ def _extra_hooks(config: ml_collections.ConfigDict, s: _Setup, log: Any) -> list
     tokenizer = from_meta(s.tok_meta, config.data.bpe_path or None)
 
     def run(step: int, state: steps.TrainState) -> None:
-        params = s.trainable.combine(state.params, s.frozen)
+        params = s.trainable.combine(s.unrolled(state).params, s.frozen)
         r = hellaswag.evaluate(params, s.cfg, examples, tokenizer, batch_size=int(config.batch_size))
         log.write({"kind": "eval", "step": step, "hellaswag_acc": r["acc"], "hellaswag_acc_norm": r["acc_norm"],
                    "hellaswag_n": r["n"], "time": time.time()})
@@ -216,6 +234,7 @@ def _finish(config: ml_collections.ConfigDict, wd: Path, s: _Setup, state: steps
     from jaxgpt import plot
 
     out: dict[str, Any] = {}
+    state = s.unrolled(state)
     if s.start >= int(config.max_iters):
         print(f"{wd} already holds a finished run at step {s.start}; raise --config.max_iters to train further, "
               "or use a new --workdir")

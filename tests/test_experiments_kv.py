@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import chex
-import jax
 import numpy as np
 import pytest
 

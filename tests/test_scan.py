@@ -22,7 +22,7 @@ import pytest
 from conftest import random_params
 
 from jaxgpt import config as config_lib
-from jaxgpt import layers, lora
+from jaxgpt import layers, lora, steps
 from jaxgpt.checkpoint import export_hf_gpt2, load_hf_gpt2
 from jaxgpt.config import GPTConfig
 from jaxgpt.kv_cache import init_cache
@@ -215,3 +215,59 @@ def test_old_config_dict_loads_with_defaults():
     del d["remat"], d["scan_layers"]  # a config.json written before these fields
     cfg = GPTConfig.from_dict(d)
     assert (cfg.remat, cfg.scan_layers) == ("none", False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer's stacked train state (jaxgpt.steps.StateLayout)
+
+
+def _optimizer() -> Any:
+    """AdamW with clipping, weight decay on and Adam's eps at 1e-4: the gradient of the key bias is zero up to
+    rounding, and with eps 1e-8 Adam would turn that rounding noise into lr-sized steps of either sign."""
+    from jaxgpt import train_config
+
+    c = train_config.base_config()
+    c.update(learning_rate=1e-2, warmup_iters=1, lr_decay_iters=10, weight_decay=0.5, grad_clip=0.05, eps=1e-4)
+    return steps.make_optimizer(c)
+
+
+def test_stacked_train_state_round_trips_and_steps_like_the_unrolled_one():
+    """A scanned model's train state held stacked ([L, ...] params and AdamW moments) takes the same steps as
+    the unrolled model's unrolled state (weight decay still skips the stacked biases and norms)."""
+    cfg = BASE.replace(n_layer=3)
+    scanned = cfg.replace(scan_layers=True, remat="full")
+    tx = _optimizer()
+    params = _params(cfg, 21)
+    state = steps.init_state(params, tx)
+    layout = steps.StateLayout.of(scanned, steps.identity_combine, params)
+    assert layout.stacked and not steps.StateLayout.of(cfg, steps.identity_combine, params).stacked
+    assert not steps.StateLayout.of(scanned, lambda t, f: t, params).stacked  # LoRA's combine: unrolled
+    stacked = layout.inward(state)
+    mu = stacked.opt_state[1][0].mu
+    assert sorted(mu) == ["h", "ln_f", "wpe", "wte"]
+    chex.assert_shape(mu["h"]["mlp"]["c_fc"]["kernel"], (3, 16, 64))
+    chex.assert_trees_all_equal(layout.outward(stacked), state)
+    mask = steps.decay_mask(stacked.params)
+    assert mask["h"]["mlp"]["c_fc"]["kernel"] and not mask["h"]["mlp"]["c_fc"]["bias"]
+    assert not mask["h"]["ln_1"]["scale"] and mask["wte"]["embedding"]
+
+    ref_step = steps.make_train_step(cfg, tx, donate=False)  # unrolled model, no remat, unrolled state
+    step = steps.make_train_step(scanned, tx, donate=False)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        batch = tuple(jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 3, 12)), jnp.int32) for _ in range(2))
+        state, m_ref = ref_step(state, batch, jax.random.PRNGKey(0))
+        stacked, m = step(stacked, batch, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=TOL)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)))
+    assert moved > 1e-2
+    chex.assert_trees_all_close(layout.outward(stacked), state, atol=1e-6, rtol=1e-6)
+
+
+def test_stack_tree_leaves_non_layer_trees_alone():
+    params = jax.device_get(_params(BASE, 3))
+    tree = {"params": params, "other": {"x": np.ones(3)}, "n": 4}
+    stacked = layers.stack_tree(tree)
+    assert sorted(stacked["params"]) == ["h", "ln_f", "wpe", "wte"]
+    chex.assert_trees_all_equal(stacked["other"], tree["other"])
+    chex.assert_trees_all_equal(layers.unstack_tree(stacked), tree)

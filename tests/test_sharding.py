@@ -353,6 +353,24 @@ def test_tree_shardings_on_abstract_train_state():
     assert sh.batch_sharding(mesh, batch_dim=1).spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
 
 
+def test_stacked_block_leaves_keep_each_layer_s_spec():
+    """A stacked train state ([L, ...] block leaves, jaxgpt.layers) is split like the unrolled one, layer by
+    layer: the layer axis is never split, whatever its size."""
+    from jaxgpt import layers
+
+    mesh = jax.sharding.AbstractMesh((2, 4), sh.AXES)
+    cfg = CFG.replace(n_layer=32)  # [32, 16] biases: the layer axis is the largest, divides, and stays whole
+    abstract = jax.eval_shape(lambda: optax.adamw(1e-3).init(init_params(cfg, 0)))
+    unrolled = sh.spec_summary(sh.tree_shardings(abstract, mesh, MIN_SIZE // 4))
+    stacked = sh.spec_summary(sh.tree_shardings(jax.eval_shape(layers.stack_tree, abstract), mesh, MIN_SIZE // 4))
+    assert any("fsdp" in spec for spec in unrolled.values())
+    for path, spec in stacked.items():
+        key = f"/{path}"
+        want = (None, *unrolled[key.replace("/h/", "/h_0/", 1)[1:]]) if "/h/" in key else unrolled[path]
+        assert spec == want, path
+    assert stacked["0/mu/h/attn/c_proj/bias"] == (None,)  # 16 a layer: replicated, as unrolled
+
+
 def test_shard_batch_and_params_single_device():
     mesh = sh.make_mesh()
     batch = global_batches(1)[0]

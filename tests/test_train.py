@@ -291,11 +291,14 @@ def test_a_finished_run_is_not_retrained(finished_run, pydoc_char_dir, capsys, t
     assert [json.loads(line)["event"] for line in after[len(before):].splitlines()] == ["resume"]
 
 
-def test_a_run_resumes_with_scanned_layers_and_remat(finished_run, pydoc_char_dir, tmp_path):
+def test_a_run_resumes_with_scanned_layers_and_remat(finished_run, pydoc_char_dir, tmp_path, monkeypatch):
     """remat and scan_layers change how the step runs, not the model: a run saved unrolled resumes scanned with
-    full remat, and its losses are those of resuming it unrolled."""
+    full remat (its train state held stacked), its losses are those of resuming it unrolled, and its own
+    checkpoints resume unrolled."""
     import shutil
 
+    layouts, of = [], steps.StateLayout.of
+    monkeypatch.setattr(steps.StateLayout, "of", lambda *a: layouts.append(of(*a)) or layouts[-1])
     losses = {}
     for name, changes in (("plain", {}), ("scanned", {"scan_layers": True, "remat": "full"})):
         wd = tmp_path / name
@@ -305,8 +308,16 @@ def test_a_run_resumes_with_scanned_layers_and_remat(finished_run, pydoc_char_di
         assert trainer.train(c, wd)["start_step"] == 40
         losses[name] = [r["loss"] for r in metrics.read_metrics(wd / "metrics.jsonl")
                         if r["kind"] == "train" and r["step"] >= 40]
-    assert len(losses["plain"]) == 4
+    assert len(losses["plain"]) == 4 and [la.stacked for la in layouts] == [False, True]
     np.testing.assert_allclose(losses["scanned"], losses["plain"], rtol=1e-5)
+    # The scanned run held its state stacked and saved it unrolled: it loads, and resumes unrolled.
+    _, plain, _ = checkpoint.load_run(tmp_path / "plain")
+    _, scanned, _ = checkpoint.load_run(tmp_path / "scanned")
+    assert jax.tree.structure(scanned) == jax.tree.structure(plain)
+    np.testing.assert_allclose(scanned["h_1"]["mlp"]["c_fc"]["kernel"], plain["h_1"]["mlp"]["c_fc"]["kernel"],
+                               atol=1e-5)
+    c = tiny_config(pydoc_char_dir, max_iters=46, lr_decay_iters=46, sample_tokens=0)
+    assert trainer.train(c, tmp_path / "scanned")["start_step"] == 44
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pydoc_char_dir, tmp_path):

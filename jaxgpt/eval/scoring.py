@@ -66,7 +66,7 @@ def _score_batch(params: Any, ctx: jax.Array, group: jax.Array, starts: jax.Arra
     inputs / targets / mask [B, Tn].
     """
     model = GPT(config)
-    (G, Tc), (B, Tn) = ctx.shape, inputs.shape
+    (G, Tc), (_, Tn) = ctx.shape, inputs.shape
     cache = init_cache(config, G, Tc + Tn, jnp.dtype(config.compute_dtype))
     if Tc:
         _, cache = model.apply({"params": params}, ctx, cache=cache)  # logits unused: no head
