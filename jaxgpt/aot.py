@@ -231,13 +231,19 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
 
 
 def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096) -> tuple[int, list[Report]]:
-    """The largest per-chip batch whose train step fits (0: none): a line through two compiles, then bisect."""
-    reports = [compile_train(config, devices, start), compile_train(config, devices, 2 * start)]
-    a, b = reports
-    if a.hbm is None:
+    """The largest per-chip batch whose train step fits (0: none): a line through two compiles, then bisect.
+    When `start` does not fit, the second compile is at one row, and a row that does not fit ends the search."""
+    first = compile_train(config, devices, start)
+    if first.hbm is None:
         raise SystemExit("aot: the chip's HBM is unknown; --max_batch needs it")
-    per_row = max((b.total - a.total) / start, 1.0)
-    guess = min(limit, int((a.hbm - a.total) / per_row) + start)
+    if not first.fits and start == 1:
+        return 0, [first]
+    reports = [first, compile_train(config, devices, 2 * start if first.fits else 1)]
+    if not reports[1].fits and reports[1].batch_per_chip == 1:
+        return 0, reports
+    a, b = sorted(reports, key=lambda r: r.batch_per_chip)
+    per_row = max((b.total - a.total) / (b.batch_per_chip - a.batch_per_chip), 1.0)
+    guess = min(limit, int((a.hbm - a.total) / per_row) + a.batch_per_chip)
     tried = {r.batch_per_chip: r for r in reports}
     lo = max([k for k, r in tried.items() if r.fits] + [0])
     hi = min([k for k, r in tried.items() if not r.fits] + [limit + 1])

@@ -116,6 +116,21 @@ def test_max_batch_finds_the_largest_fitting_batch(monkeypatch, start):
     assert any(r.batch_per_chip == 46 and r.fits is False for r in reports)
 
 
+@pytest.mark.parametrize("start", [1, 4])
+def test_max_batch_stops_when_one_row_does_not_fit(monkeypatch, start):
+    """20 GiB before the first row on a 16 GiB chip: 0, after the start and one row (no bisection)."""
+    calls = []
+
+    def fake(config, devices, bpc):
+        calls.append(bpc)
+        return aot.Report("train", 4, bpc, 0, 0, 0, 0, 0, 16 * aot.GIB, None, 0.0, used=int((20 + bpc) * aot.GIB))
+
+    monkeypatch.setattr(aot, "compile_train", fake)
+    best, reports = aot.max_batch(None, [], start=start)
+    assert best == 0 and calls == sorted({start, 1}, reverse=True)
+    assert [r.batch_per_chip for r in reports] == calls
+
+
 def test_hbm_of_topology_devices():
     """Compile-only devices have no memory stats: the chip's HBM by kind, less the runtime's reserve, split over
     the cores of a chip when each core is a device (v4's topology lists 2 a chip)."""
