@@ -55,7 +55,8 @@ def train_row(attention, remat):
     tx = steps.make_optimizer(c)
     params = init_params(cfg, 0)
     n_params = count_params(params)
-    state = [steps.init_state(params, tx)]
+    layout = steps.StateLayout.of(cfg, steps.identity_combine, params)  # the trainer's: stacked blocks
+    state = [layout.inward(steps.init_state(params, tx))]
     step = steps.make_train_step(cfg, tx)
     x = jax.random.randint(jax.random.PRNGKey(0), (1, B_train, cfg.block_size), 0, cfg.vocab_size)
     rng = jax.random.PRNGKey(1)
