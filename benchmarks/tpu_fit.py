@@ -2,11 +2,12 @@
 `python -m jaxgpt.aot --max_batch` (one process a row, a JSON a row; rows already in OUT are skipped, so an
 interrupted run continues), then rendered as markdown.
 
-    TPU_SKIP_MDS_QUERY=1 /work/venv-tpu/bin/python benchmarks/tpu_fit.py run --out fit [--only 1.5b v5e-4x4]
+    TPU_SKIP_MDS_QUERY=1 /work/venv-tpu/bin/python benchmarks/tpu_fit.py run --out fit [--only 1.5B v5e-16] \
+        [--shard 0/2]   # and --shard 1/2 beside it: one XLA compile keeps one core busy
     python benchmarks/tpu_fit.py table --out fit > table.md
 
 Each row is a train step at seq 1024, bf16 compute with float32 master weights and AdamW state, scanned layers,
-no gradient accumulation. `--max_batch` compiles 4-6 times a row; on a 2-core host that is 10-20 minutes.
+no gradient accumulation. `--max_batch` compiles 2-6 times a row (2 when a row does not fit at all).
 """
 
 from __future__ import annotations
@@ -50,13 +51,16 @@ def aot_args(preset: str, topo: str, remat: str, mesh: str) -> list[str]:
             "--config.grad_accum=1", f"--batch_per_chip={START[preset]}", "--max_batch", "--decode=False"]
 
 
-def run(out: Path, only: list[str]) -> None:
+def run(out: Path, only: list[str], shard: str = "0/1") -> None:
+    """Every row not yet in `out` (rows whose name holds all of `only`); shard "i/n" takes every n-th row from
+    the i-th, so n runners (XLA compiles on one core) share the grid."""
+    i, n = (int(v) for v in shard.split("/"))
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1"}
     env.pop("JAX_PLATFORMS", None)
-    for row in rows():
+    for k, row in enumerate(rows()):
         name = row_name(*row)
-        if (out / f"{name}.json").exists() or (only and not all(o in name for o in only)):
+        if k % n != i or (out / f"{name}.json").exists() or (only and not all(o in name for o in only)):
             continue
         t0 = time.time()
         with open(out / f"{name}.log", "w") as log:
@@ -97,9 +101,10 @@ def main() -> None:
     ap.add_argument("what", choices=("run", "table"))
     ap.add_argument("--out", type=Path, default=Path("tpu_fit_out"))
     ap.add_argument("--only", nargs="*", default=[], help="run only rows whose name holds all of these")
+    ap.add_argument("--shard", default="0/1", help="i/n: this runner's share of the rows (run n at once)")
     args = ap.parse_args()
     if args.what == "run":
-        run(args.out, args.only)
+        run(args.out, args.only, args.shard)
     else:
         print(table(args.out))
 
