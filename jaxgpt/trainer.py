@@ -39,7 +39,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     `combine(trainable, frozen) -> params` choose what is trained; `shardings_fn(state, frozen)` places state,
     batches and frozen params on a mesh (default: a mesh over jax.devices() from config.mesh); with
     config.model.scan_layers in full training it is also called on the state in the loop's stacked layout
-    (`steps.StateLayout`). With
+    (`steps.StateLayout`), which `tx` then updates too (block leaves [L, ...] under "h"). With
     config.lora.rank > 0 the loaded model is frozen and LoRA adapters are trained. Raises FloatingPointError
     naming the step when the loss (or gradient) stops being finite, and WorkdirLocked when another run holds
     `workdir` (process 0 holds its lock from the first write to the last: jaxgpt.workdir_lock).
