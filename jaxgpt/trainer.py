@@ -184,7 +184,8 @@ def _setup(config: ml_collections.ConfigDict, wd: Path, tx: Any, trainable: runs
 def _hold_in_layout(layout: steps.StateLayout, state: steps.TrainState, frozen: Params, shardings: Any,
                     shardings_fn: Callable | None) -> tuple[steps.TrainState, Any, Callable]:
     """The state in the loop's layout (stacked blocks for a scanned model), its shardings, and the jitted
-    `unrolled(state)` that checkpoints, side evaluations and exports read (identity when nothing is stacked)."""
+    `unrolled(state)` that checkpoints and the end-of-run sample and exports read (identity when nothing is
+    stacked)."""
     if not layout.stacked:
         return state, shardings, lambda st: st
     unrolled = jax.jit(layout.outward, out_shardings=shardings.state if shardings else None)
@@ -207,7 +208,7 @@ def _extra_hooks(config: ml_collections.ConfigDict, s: _Setup, log: Any) -> list
     tokenizer = from_meta(s.tok_meta, config.data.bpe_path or None)
 
     def run(step: int, state: steps.TrainState) -> None:
-        params = s.trainable.combine(s.unrolled(state).params, s.frozen)
+        params = s.trainable.combine(state.params, s.frozen)  # stacked params too: the model scans them
         r = hellaswag.evaluate(params, s.cfg, examples, tokenizer, batch_size=int(config.batch_size))
         log.write({"kind": "eval", "step": step, "hellaswag_acc": r["acc"], "hellaswag_acc_norm": r["acc_norm"],
                    "hellaswag_n": r["n"], "time": time.time()})

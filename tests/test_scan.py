@@ -142,23 +142,26 @@ def test_every_switch_value_and_policy_is_covered():
 
 def test_cached_decode_matches_unrolled():
     """Prefill then decode with the per-layer cache stacked through the scan: the logits and the cache equal
-    the unrolled model's, and the cached logits equal an uncached run over the whole sequence."""
+    the unrolled model's, and the cached logits equal an uncached run over the whole sequence. Params that
+    arrive stacked (a scanned run's train state, as its side evaluations pass them) scan as they are."""
     cfg = BASE.replace(pos_embedding="rope")
     params, tokens = _params(cfg, 10), _tokens(cfg, 10, T=9)
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
-    def run(c: GPTConfig, whole: bool):
+    def run(c: GPTConfig, whole: bool, params: Any):
         cache = init_cache(c, 2, 12)
         logits0, cache = GPT(c).apply({"params": params}, tokens[:, :6], cache=cache)  # prefill
         logits1, cache = GPT(c).apply({"params": params}, tokens[:, 6:], cache=cache)  # 3 more
         return (logits0, logits1, cache) + ((GPT(c).apply({"params": params}, tokens),) if whole else ())
 
-    traced = run.trace(cfg.replace(scan_layers=True, remat="full"), False)
-    assert _how_it_runs(traced.jaxpr)["layer_scans"] == 2  # prefill and decode scan
-    ref, got = run(cfg, True), traced.lower().compile()()
-    assert isinstance(got[2].layers, tuple) and len(got[2].layers) == cfg.n_layer
-    chex.assert_trees_all_close(got, ref[:3], atol=TOL, rtol=TOL)
-    chex.assert_trees_all_close(jnp.concatenate(got[:2], axis=1), ref[3], atol=1e-5, rtol=1e-5)
+    ref = run(cfg, True, params)
+    for c, p in ((cfg.replace(scan_layers=True, remat="full"), params), (cfg, layers.stack_layers(params))):
+        traced = run.trace(c, False, p)
+        assert _how_it_runs(traced.jaxpr)["layer_scans"] == 2  # prefill and decode scan
+        got = traced.lower().compile()(p)
+        assert isinstance(got[2].layers, tuple) and len(got[2].layers) == cfg.n_layer
+        chex.assert_trees_all_close(got, ref[:3], atol=TOL, rtol=TOL)
+        chex.assert_trees_all_close(jnp.concatenate(got[:2], axis=1), ref[3], atol=1e-5, rtol=1e-5)
 
 
 def test_quantized_scanned_matches_unrolled():
