@@ -56,7 +56,7 @@ def run(out: Path, only: list[str], shard: str = "0/1") -> None:
     the i-th, so n runners (XLA compiles on one core) share the grid."""
     i, n = (int(v) for v in shard.split("/"))
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1"}
+    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # runners side by side
     env.pop("JAX_PLATFORMS", None)
     for k, row in enumerate(rows()):
         name = row_name(*row)
