@@ -70,29 +70,32 @@ def run(out: Path, only: list[str], shard: str = "0/1") -> None:
 
 
 def table(out: Path) -> str:
-    """One markdown line a finished row: the largest batch a chip holds and the GiB a chip needs at it."""
+    """One markdown line a finished row: the largest batch a chip holds, the GiB a chip needs at it, and every
+    batch compiled on the way (the evidence: the largest that fits, and the one above it that does not)."""
     gib = 2**30
     lines = ["| model | topology | mesh | remat | largest batch/chip | GiB/chip at it (usable) | GiB/row | "
-             "model TFLOPs/step at it | compiles |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "model TFLOPs/step at it | compiled batches (GiB/chip) |", "|---|---|---|---|---:|---:|---:|---:|---|"]
     for row in rows():
         f = out / f"{row_name(*row)}.json"
         if not f.exists():
             continue
-        reports = [r for r in json.loads(f.read_text())["reports"] if r["step"] == "train"]
+        reports = sorted((r for r in json.loads(f.read_text())["reports"] if r["step"] == "train"),
+                         key=lambda r: r["batch_per_chip"])
         fitting = [r for r in reports if r["fits"]]
-        best = max(fitting, key=lambda r: r["batch_per_chip"]) if fitting else None
-        a, b = (sorted(reports, key=lambda r: r["batch_per_chip"]) * 2)[:2]  # one report: no slope
+        best = fitting[-1] if fitting else None
+        a, b = (reports * 2)[:2]  # one report: no slope
         per_row = (b["total"] - a["total"]) / max(b["batch_per_chip"] - a["batch_per_chip"], 1) / gib
+        tried = ", ".join(f"{r['batch_per_chip']} ({r['total'] / gib:.2f})" for r in reports)
         preset, topo, remat, mesh = row
         mesh_s = f"fsdp {TOPOLOGIES[topo][1]}" if mesh == "fsdp" else f"data {TOPOLOGIES[topo][1]}"
         if best is None:
             lines.append(f"| {preset} | {topo} | {mesh_s} | {remat} | 0 (does not fit) | "
                          f"{a['total'] / gib:.2f} at {a['batch_per_chip']} ({a['hbm'] / gib:.2f}) | {per_row:.3f} | - | "
-                         f"{len(reports)} |")
+                         f"{tried} |")
             continue
         tflops = f"{best['model_flops'] / 1e12:.0f}"  # aot's count: jaxgpt.metrics.flops_per_token
         lines.append(f"| {preset} | {topo} | {mesh_s} | {remat} | {best['batch_per_chip']} | "
-                     f"{best['total'] / gib:.2f} ({best['hbm'] / gib:.2f}) | {per_row:.3f} | {tflops} | {len(reports)} |")
+                     f"{best['total'] / gib:.2f} ({best['hbm'] / gib:.2f}) | {per_row:.3f} | {tflops} | {tried} |")
     return "\n".join(lines)
 
 
