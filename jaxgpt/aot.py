@@ -231,8 +231,10 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
 
 
 def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096) -> tuple[int, list[Report]]:
-    """The largest per-chip batch whose train step fits (0: none): a line through two compiles, then bisect.
-    When `start` does not fit, the second compile is at one row, and a row that does not fit ends the search."""
+    """The largest per-chip batch whose train step fits (0: none). Bytes grow about linearly with the batch: a
+    line through two compiles gives the next batch to try, then the line through the largest batch that fits
+    and the smallest that does not (a step XLA refuses still says the bytes it needs), until they are
+    neighbours. When `start` does not fit, the second compile is at one row; if that does not fit, 0."""
     first = compile_train(config, devices, start)
     if first.hbm is None:
         raise SystemExit("aot: the chip's HBM is unknown; --max_batch needs it")
@@ -241,18 +243,17 @@ def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096) -> 
     reports = [first, compile_train(config, devices, 2 * start if first.fits else 1)]
     if not reports[1].fits and reports[1].batch_per_chip == 1:
         return 0, reports
-    a, b = sorted(reports, key=lambda r: r.batch_per_chip)
-    per_row = max((b.total - a.total) / (b.batch_per_chip - a.batch_per_chip), 1.0)
-    guess = min(limit, int((a.hbm - a.total) / per_row) + a.batch_per_chip)
     tried = {r.batch_per_chip: r for r in reports}
     lo = max([k for k, r in tried.items() if r.fits] + [0])
     hi = min([k for k, r in tried.items() if not r.fits] + [limit + 1])
-    while hi - lo > 1:  # bisect around the guess (the line is close: a few compiles at most)
-        mid = guess if lo < guess < hi else (lo + hi) // 2
+    while hi - lo > 1:  # the line through the two compiles, then through the nearest fitting and failing ones
+        a, b = (tried[lo], tried[hi]) if hi in tried else sorted(reports, key=lambda r: r.batch_per_chip)
+        per_row = max((b.total - a.total) / (b.batch_per_chip - a.batch_per_chip), 1.0)
+        guess = a.batch_per_chip + int((a.hbm - a.total) / per_row)
+        mid = min(max(guess, lo + 1), hi - 1)
         r = tried[mid] = compile_train(config, devices, mid)
         reports.append(r)
         lo, hi = (mid, hi) if r.fits else (lo, mid)
-        guess = lo + 1 if r.fits else hi - 1
     return lo, reports
 
 
