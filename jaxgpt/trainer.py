@@ -42,15 +42,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     (`steps.StateLayout`), which `tx` then updates too (block leaves [L, ...] under "h"). With
     config.lora.rank > 0 the loaded model is frozen and LoRA adapters are trained. Raises FloatingPointError
     naming the step when the loss (or gradient) stops being finite, and WorkdirLocked when another run holds
-    `workdir` (process 0 holds its lock from the first write to the last: jaxgpt.workdir_lock).
+    `workdir` (process 0 holds its lock from the first write to the last: jaxgpt.workdir_lock), or WorkdirLost
+    when another run took the lock over while this one stalled.
     """
-    lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        return _train(config, workdir, tx, split, combine, shardings_fn)
+    lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    with lock or contextlib.nullcontext():
+        return _train(config, workdir, tx, split, combine, shardings_fn, lock.check if lock else lambda: None)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tx: optax.GradientTransformation | None,
-           split: Callable, combine: Callable, shardings_fn: Callable | None) -> dict[str, Any]:
+           split: Callable, combine: Callable, shardings_fn: Callable | None,
+           check_lock: Callable[[], None]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     wd = Path(workdir)
@@ -69,12 +71,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tx: op
     step_metrics = metrics.StepMetrics(log, meter, int(config.log_interval), s.lr_fn, lambda *a: metrics.non_finite_error(
         *a, checkpointer.last_saved, ckpt_dir))
     evaluator = Evaluator(s.eval_step, s.data.eval_sets, frozen, log, bar.write)
-    checkpointer = Checkpointer(s.mngr, s.meta, evaluator, step_metrics.flush, start if s.resumed else None,
-                                s.unrolled)
+
+    def flush(keep: int = 0) -> None:  # every write of the loop goes through here: stop first if the lock is lost
+        check_lock()
+        step_metrics.flush(keep=keep)
+
+    checkpointer = Checkpointer(s.mngr, s.meta, evaluator, flush, start if s.resumed else None, s.unrolled)
     profiler = Profiler(tuple(config.profile_steps), wd / "profile", log) if config.get("profile_steps") else None
     hooks = [*([Hook(profiler, 1, at_end=False)] if profiler else []),  # first: the trace ends before evals
-             Hook(lambda n, st: step_metrics.flush(keep=1), int(config.log_interval), at_end=False),
-             Hook(lambda n, st: (step_metrics.flush(), evaluator(n, st)), int(config.eval_interval),
+             Hook(lambda n, st: flush(keep=1), int(config.log_interval), at_end=False),
+             Hook(lambda n, st: (flush(), evaluator(n, st)), int(config.eval_interval),
                   pauses_training=True),
              *_extra_hooks(config, s, log),
              Hook(checkpointer, int(config.ckpt_interval), pauses_training=True)]
@@ -97,13 +103,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tx: op
                 bar.update(1)
                 due = [h for h in hooks if h.due(step, max_iters)]
                 if step == start + 1:  # the first step compiles: measure throughput from its end
-                    step_metrics.flush()
+                    flush()
                     meter.restart()
                 for h in due:
                     h.fn(step, state)
                 if any(h.pauses_training for h in due):
                     meter.restart()
-            step_metrics.flush()
+            flush()
             if stop.signal:
                 checkpointer(step, state)
                 log.write({"kind": "event", "event": f"stopped by {stop.signal}", "step": step, "time": time.time()})

@@ -11,6 +11,9 @@ A lock whose holder is gone is taken over:
 - another host (a shared filesystem): the holder touches the file every `HEARTBEAT_S` seconds; a lock not
   touched for `STALE_AFTER_S` seconds is stale. Hosts sharing a workdir must keep their clocks in sync.
 
+A run that stalls past that (a frozen VM) and wakes to find its lock taken over stops before its next write
+(`WorkdirLock.check`, raising WorkdirLost), so the two runs never both write.
+
 Checking and replacing the lock happens under an exclusive `flock` of `<workdir>/.lock.guard`, so two runs
 starting together cannot both take it; the lock file itself is written to a temporary name and renamed, so
 a reader never sees half of it. This module imports no JAX.
@@ -36,6 +39,10 @@ STALE_AFTER_S = 300.0  # a lock of another host untouched this long is stale (it
 
 class WorkdirLocked(RuntimeError):
     """The workdir is held by a live run."""
+
+
+class WorkdirLost(WorkdirLocked):
+    """Another run took over this run's lock (this run stalled past STALE_AFTER_S): it must stop writing."""
 
 
 def _boot_id() -> str | None:
@@ -165,6 +172,18 @@ class WorkdirLock:
             with contextlib.suppress(OSError):
                 if self._still_mine():
                     os.utime(self.path)
+
+    def check(self) -> None:
+        """Raise WorkdirLost when the lock is no longer this run's: another run took it over while this one
+        stalled (a frozen VM, SIGSTOP) past STALE_AFTER_S. The trainer calls it before every checkpoint and
+        metrics flush, so a run that wakes up stops before writing over its successor."""
+        if self.holder is None or self._still_mine():
+            return
+        now = holder_of(self.workdir)
+        by = f"by {describe(now)}" if now else "(the lock file is gone)"
+        raise WorkdirLost(f"{self.workdir}: this run lost its lock {by} while it was stalled past "
+                          f"{self.stale_after_s:.0f} s; it stops without writing, and the other run keeps the "
+                          "workdir")
 
     def release(self) -> None:
         """Remove the lock if this process still holds it (never a lock another run has taken over since)."""

@@ -93,6 +93,49 @@ def test_release_never_removes_a_lock_taken_over_since(tmp_path):
     assert other.exists() and json.loads(other.read_text())["host"] == "node-3"
 
 
+def test_check_raises_once_another_run_took_the_lock_over(tmp_path):
+    """A run that stalled past STALE_AFTER_S and wakes to another holder learns it at its next write."""
+    lock = wl.WorkdirLock(tmp_path).acquire()
+    lock.check()  # still ours
+    write_lock(tmp_path, host="node-3", pid=99)
+    with pytest.raises(wl.WorkdirLost, match=r"lost its lock by host node-3, PID 99, .*the other run keeps") as e:
+        lock.check()
+    assert "\n" not in str(e.value) and isinstance(e.value, wl.WorkdirLocked)
+    (tmp_path / wl.LOCK_NAME).unlink()
+    with pytest.raises(wl.WorkdirLost, match="the lock file is gone"):
+        lock.check()
+    lock.release()
+
+
+def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write(tmp_path, pydoc_char_dir):
+    """The lock changes hands at step 7 (as when this run stalls and another takes over): the run stops with
+    WorkdirLost before the checkpoint of step 10, keeps the one of step 5, and leaves the new holder's lock."""
+    import jax
+    import optax
+
+    from jaxgpt import steps, trainer
+
+    wd = tmp_path / "wd"
+    c = tiny(pydoc_char_dir, **{"model.n_layer": 1, "model.n_embd": 16, "model.block_size": 16, "eval_iters": 1,
+                               "sample_tokens": 0, "max_iters": 20, "lr_decay_iters": 20, "ckpt_interval": 5,
+                               "eval_interval": 100, "log_interval": 100})
+
+    def steal(count):
+        if int(count) == 7:
+            write_lock(wd, host="node-3", pid=99)
+
+    def update(updates, count, params=None):
+        jax.debug.callback(steal, count, ordered=True)
+        return updates, count + 1
+
+    tx = optax.chain(steps.make_optimizer(c), optax.GradientTransformation(lambda p: jax.numpy.zeros((), "int32"),
+                                                                           update))
+    with pytest.raises(wl.WorkdirLost, match="node-3"):
+        trainer.train(c, wd, tx=tx)
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [5]
+    assert wl.holder_of(wd)["host"] == "node-3"
+
+
 def test_a_foreign_lock_file_is_refused_with_the_fix(tmp_path):
     (tmp_path / wl.LOCK_NAME).write_text("{not json")
     with pytest.raises(wl.WorkdirLocked, match=r"is not a jaxgpt lock file; if no run uses .* delete it"):
