@@ -247,7 +247,7 @@ def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096) -> 
     lo = max([k for k, r in tried.items() if r.fits] + [0])
     hi = min([k for k, r in tried.items() if not r.fits] + [limit + 1])
     while hi - lo > 1:  # the line through the two compiles, then through the nearest fitting and failing ones
-        a, b = (tried[lo], tried[hi]) if hi in tried else sorted(reports, key=lambda r: r.batch_per_chip)
+        a, b = (tried[lo], tried[hi]) if hi in tried else sorted(tried.values(), key=lambda r: r.batch_per_chip)[-2:]
         per_row = max((b.total - a.total) / (b.batch_per_chip - a.batch_per_chip), 1.0)
         guess = a.batch_per_chip + int((a.hbm - a.total) / per_row)
         mid = min(max(guess, lo + 1), hi - 1)

@@ -133,6 +133,22 @@ def test_max_batch_when_the_bytes_a_row_grow_with_the_batch(monkeypatch):
     assert best == 23 and len(calls) <= 6, calls  # a row at a time from 30 down took 10
 
 
+def test_max_batch_when_the_first_line_falls_short(monkeypatch):
+    """Bytes a row that shrink with the batch: the first line's answer fits, and the search goes on upwards."""
+    def need(bpc):
+        return (2 + 0.5 * bpc - 0.004 * bpc ** 2) * aot.GIB
+
+    def fake(config, devices, bpc):
+        if need(bpc) > 15.36 * aot.GIB:
+            return aot.Report("train", 16, bpc, 0, 0, 0, 0, 0, int(15.36 * aot.GIB), None, 0.0, used=int(need(bpc)))
+        return aot.Report("train", 16, bpc, 0, 0, 0, int(need(bpc)), 0, int(15.36 * aot.GIB), None, 0.0)
+
+    monkeypatch.setattr(aot, "compile_train", fake)
+    best, reports = aot.max_batch(None, [], start=4)
+    want = min(b for b in range(1, 60) if need(b) > 15.36 * aot.GIB) - 1  # need() rises up to 62 rows
+    assert best == want and reports[2].fits and len(reports) <= 8
+
+
 @pytest.mark.parametrize("start", [1, 4])
 def test_max_batch_stops_when_one_row_does_not_fit(monkeypatch, start):
     """20 GiB before the first row on a 16 GiB chip: 0, after the start and one row (no bisection)."""
