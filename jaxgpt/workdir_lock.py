@@ -177,10 +177,18 @@ class WorkdirLock:
         """Raise WorkdirLost when the lock is no longer this run's: another run took it over while this one
         stalled (a frozen VM, SIGSTOP) past STALE_AFTER_S. The trainer calls it before every checkpoint and
         metrics flush, so a run that wakes up stops before writing over its successor."""
-        if self.holder is None or self._still_mine():
+        if self.holder is None:
             return
-        now = holder_of(self.workdir)
-        by = f"by {describe(now)}" if now else "(the lock file is gone)"
+        try:  # one read: the holder now, or None when the file is gone
+            now = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            now = None
+        except (OSError, ValueError):  # unreadable for a moment (a shared filesystem): the next write looks again
+            return
+        if isinstance(now, dict) and now.get("token") == self.holder["token"]:
+            return
+        by = (f"by {describe(now)}" if isinstance(now, dict) else
+              "(the lock file is gone)" if now is None else "(the lock file was replaced)")
         raise WorkdirLost(f"{self.workdir}: this run lost its lock {by} while it was stalled past "
                           f"{self.stale_after_s:.0f} s; it stops without writing, and the other run keeps the "
                           "workdir")

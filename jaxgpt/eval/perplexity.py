@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-
 from jaxgpt.config import GPTConfig
 from jaxgpt.eval.scoring import score, window
 
