@@ -120,12 +120,15 @@ def _report(step: str, compiled: Any, chips: int, bpc: int, hbm: int | None, sec
                   flops, seconds)
 
 
-_OOM = re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# The two forms of XLA:TPU's out-of-memory error: the whole program's bytes, or (raised earlier) its temporaries'.
+_OOM = (re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
+        re.compile(r"Ran out of memory on HBM, the total memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)"))
 
 
 def _out_of_memory(e: Exception, step: str, chips: int, bpc: int, hbm: int | None, seconds: float) -> Report:
-    """The report of a program XLA refused for lack of HBM ("Used 21.95G of 15.48G hbm"); other errors re-raise."""
-    m = _OOM.search(str(e))
+    """The report of a program XLA refused for lack of HBM ("Used 21.95G of 15.48G hbm", or "the total memory
+    required for HLO temporaries (47.84G)": then the bytes are a lower bound); other errors re-raise."""
+    m = next((m for m in (p.search(str(e)) for p in _OOM) if m), None)
     if m is None:
         raise e
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": GIB, "T": 2**40}

@@ -93,6 +93,10 @@ def test_out_of_memory_error_becomes_a_report():
     r = aot._out_of_memory(e, "train", 4, 64, 16 * aot.GIB, 3.0)
     assert r.used == int(21.95 * aot.GIB) and r.total == r.used and r.fits is False
     assert "out of memory: XLA needs 21.95 GiB" in r.line()
+    e = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                     "(47.84G) exceeds available HBM (31.25G).")  # the form raised before the program is laid out
+    r = aot._out_of_memory(e, "train", 8, 40, 31 * aot.GIB, 2.0)
+    assert r.used == int(47.84 * aot.GIB) and r.fits is False and r.batch_per_chip == 40
     with pytest.raises(ValueError, match="other"):
         aot._out_of_memory(ValueError("some other failure"), "train", 4, 64, 16 * aot.GIB, 3.0)
 
