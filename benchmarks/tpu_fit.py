@@ -41,14 +41,44 @@ def row_name(preset: str, topo: str, remat: str, mesh: str) -> str:
     return f"{preset}_{topo}_{mesh}_{remat}"
 
 
-def aot_args(preset: str, topo: str, remat: str, mesh: str) -> list[str]:
+def _train_reports(f: Path) -> list[dict]:
+    return sorted((r for r in json.loads(f.read_text()).get("reports", []) if r["step"] == "train"),
+                  key=lambda r: r["batch_per_chip"])
+
+
+def guess(out: Path, preset: str, topo: str, remat: str, mesh: str) -> int | None:
+    """The largest batch the row is likely to hold, from a finished row of the same model, remat and mesh kind
+    on another topology: bytes at no rows (params, optimizer state, their gradients) split over the new FSDP
+    size, the same bytes a row, the chip's HBM (from any finished row on that chip). None: nothing to go by."""
+    chip = TOPOLOGIES[topo][0].split(":")[0]  # v5e-64 has v5e-16's chips
+    same_chip = [t for t, (name, _) in TOPOLOGIES.items() if name.split(":")[0] == chip]
+    hbm = next((r["hbm"] for t in same_chip for f in sorted(out.glob(f"*_{t}_*.json")) for r in _train_reports(f)),
+               None)
+    for other in TOPOLOGIES:
+        f = out / f"{row_name(preset, other, remat, mesh)}.json"
+        if other == topo or hbm is None or not f.exists():
+            continue
+        reports = [r for r in _train_reports(f) if r.get("used") is None]  # full reports: exact bytes
+        if len(reports) < 2:
+            continue
+        a, b = reports[-2:]
+        per_row = (b["total"] - a["total"]) / (b["batch_per_chip"] - a["batch_per_chip"])
+        shards = (TOPOLOGIES[other][1] / TOPOLOGIES[topo][1]) if mesh == "fsdp" else 1.0
+        fixed = (b["total"] - b["batch_per_chip"] * per_row) * shards
+        return max(1, int((hbm - fixed) / per_row)) if per_row > 0 else None
+    return None
+
+
+def aot_args(preset: str, topo: str, remat: str, mesh: str, start: int | None = None) -> list[str]:
+    """aot's flags for a row; `start`: a guess of the answer (--near), else the preset's small START."""
     L, H, C = PRESETS[preset]
     name, n = TOPOLOGIES[topo]
     data, fsdp = (n, 1) if mesh == "dp" else (1, n)
+    first = [f"--batch_per_chip={start}", "--near"] if start else [f"--batch_per_chip={START[preset]}"]
     return [f"--config={REPO}/configs/gpt2_124m.py", f"--topology={name}", f"--config.model.n_layer={L}",
             f"--config.model.n_head={H}", f"--config.model.n_embd={C}", f"--config.mesh.data={data}",
             f"--config.mesh.fsdp={fsdp}", f"--config.model.remat={remat}", "--config.model.scan_layers=True",
-            "--config.grad_accum=1", f"--batch_per_chip={START[preset]}", "--max_batch", "--decode=False"]
+            "--config.grad_accum=1", *first, "--max_batch", "--decode=False"]
 
 
 def run(out: Path, only: list[str], shard: str = "0/1") -> None:
@@ -64,7 +94,8 @@ def run(out: Path, only: list[str], shard: str = "0/1") -> None:
             continue
         t0 = time.time()
         with open(out / f"{name}.log", "w") as log:
-            rc = subprocess.run([sys.executable, "-m", "jaxgpt.aot", *aot_args(*row), f"--json={out / name}.json"],
+            args = aot_args(*row, start=guess(out, *row))
+            rc = subprocess.run([sys.executable, "-m", "jaxgpt.aot", *args, f"--json={out / name}.json"],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         print(f"{name}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
 
@@ -79,8 +110,7 @@ def table(out: Path) -> str:
         f = out / f"{row_name(*row)}.json"
         if not f.exists():
             continue
-        reports = sorted((r for r in json.loads(f.read_text())["reports"] if r["step"] == "train"),
-                         key=lambda r: r["batch_per_chip"])
+        reports = _train_reports(f)
         fitting = [r for r in reports if r["fits"]]
         best = fitting[-1] if fitting else None
         a, b = (reports * 2)[:2]  # one report: no slope

@@ -16,6 +16,7 @@ largest per-chip batch that does (linear in the batch: two compiles predict it, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -233,26 +234,37 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
     return _report("decode", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0, cfg.scan_layers)
 
 
-def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096) -> tuple[int, list[Report]]:
+def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096,
+              near: bool = False) -> tuple[int, list[Report]]:
     """The largest per-chip batch whose train step fits (0: none). Bytes grow about linearly with the batch: a
     line through two compiles gives the next batch to try, then the line through the largest batch that fits
     and the smallest that does not (a step XLA refuses still says the bytes it needs), until they are
-    neighbours. When `start` does not fit, the second compile is at one row; if that does not fit, 0."""
+    neighbours. The second compile is at twice `start` when it fits, else at one row (if that does not fit
+    either: 0). `near`: `start` is a guess of the answer, so the second compile is its neighbour (start + 1 if
+    it fits, else start - 1), and a right guess takes two compiles."""
     first = compile_train(config, devices, start)
     if first.hbm is None:
         raise SystemExit("aot: the chip's HBM is unknown; --max_batch needs it")
     if not first.fits and start == 1:
         return 0, [first]
-    reports = [first, compile_train(config, devices, 2 * start if first.fits else 1)]
+    if near:
+        second = start + 1 if first.fits else start - 1
+    else:
+        second = 2 * start if first.fits else 1
+    reports = [first, compile_train(config, devices, second)]
     if not reports[1].fits and reports[1].batch_per_chip == 1:
         return 0, reports
     tried = {r.batch_per_chip: r for r in reports}
     lo = max([k for k, r in tried.items() if r.fits] + [0])
     hi = min([k for k, r in tried.items() if not r.fits] + [limit + 1])
-    while hi - lo > 1:  # the line through the two compiles, then through the nearest fitting and failing ones
-        a, b = (tried[lo], tried[hi]) if hi in tried else sorted(tried.values(), key=lambda r: r.batch_per_chip)[-2:]
+    while hi - lo > 1:  # the line through the nearest fitting and failing compiles, else the two nearest to them
+        by_batch = sorted(tried.values(), key=lambda r: r.batch_per_chip)
+        if lo in tried and hi in tried:
+            a, b = tried[lo], tried[hi]
+        else:
+            a, b = by_batch[-2:] if lo in tried else by_batch[:2]
         per_row = max((b.total - a.total) / (b.batch_per_chip - a.batch_per_chip), 1.0)
-        guess = a.batch_per_chip + int((a.hbm - a.total) / per_row)
+        guess = a.batch_per_chip + math.floor((a.hbm - a.total) / per_row)
         mid = min(max(guess, lo + 1), hi - 1)
         r = tried[mid] = compile_train(config, devices, mid)
         reports.append(r)
@@ -289,7 +301,7 @@ def main(argv: list[str]) -> None:
           f"scan_layers={cfg.scan_layers} grad_accum={config.grad_accum}", flush=True)
     reports = []
     if flags.FLAGS["max_batch"].value:
-        best, tried = max_batch(config, devices, start=max(1, bpc))
+        best, tried = max_batch(config, devices, start=max(1, bpc), near=flags.FLAGS["near"].value)
         reports += tried
         for r in tried:
             print(r.line(), flush=True)
@@ -323,6 +335,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5e:4x4 (default: local devices)")
     flags.DEFINE_integer("batch_per_chip", None, "sequences a chip (default: config.batch_size / chips)")
     flags.DEFINE_bool("max_batch", False, "search the largest per-chip batch that fits")
+    flags.DEFINE_bool("near", False, "--max_batch: --batch_per_chip is a guess of the answer (check its neighbours "
+                      "first: two compiles when it is right)")
     flags.DEFINE_bool("decode", True, "also compile a one-token decode step with a block_size cache")
     flags.DEFINE_string("json", None, "write the reports to this JSON file")
 

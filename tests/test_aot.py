@@ -153,6 +153,36 @@ def test_max_batch_when_the_first_line_falls_short(monkeypatch):
     assert best == want and reports[2].fits and len(reports) <= 8
 
 
+@pytest.mark.parametrize("start,most", [(45, 2), (46, 2), (44, 3), (40, 4), (52, 4), (1, 5), (200, 5)])
+def test_max_batch_near_a_guess(monkeypatch, start, most):
+    """near=True: a right guess (45, or 46 just above it) takes two compiles, a close one a few more, and a guess
+    far off on either side still ends at 45 with the failing neighbour compiled."""
+    calls = []
+
+    def fake(config, devices, bpc):
+        calls.append(bpc)
+        need = int((2 + 0.3 * bpc) * aot.GIB)
+        if need > 15.5 * aot.GIB:
+            return aot.Report("train", 4, bpc, 0, 0, 0, 0, 0, 16 * aot.GIB, None, 0.0, used=need)
+        return aot.Report("train", 4, bpc, 2 * aot.GIB, 0, 0, need - 2 * aot.GIB, 0, 16 * aot.GIB, None, 0.0)
+
+    monkeypatch.setattr(aot, "compile_train", fake)
+    best, reports = aot.max_batch(None, [], start=start, near=True)
+    assert best == 45 and len(calls) == len(set(calls)) <= most, calls
+    assert {45, 46} <= set(calls)
+
+
+def test_max_batch_near_when_nothing_fits(monkeypatch):
+    calls = []
+
+    def fake(config, devices, bpc):
+        calls.append(bpc)
+        return aot.Report("train", 4, bpc, 0, 0, 0, 0, 0, 16 * aot.GIB, None, 0.0, used=int((20 + bpc) * aot.GIB))
+
+    monkeypatch.setattr(aot, "compile_train", fake)
+    assert aot.max_batch(None, [], start=6, near=True)[0] == 0 and calls == [6, 5, 1]
+
+
 @pytest.mark.parametrize("start", [1, 4])
 def test_max_batch_stops_when_one_row_does_not_fit(monkeypatch, start):
     """20 GiB before the first row on a 16 GiB chip: 0, after the start and one row (no bisection)."""

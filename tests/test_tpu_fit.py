@@ -64,3 +64,20 @@ def test_table_of_a_fitting_and_a_non_fitting_row(tpu_fit, tmp_path):
     assert lines[2] == ("| 124M | v5e-16 | fsdp 16 | full | 40 | 13.00 (15.36) | 0.250 | 40000 | "
                         "8 (3.00), 16 (5.00), 40 (13.00), 41 (15.50) |")
     assert lines[3] == "| 1.5B | v5e-16 | data 16 | none | 0 (does not fit) | 30.00 at 1 (15.36) | 10.000 | - | 1 (30.00), 2 (40.00) |"
+
+
+def test_guess_from_the_same_row_on_another_topology(tpu_fit, tmp_path):
+    """1 GiB at no rows over 16 chips is 2 GiB over 8 (FSDP; the same under data parallelism), 0.5 GiB a row:
+    on a 30.72 GiB chip the guess is (30.72 - 2) / 0.5 = 57 rows (59 data parallel). --near goes with it."""
+    row = [_report(10, 6.0, True), _report(11, 6.5, False)]
+    for mesh in ("fsdp", "dp"):
+        (tmp_path / f"124M_v5e-16_{mesh}_full.json").write_text(json.dumps({"reports": row}))
+    (tmp_path / "355M_v6e-8_fsdp_full.json").write_text(json.dumps({"reports": [{**_report(4, 2.0, True),
+                                                                                 "hbm": 30.72 * GIB}]}))
+    assert tpu_fit.guess(tmp_path, "124M", "v6e-8", "full", "fsdp") == 57
+    assert tpu_fit.guess(tmp_path, "124M", "v6e-8", "full", "dp") == 59
+    assert tpu_fit.guess(tmp_path, "124M", "v4-8", "full", "fsdp") is None  # nothing known of the chip
+    assert tpu_fit.guess(tmp_path, "774M", "v6e-8", "full", "fsdp") is None  # nor of the model
+    assert tpu_fit.guess(tmp_path, "124M", "v5e-64", "full", "fsdp") == int((15.36 - 0.25) / 0.5)  # v5e-16's chip
+    assert "--near" in tpu_fit.aot_args("124M", "v6e-8", "full", "fsdp", start=57)
+    assert "--batch_per_chip=8" in tpu_fit.aot_args("124M", "v6e-8", "full", "fsdp")
