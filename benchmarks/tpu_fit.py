@@ -5,6 +5,7 @@ interrupted run continues), then rendered as markdown.
     TPU_SKIP_MDS_QUERY=1 /work/venv-tpu/bin/python benchmarks/tpu_fit.py run --out fit [--only 1.5B v5e-16] \
         [--shard 0/2]   # and --shard 1/2 beside it: one XLA compile keeps one core busy
     python benchmarks/tpu_fit.py table --out fit > table.md
+    python benchmarks/tpu_fit.py plot --out fit --png docs/figures/tpu_fit.png
 
 Each row is a train step at seq 1024, bf16 compute with float32 master weights and AdamW state, scanned layers,
 no gradient accumulation. `--max_batch` compiles 2-6 times a row (2 when a row does not fit at all).
@@ -129,15 +130,65 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def largest(out: Path) -> dict[tuple[str, str, str, str], int]:
+    """(preset, topology, remat, mesh) -> the largest batch a chip holds, for every finished row."""
+    found = {}
+    for row in rows():
+        f = out / f"{row_name(*row)}.json"
+        if f.exists():
+            fitting = [r["batch_per_chip"] for r in _train_reports(f) if r["fits"]]
+            found[row] = max(fitting, default=0)
+    return found
+
+
+def plot(out: Path, png: Path) -> None:
+    """Bars of the largest batch a chip holds: a panel per mesh and remat policy, topologies along x, a bar per
+    model; a row not measured has no bar, a row that does not fit a 0 marked with x."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = largest(out)
+    panels = [(m, r) for m in MESHES for r in REMATS if any(k[2:] == (r, m) for k in found)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
+    width = 0.8 / len(PRESETS)
+    for ax, (mesh, remat) in zip(axes[0], panels):
+        for j, preset in enumerate(PRESETS):
+            for i, topo in enumerate(TOPOLOGIES):
+                best = found.get((preset, topo, remat, mesh))
+                if best is None:
+                    continue
+                x = i + (j - (len(PRESETS) - 1) / 2) * width
+                ax.bar(x, max(best, 0.5), width, color=f"C{j}", label=preset if i == 0 or best else None)
+                ax.text(x, max(best, 0.5), "x" if best == 0 else str(best), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(TOPOLOGIES)), list(TOPOLOGIES))
+        ax.set_yscale("log")
+        ax.set_ylim(0.5, 2 * max(found.values(), default=1))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_title(f"{'FSDP' if mesh == 'fsdp' else 'data parallel'}, remat {remat}")
+        ax.set_ylabel("largest batch per chip (seq 1024)")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8)
+    fig.suptitle("GPT-2 train step compiled for TPU topologies (bf16, AdamW)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("run", "table"))
+    ap.add_argument("what", choices=("run", "table", "plot"))
     ap.add_argument("--out", type=Path, default=Path("tpu_fit_out"))
     ap.add_argument("--only", nargs="*", default=[], help="run only rows whose name holds all of these")
+    ap.add_argument("--png", type=Path, default=Path("tpu_fit.png"), help="plot: the figure to write")
     ap.add_argument("--shard", default="0/1", help="i/n: this runner's share of the rows (run n at once)")
     args = ap.parse_args()
     if args.what == "run":
         run(args.out, args.only, args.shard)
+    elif args.what == "plot":
+        plot(args.out, args.png)
     else:
         print(table(args.out))
 

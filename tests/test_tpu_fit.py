@@ -81,3 +81,12 @@ def test_guess_from_the_same_row_on_another_topology(tpu_fit, tmp_path):
     assert tpu_fit.guess(tmp_path, "124M", "v5e-64", "full", "fsdp") == int((15.36 - 0.25) / 0.5)  # v5e-16's chip
     assert "--near" in tpu_fit.aot_args("124M", "v6e-8", "full", "fsdp", start=57)
     assert "--batch_per_chip=8" in tpu_fit.aot_args("124M", "v6e-8", "full", "fsdp")
+
+
+def test_largest_and_plot(tpu_fit, tmp_path):
+    (tmp_path / "124M_v5e-16_fsdp_full.json").write_text(json.dumps(
+        {"reports": [_report(8, 3.0, True), _report(40, 13.0, True), _report(41, 15.5, False)]}))
+    (tmp_path / "1.5B_v5e-16_dp_none.json").write_text(json.dumps({"reports": [_report(1, 30.0, False)]}))
+    assert tpu_fit.largest(tmp_path) == {("124M", "v5e-16", "full", "fsdp"): 40, ("1.5B", "v5e-16", "none", "dp"): 0}
+    tpu_fit.plot(tmp_path, tmp_path / "fit.png")
+    assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
