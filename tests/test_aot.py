@@ -101,10 +101,9 @@ def test_out_of_memory_error_becomes_a_report():
         aot._out_of_memory(ValueError("some other failure"), "train", 4, 64, 16 * aot.GIB, 3.0)
 
 
-@pytest.mark.parametrize("start", [1, 8, 64])
-def test_max_batch_finds_the_largest_fitting_batch(monkeypatch, start):
-    """A fake compile: 2 GiB fixed + 0.3 GiB a row, refused by XLA (as on a TPU) past 15.5 GiB: the answer is 45
-    from any start, the one above it start included."""
+def _linear_compile(monkeypatch) -> list[int]:
+    """aot.compile_train faked: 2 GiB fixed + 0.3 GiB a row, refused by XLA (as on a TPU) past 15.5 GiB, so 45
+    rows fit and 46 do not. Returns the list the batches compiled are appended to."""
     calls = []
 
     def fake(config, devices, bpc):
@@ -115,6 +114,13 @@ def test_max_batch_finds_the_largest_fitting_batch(monkeypatch, start):
         return aot.Report("train", 4, bpc, 2 * aot.GIB, 0, 0, need - 2 * aot.GIB, 0, 16 * aot.GIB, None, 0.0)
 
     monkeypatch.setattr(aot, "compile_train", fake)
+    return calls
+
+
+@pytest.mark.parametrize("start", [1, 8, 64])
+def test_max_batch_finds_the_largest_fitting_batch(monkeypatch, start):
+    """The answer is 45 from any start, the one above it compiled too."""
+    calls = _linear_compile(monkeypatch)
     best, reports = aot.max_batch(None, [], start=start)
     assert best == 45 and len(calls) == len(set(calls)) <= 5
     assert any(r.batch_per_chip == 46 and r.fits is False for r in reports)
@@ -157,16 +163,7 @@ def test_max_batch_when_the_first_line_falls_short(monkeypatch):
 def test_max_batch_near_a_guess(monkeypatch, start, most):
     """near=True: a right guess (45, or 46 just above it) takes two compiles, a close one a few more, and a guess
     far off on either side still ends at 45 with the failing neighbour compiled."""
-    calls = []
-
-    def fake(config, devices, bpc):
-        calls.append(bpc)
-        need = int((2 + 0.3 * bpc) * aot.GIB)
-        if need > 15.5 * aot.GIB:
-            return aot.Report("train", 4, bpc, 0, 0, 0, 0, 0, 16 * aot.GIB, None, 0.0, used=need)
-        return aot.Report("train", 4, bpc, 2 * aot.GIB, 0, 0, need - 2 * aot.GIB, 0, 16 * aot.GIB, None, 0.0)
-
-    monkeypatch.setattr(aot, "compile_train", fake)
+    calls = _linear_compile(monkeypatch)
     best, reports = aot.max_batch(None, [], start=start, near=True)
     assert best == 45 and len(calls) == len(set(calls)) <= most, calls
     assert {45, 46} <= set(calls)
