@@ -152,9 +152,13 @@ def plot(out: Path, png: Path) -> None:
 
     found = largest(out)
     panels = [(m, r) for m in MESHES for r in REMATS if any(k[2:] == (r, m) for k in found)]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
+    ncols = max(min(len(panels), len(REMATS)), 1)
+    nrows = max(-(-len(panels) // ncols), 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     width = 0.8 / len(PRESETS)
-    for ax, (mesh, remat) in zip(axes[0], panels):
+    for ax, (mesh, remat) in zip(axes.flat, panels):
         for j, preset in enumerate(PRESETS):
             for i, topo in enumerate(TOPOLOGIES):
                 best = found.get((preset, topo, remat, mesh))
