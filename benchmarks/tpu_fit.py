@@ -2,10 +2,12 @@
 `python -m jaxgpt.aot --max_batch` (one process a row, a JSON a row; rows already in OUT are skipped, so an
 interrupted run continues), then rendered as markdown.
 
-    TPU_SKIP_MDS_QUERY=1 /work/venv-tpu/bin/python benchmarks/tpu_fit.py run --out fit [--only 1.5B v5e-16] \
-        [--shard 0/2]   # and --shard 1/2 beside it: one XLA compile keeps one core busy
-    python benchmarks/tpu_fit.py table --out fit > table.md
-    python benchmarks/tpu_fit.py plot --out fit --png docs/figures/tpu_fit.png
+    TPU_SKIP_MDS_QUERY=1 /work/venv-tpu/bin/python benchmarks/tpu_fit.py run [--only 1.5B v5e-16] \
+        [--skip fsdp_full] [--shard 0/2]   # and --shard 1/2 beside it: one XLA compile keeps one core busy
+    python benchmarks/tpu_fit.py table > table.md
+    python benchmarks/tpu_fit.py plot --png docs/figures/tpu_fit.png
+
+The rows land in docs/figures/tpu_fit/ (`--out`), one JSON a row, kept with the docs they back.
 
 Each row is a train step at seq 1024, bf16 compute with float32 master weights and AdamW state, scanned layers,
 no gradient accumulation. `--max_batch` compiles 2-6 times a row (2 when a row does not fit at all).
@@ -82,19 +84,22 @@ def aot_args(preset: str, topo: str, remat: str, mesh: str, start: int | None = 
             "--config.grad_accum=1", *first, "--max_batch", "--decode=False"]
 
 
-def run(out: Path, only: list[str], shard: str = "0/1") -> None:
-    """Every row not yet in `out` (rows whose name holds all of `only`); shard "i/n" takes every n-th row from
-    the i-th, so n runners (XLA compiles on one core) share the grid."""
+def run(out: Path, only: list[str], shard: str = "0/1", skip: tuple[str, ...] = ()) -> None:
+    """Every row not yet in `out` (rows whose name holds all of `only` and none of `skip`); shard "i/n" takes
+    every n-th row from the i-th, so n runners (XLA compiles on one core) share the grid. aot's output goes to
+    out/logs/ROW.log, the report to out/ROW.json."""
     i, n = (int(v) for v in shard.split("/"))
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # runners side by side
     env.pop("JAX_PLATFORMS", None)
     for k, row in enumerate(rows()):
         name = row_name(*row)
         if k % n != i or (out / f"{name}.json").exists() or (only and not all(o in name for o in only)):
             continue
+        if any(s in name for s in skip):
+            continue
         t0 = time.time()
-        with open(out / f"{name}.log", "w") as log:
+        with open(out / "logs" / f"{name}.log", "w") as log:
             args = aot_args(*row, start=guess(out, *row))
             rc = subprocess.run([sys.executable, "-m", "jaxgpt.aot", *args, f"--json={out / name}.json"],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -184,13 +189,15 @@ def plot(out: Path, png: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("run", "table", "plot"))
-    ap.add_argument("--out", type=Path, default=Path("tpu_fit_out"))
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "tpu_fit",
+                    help="a JSON a row (the measurements docs/scale.md shows)")
     ap.add_argument("--only", nargs="*", default=[], help="run only rows whose name holds all of these")
+    ap.add_argument("--skip", nargs="*", default=[], help="run: leave out rows whose name holds any of these")
     ap.add_argument("--png", type=Path, default=Path("tpu_fit.png"), help="plot: the figure to write")
     ap.add_argument("--shard", default="0/1", help="i/n: this runner's share of the rows (run n at once)")
     args = ap.parse_args()
     if args.what == "run":
-        run(args.out, args.only, args.shard)
+        run(args.out, args.only, args.shard, tuple(args.skip))
     elif args.what == "plot":
         plot(args.out, args.png)
     else:

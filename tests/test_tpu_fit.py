@@ -47,6 +47,10 @@ def test_runners_share_the_rows_and_skip_finished_ones(tpu_fit, tmp_path, monkey
     shard = "0/1"
     tpu_fit.run(tmp_path, ["124M", "v5p-8", "fsdp_full"], shard)
     assert ran["0/1"] == ["124M_v5p-8_fsdp_full"]
+    assert (tmp_path / "logs" / "124M_v5p-8_fsdp_full.log").exists()
+    ran.clear()
+    tpu_fit.run(tmp_path, ["v5p-8", "1.5B"], shard, skip=("fsdp_full", "_dp_"))
+    assert sorted(ran["0/1"]) == ["1.5B_v5p-8_fsdp_dots_saveable", "1.5B_v5p-8_fsdp_none"]
 
 
 def _report(bpc: int, total_gib: float, fits: bool) -> dict:
