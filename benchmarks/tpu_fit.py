@@ -110,7 +110,7 @@ def table(out: Path) -> str:
     """One markdown line a finished row: the largest batch a chip holds, the GiB a chip needs at it, and every
     batch compiled on the way (the evidence: the largest that fits, and the one above it that does not)."""
     gib = 2**30
-    lines = ["| model | topology | mesh | remat | largest batch/chip | GiB/chip at it (usable) | GiB/row | "
+    lines = ["| model | topology | mesh | remat | largest batch/chip | GiB/chip at it (usable) | GiB/row there | "
              "model TFLOPs/step at it | compiled batches (GiB/chip) |", "|---|---|---|---|---:|---:|---:|---:|---|"]
     for row in rows():
         f = out / f"{row_name(*row)}.json"
@@ -119,7 +119,8 @@ def table(out: Path) -> str:
         reports = _train_reports(f)
         fitting = [r for r in reports if r["fits"]]
         best = fitting[-1] if fitting else None
-        a, b = (reports * 2)[:2]  # one report: no slope
+        above = [r for r in reports if best is None or r["batch_per_chip"] > best["batch_per_chip"]]
+        a, b = (([best] if best else []) + above + reports)[:2]  # the slope where the row ran out, else the first
         per_row = (b["total"] - a["total"]) / max(b["batch_per_chip"] - a["batch_per_chip"], 1) / gib
         tried = ", ".join(f"{r['batch_per_chip']} ({r['total'] / gib:.2f})" for r in reports)
         preset, topo, remat, mesh = row
