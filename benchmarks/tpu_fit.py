@@ -122,17 +122,18 @@ def table(out: Path) -> str:
         above = [r for r in reports if best is None or r["batch_per_chip"] > best["batch_per_chip"]]
         a, b = (([best] if best else []) + above + reports)[:2]  # the slope where the row ran out, else the first
         per_row = (b["total"] - a["total"]) / max(b["batch_per_chip"] - a["batch_per_chip"], 1) / gib
+        per_row_s = "-" if a is b else f"{per_row:.3f}"  # one batch compiled: no slope
         tried = ", ".join(f"{r['batch_per_chip']} ({r['total'] / gib:.2f})" for r in reports)
         preset, topo, remat, mesh = row
         mesh_s = f"fsdp {TOPOLOGIES[topo][1]}" if mesh == "fsdp" else f"data {TOPOLOGIES[topo][1]}"
         if best is None:
             lines.append(f"| {preset} | {topo} | {mesh_s} | {remat} | 0 (does not fit) | "
-                         f"{a['total'] / gib:.2f} at {a['batch_per_chip']} ({a['hbm'] / gib:.2f}) | {per_row:.3f} | - | "
+                         f"{a['total'] / gib:.2f} at {a['batch_per_chip']} ({a['hbm'] / gib:.2f}) | {per_row_s} | - | "
                          f"{tried} |")
             continue
         tflops = f"{best['model_flops'] / 1e12:.0f}"  # aot's count: jaxgpt.metrics.flops_per_token
         lines.append(f"| {preset} | {topo} | {mesh_s} | {remat} | {best['batch_per_chip']} | "
-                     f"{best['total'] / gib:.2f} ({best['hbm'] / gib:.2f}) | {per_row:.3f} | {tflops} | {tried} |")
+                     f"{best['total'] / gib:.2f} ({best['hbm'] / gib:.2f}) | {per_row_s} | {tflops} | {tried} |")
     return "\n".join(lines)
 
 

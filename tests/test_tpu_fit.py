@@ -63,8 +63,10 @@ def test_table_of_a_fitting_and_a_non_fitting_row(tpu_fit, tmp_path):
     (tmp_path / "124M_v5e-16_fsdp_full.json").write_text(json.dumps({"reports": fits}))
     (tmp_path / "1.5B_v5e-16_dp_none.json").write_text(json.dumps({"reports": [_report(2, 40.0, False),
                                                                                 _report(1, 30.0, False)]}))
+    (tmp_path / "1.5B_v6e-8_dp_none.json").write_text(json.dumps({"reports": [_report(1, 39.0, False)]}))
     lines = tpu_fit.table(tmp_path).splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
+    assert lines[4] == "| 1.5B | v6e-8 | data 8 | none | 0 (does not fit) | 39.00 at 1 (15.36) | - | - | 1 (39.00) |"
     assert lines[2] == ("| 124M | v5e-16 | fsdp 16 | full | 40 | 13.00 (15.36) | 2.500 | 40000 | "
                         "8 (3.00), 16 (5.00), 40 (13.00), 41 (15.50) |")
     assert lines[3] == "| 1.5B | v5e-16 | data 16 | none | 0 (does not fit) | 30.00 at 1 (15.36) | 10.000 | - | 1 (30.00), 2 (40.00) |"
