@@ -94,9 +94,8 @@ def run(out: Path, only: list[str], shard: str = "0/1", skip: tuple[str, ...] = 
     env.pop("JAX_PLATFORMS", None)
     for k, row in enumerate(rows()):
         name = row_name(*row)
-        if k % n != i or (out / f"{name}.json").exists() or (only and not all(o in name for o in only)):
-            continue
-        if any(s in name for s in skip):
+        wanted = all(o in name for o in only) and not any(s in name for s in skip)
+        if k % n != i or (out / f"{name}.json").exists() or not wanted:
             continue
         t0 = time.time()
         with open(out / "logs" / f"{name}.log", "w") as log:
@@ -119,8 +118,9 @@ def table(out: Path) -> str:
         reports = _train_reports(f)
         fitting = [r for r in reports if r["fits"]]
         best = fitting[-1] if fitting else None
-        above = [r for r in reports if best is None or r["batch_per_chip"] > best["batch_per_chip"]]
-        a, b = (([best] if best else []) + above + reports)[:2]  # the slope where the row ran out, else the first
+        above = [r for r in reports if best and r["batch_per_chip"] > best["batch_per_chip"]]
+        # the slope where the row ran out (its best batch and the next compiled); else between the first two
+        a, b = ([best] + above + reports)[:2] if best else (reports * 2)[:2]
         per_row = (b["total"] - a["total"]) / max(b["batch_per_chip"] - a["batch_per_chip"], 1) / gib
         per_row_s = "-" if a is b else f"{per_row:.3f}"  # one batch compiled: no slope
         tried = ", ".join(f"{r['batch_per_chip']} ({r['total'] / gib:.2f})" for r in reports)

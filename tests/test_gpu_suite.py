@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
-from conftest import xla_env
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, xla_env
 
 
 def test_gpu_suite_smoke_writes_rows_and_counts_decode_bytes(tmp_path):
