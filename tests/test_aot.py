@@ -70,7 +70,7 @@ def test_advice_names_what_to_change():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (jax[tpu])")
 def test_tpu_topology_compile(tmp_path):
     out = tmp_path / "aot.json"
-    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1"}
+    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # beside other jax processes
     env.pop("JAX_PLATFORMS", None)
     cmd = [sys.executable, "-m", "jaxgpt.aot", "--topology", "v5e:2x2", f"--config={REPO}/configs/tiny.py",
            "--config.model.vocab_size=96", "--config.mesh.data=1", "--config.mesh.fsdp=4",
