@@ -87,6 +87,41 @@ def test_tpu_topology_compile(tmp_path):
     assert "train  chips=4 batch/chip=2" in proc.stdout
 
 
+_TPU_BYTES = """
+import json, sys
+from jaxgpt import aot
+from jaxgpt.train_config import base_config
+devices = aot.topology_devices("v5e:2x2")
+out = {}
+for remat, data, fsdp in (("none", 4, 1), ("none", 1, 4), ("full", 1, 4)):
+    c = base_config()
+    c.model.update(vocab_size=512, n_layer=4, n_head=4, n_embd=128, block_size=256, scan_layers=True, remat=remat)
+    c.mesh.data, c.mesh.fsdp, c.grad_accum = data, fsdp, 1
+    r = aot.compile_train(c, devices, batch_per_chip=8)
+    out[f"{remat} {data}x{fsdp}"] = {"argument": r.argument, "temp": r.temp}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (jax[tpu])")
+def test_tpu_bytes_follow_the_mesh_and_remat(tmp_path):
+    """On XLA:TPU's own memory plan (v5e:2x2, 8 rows a chip): FSDP splits the train state four ways and keeps the
+    activations split over the batch (temporaries no larger than data parallelism's; with the rows split over
+    "data" only and no pins, here they are twice as large), and full remat drops most of the activations kept for
+    the backward pass."""
+    out = tmp_path / "bytes.json"
+    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("JAX_PLATFORMS", None)
+    proc = subprocess.run([sys.executable, "-c", _TPU_BYTES, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b = json.loads(out.read_text())
+    dp, fsdp, full = b["none 4x1"], b["none 1x4"], b["full 1x4"]
+    assert fsdp["argument"] < dp["argument"] / 3  # float32 params + AdamW moments, split 4 ways (the batch is not)
+    assert fsdp["temp"] < 1.25 * dp["temp"]
+    assert full["temp"] < 0.5 * fsdp["temp"]
+
+
 def test_out_of_memory_error_becomes_a_report():
     e = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
                      "Used 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G.")
