@@ -6,13 +6,16 @@
 #
 #   benchmarks/gpu_suite.sh [OUT]            # on the GPU (default OUT: gpu_suite_out)
 #   benchmarks/gpu_suite.sh --smoke [OUT]    # a tiny model on any backend (checks the script, not the figures)
+# PYTHON picks the interpreter (default python3); jaxgpt is imported from this checkout, so it needs jax, flax,
+# optax, orbax-checkpoint, chex and ml-collections installed, not jaxgpt itself.
 set -euo pipefail
 SMOKE=0
 if [[ "${1:-}" == "--smoke" || "${1:-}" == "--tiny" ]]; then SMOKE=1; shift; fi
 OUT="${1:-gpu_suite_out}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"  # absolute: the script runs from the repository root
 cd "$(dirname "$0")/.."
-SMOKE=$SMOKE OUT=$OUT python - <<'PY'
+SMOKE=$SMOKE OUT=$OUT "${PYTHON:-python3}" - <<'PY'
 import json, os, time
 import jax, jax.numpy as jnp, numpy as np
 from jaxgpt import metrics, steps
