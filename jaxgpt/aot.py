@@ -341,8 +341,20 @@ def _define_flags() -> None:
     flags.DEFINE_string("json", None, "write the reports to this JSON file")
 
 
+def underscored(argv: list[str]) -> list[str]:
+    """`--max-batch` read as `--max_batch` and `--no-decode` as `--nodecode` (absl knows only its own spellings);
+    --config.* left as typed."""
+    def one(a: str) -> str:
+        if not a.startswith("--") or a.startswith("--config"):
+            return a
+        name, eq, value = a[2:].partition("=")
+        name = "no" + name[3:] if name.startswith("no-") else name
+        return "--" + name.replace("-", "_") + eq + value
+    return [one(a) for a in argv]
+
+
 if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, argv=underscored(sys.argv))

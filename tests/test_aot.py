@@ -245,3 +245,10 @@ def test_hbm_of_topology_devices():
     assert aot.hbm_bytes([dev("cpu")]) is None
     real = SimpleNamespace(device_kind="TPU v5 lite", core_on_chip=0, memory_stats=lambda: {"bytes_limit": 12345})
     assert aot.hbm_bytes([real]) == 12345  # a real host: the runtime's own limit
+
+
+def test_dashed_flag_names_are_read_as_underscored():
+    argv = ["aot", "--max-batch", "--batch-per-chip=4", "--config.model.n_layer=2", "--config=configs/tiny.py",
+            "--topology", "v5e:2x2", "--no-decode", "-x"]
+    assert aot.underscored(argv) == ["aot", "--max_batch", "--batch_per_chip=4", "--config.model.n_layer=2",
+                                     "--config=configs/tiny.py", "--topology", "v5e:2x2", "--nodecode", "-x"]
