@@ -4,7 +4,7 @@ interrupted run continues), then rendered as markdown.
 
     TPU_SKIP_MDS_QUERY=1 /work/venv-tpu/bin/python benchmarks/tpu_fit.py run [--only 1.5B v5e-16] \
         [--skip fsdp_full] [--shard 0/2]   # and --shard 1/2 beside it: one XLA compile keeps one core busy
-    python benchmarks/tpu_fit.py table > table.md
+    python benchmarks/tpu_fit.py table [--only ...] [--skip ...] > table.md
     python benchmarks/tpu_fit.py plot --png docs/figures/tpu_fit.png
 
 The rows land in docs/figures/tpu_fit/ (`--out`), one JSON a row, kept with the docs they back.
@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,12 @@ def aot_args(preset: str, topo: str, remat: str, mesh: str, start: int | None = 
             "--config.grad_accum=1", *first, "--max_batch", "--decode=False"]
 
 
-def run(out: Path, only: list[str], shard: str = "0/1", skip: tuple[str, ...] = ()) -> None:
+def wanted(name: str, only: Sequence[str] = (), skip: Sequence[str] = ()) -> bool:
+    """A row whose name holds all of `only` and none of `skip`."""
+    return all(o in name for o in only) and not any(s in name for s in skip)
+
+
+def run(out: Path, only: Sequence[str], shard: str = "0/1", skip: Sequence[str] = ()) -> None:
     """Every row not yet in `out` (rows whose name holds all of `only` and none of `skip`); shard "i/n" takes
     every n-th row from the i-th, so n runners (XLA compiles on one core) share the grid. aot's output goes to
     out/logs/ROW.log, the report to out/ROW.json."""
@@ -94,8 +100,7 @@ def run(out: Path, only: list[str], shard: str = "0/1", skip: tuple[str, ...] = 
     env.pop("JAX_PLATFORMS", None)
     for k, row in enumerate(rows()):
         name = row_name(*row)
-        wanted = all(o in name for o in only) and not any(s in name for s in skip)
-        if k % n != i or (out / f"{name}.json").exists() or not wanted:
+        if k % n != i or (out / f"{name}.json").exists() or not wanted(name, only, skip):
             continue
         t0 = time.time()
         with open(out / "logs" / f"{name}.log", "w") as log:
@@ -105,15 +110,16 @@ def run(out: Path, only: list[str], shard: str = "0/1", skip: tuple[str, ...] = 
         print(f"{name}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
 
 
-def table(out: Path) -> str:
-    """One markdown line a finished row: the largest batch a chip holds, the GiB a chip needs at it, and every
-    batch compiled on the way (the evidence: the largest that fits, and the one above it that does not)."""
+def table(out: Path, only: Sequence[str] = (), skip: Sequence[str] = ()) -> str:
+    """One markdown line a finished row (of those `wanted`): the largest batch a chip holds, the GiB a chip needs
+    at it, and every batch compiled on the way (the evidence: the largest that fits, and the one above it that
+    does not)."""
     gib = 2**30
     lines = ["| model | topology | mesh | remat | largest batch/chip | GiB/chip at it (usable) | GiB/row there | "
              "model TFLOPs/step at it | compiled batches (GiB/chip) |", "|---|---|---|---|---:|---:|---:|---:|---|"]
     for row in rows():
         f = out / f"{row_name(*row)}.json"
-        if not f.exists():
+        if not f.exists() or not wanted(row_name(*row), only, skip):
             continue
         reports = _train_reports(f)
         fitting = [r for r in reports if r["fits"]]
@@ -137,18 +143,18 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
-def largest(out: Path) -> dict[tuple[str, str, str, str], int]:
-    """(preset, topology, remat, mesh) -> the largest batch a chip holds, for every finished row."""
+def largest(out: Path, only: Sequence[str] = (), skip: Sequence[str] = ()) -> dict[tuple[str, str, str, str], int]:
+    """(preset, topology, remat, mesh) -> the largest batch a chip holds, for every finished row `wanted`."""
     found = {}
     for row in rows():
         f = out / f"{row_name(*row)}.json"
-        if f.exists():
+        if f.exists() and wanted(row_name(*row), only, skip):
             fitting = [r["batch_per_chip"] for r in _train_reports(f) if r["fits"]]
             found[row] = max(fitting, default=0)
     return found
 
 
-def plot(out: Path, png: Path) -> None:
+def plot(out: Path, png: Path, only: Sequence[str] = (), skip: Sequence[str] = ()) -> None:
     """Bars of the largest batch a chip holds: a panel per mesh and remat policy, topologies along x, a bar per
     model; a row not measured has no bar, a row that does not fit a 0 marked with x."""
     import matplotlib
@@ -157,7 +163,7 @@ def plot(out: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    found = largest(out)
+    found = largest(out, only, skip)
     panels = [(m, r) for m in MESHES for r in REMATS if any(k[2:] == (r, m) for k in found)]
     ncols = max(min(len(panels), len(REMATS)), 1)
     nrows = max(-(-len(panels) // ncols), 1)
@@ -193,17 +199,17 @@ def main() -> None:
     ap.add_argument("what", choices=("run", "table", "plot"))
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "tpu_fit",
                     help="a JSON a row (the measurements docs/scale.md shows)")
-    ap.add_argument("--only", nargs="*", default=[], help="run only rows whose name holds all of these")
-    ap.add_argument("--skip", nargs="*", default=[], help="run: leave out rows whose name holds any of these")
+    ap.add_argument("--only", nargs="*", default=[], help="only rows whose name holds all of these")
+    ap.add_argument("--skip", nargs="*", default=[], help="leave out rows whose name holds any of these")
     ap.add_argument("--png", type=Path, default=Path("tpu_fit.png"), help="plot: the figure to write")
     ap.add_argument("--shard", default="0/1", help="i/n: this runner's share of the rows (run n at once)")
     args = ap.parse_args()
     if args.what == "run":
-        run(args.out, args.only, args.shard, tuple(args.skip))
+        run(args.out, args.only, args.shard, args.skip)
     elif args.what == "plot":
-        plot(args.out, args.png)
+        plot(args.out, args.png, args.only, args.skip)
     else:
-        print(table(args.out))
+        print(table(args.out, args.only, args.skip))
 
 
 if __name__ == "__main__":

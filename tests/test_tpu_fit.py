@@ -70,6 +70,8 @@ def test_table_of_a_fitting_and_a_non_fitting_row(tpu_fit, tmp_path):
     assert lines[2] == ("| 124M | v5e-16 | fsdp 16 | full | 40 | 13.00 (15.36) | 2.500 | 40000 | "
                         "8 (3.00), 16 (5.00), 40 (13.00), 41 (15.50) |")
     assert lines[3] == "| 1.5B | v5e-16 | data 16 | none | 0 (does not fit) | 30.00 at 1 (15.36) | 10.000 | - | 1 (30.00), 2 (40.00) |"
+    assert tpu_fit.table(tmp_path, skip=["fsdp_full"]).splitlines() == lines[:2] + lines[3:]
+    assert tpu_fit.table(tmp_path, only=["v6e-8"]).splitlines() == lines[:2] + lines[4:]
 
 
 def test_guess_from_the_same_row_on_another_topology(tpu_fit, tmp_path):
@@ -94,5 +96,6 @@ def test_largest_and_plot(tpu_fit, tmp_path):
         {"reports": [_report(8, 3.0, True), _report(40, 13.0, True), _report(41, 15.5, False)]}))
     (tmp_path / "1.5B_v5e-16_dp_none.json").write_text(json.dumps({"reports": [_report(1, 30.0, False)]}))
     assert tpu_fit.largest(tmp_path) == {("124M", "v5e-16", "full", "fsdp"): 40, ("1.5B", "v5e-16", "none", "dp"): 0}
+    assert tpu_fit.largest(tmp_path, skip=["fsdp_full"]) == {("1.5B", "v5e-16", "none", "dp"): 0}
     tpu_fit.plot(tmp_path, tmp_path / "fit.png")
     assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
