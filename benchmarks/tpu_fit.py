@@ -6,6 +6,7 @@ interrupted run continues), then rendered as markdown.
         [--skip fsdp_full] [--shard 0/2]   # and --shard 1/2 beside it: one XLA compile keeps one core busy
     python benchmarks/tpu_fit.py table [--only ...] [--skip ...] > table.md
     python benchmarks/tpu_fit.py plot --png docs/figures/tpu_fit.png
+    python benchmarks/tpu_fit.py docs   # every table of docs/scale.md between `tpu_fit table` markers
 
 The rows land in docs/figures/tpu_fit/ (`--out`), one JSON a row, kept with the docs they back.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -143,6 +145,32 @@ def table(out: Path, only: Sequence[str] = (), skip: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
+# A table in a markdown file, between these two lines, is `table(out, only, skip)` with the flags the lines name.
+_MARKED = re.compile(r"(<!-- tpu_fit table(?P<flags>[^:]*): begin -->\n).*?(\n<!-- tpu_fit table(?P=flags): end -->)",
+                     re.S)
+
+
+def _filters(flags: str) -> tuple[list[str], list[str]]:
+    """" --only a b --skip c" -> (["a", "b"], ["c"])."""
+    found: dict[str, list[str]] = {"--only": [], "--skip": []}
+    key = None
+    for word in flags.split():
+        if word in found:
+            key = word
+        elif key is None:
+            raise ValueError(f"tpu_fit table marker: {word!r} is not after --only or --skip")
+        else:
+            found[key].append(word)
+    return found["--only"], found["--skip"]
+
+
+def refresh(text: str, out: Path) -> str:
+    """`text` with every marked table regenerated from the rows in `out`."""
+    def one(m: re.Match) -> str:
+        return m.group(1) + table(out, *_filters(m.group("flags"))) + m.group(3)
+    return _MARKED.sub(one, text)
+
+
 def largest(out: Path, only: Sequence[str] = (), skip: Sequence[str] = ()) -> dict[tuple[str, str, str, str], int]:
     """(preset, topology, remat, mesh) -> the largest batch a chip holds, for every finished row `wanted`."""
     found = {}
@@ -196,7 +224,7 @@ def plot(out: Path, png: Path, only: Sequence[str] = (), skip: Sequence[str] = (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("run", "table", "plot"))
+    ap.add_argument("what", choices=("run", "table", "plot", "docs"))
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "tpu_fit",
                     help="a JSON a row (the measurements docs/scale.md shows)")
     ap.add_argument("--only", nargs="*", default=[], help="only rows whose name holds all of these")
@@ -208,6 +236,11 @@ def main() -> None:
         run(args.out, args.only, args.shard, args.skip)
     elif args.what == "plot":
         plot(args.out, args.png, args.only, args.skip)
+    elif args.what == "docs":
+        doc = REPO / "docs" / "scale.md"
+        from jaxgpt.atomic import write_text
+
+        write_text(doc, refresh(doc.read_text(), args.out))
     else:
         print(table(args.out, args.only, args.skip))
 

@@ -99,3 +99,17 @@ def test_largest_and_plot(tpu_fit, tmp_path):
     assert tpu_fit.largest(tmp_path, skip=["fsdp_full"]) == {("1.5B", "v5e-16", "none", "dp"): 0}
     tpu_fit.plot(tmp_path, tmp_path / "fit.png")
     assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refresh_regenerates_each_marked_table_with_its_filters(tpu_fit, tmp_path):
+    (tmp_path / "124M_v5e-16_fsdp_full.json").write_text(json.dumps({"reports": [_report(8, 3.0, True)]}))
+    (tmp_path / "124M_v6e-8_dp_none.json").write_text(json.dumps({"reports": [_report(2, 9.0, True)]}))
+    doc = ("intro\n<!-- tpu_fit table --only fsdp_full: begin -->\nstale\n<!-- tpu_fit table --only fsdp_full: end -->\n"
+           "middle\n<!-- tpu_fit table --skip fsdp_full: begin -->\n| old |\n<!-- tpu_fit table --skip fsdp_full: end -->\n")
+    got = tpu_fit.refresh(doc, tmp_path)
+    assert got == doc.replace("stale", tpu_fit.table(tmp_path, only=["fsdp_full"])).replace(
+        "| old |", tpu_fit.table(tmp_path, skip=["fsdp_full"]))
+    assert "| 124M | v5e-16 |" in got.split("middle")[0] and "| 124M | v6e-8 |" in got.split("middle")[1]
+    assert tpu_fit.refresh(got, tmp_path) == got
+    with pytest.raises(ValueError, match="not after --only or --skip"):
+        tpu_fit.refresh(doc.replace("--only fsdp_full", "fsdp_full"), tmp_path)
