@@ -151,7 +151,7 @@ _MARKED = re.compile(r"(<!-- tpu_fit table(?P<flags>[^:]*): begin -->\n).*?(\n<!
 
 
 def _filters(flags: str) -> tuple[list[str], list[str]]:
-    """" --only a b --skip c" -> (["a", "b"], ["c"])."""
+    """A marker's flags as filters: ' --only a b --skip c' -> (["a", "b"], ["c"])."""
     found: dict[str, list[str]] = {"--only": [], "--skip": []}
     key = None
     for word in flags.split():
