@@ -87,7 +87,10 @@ def topology_devices(name: str | None) -> list:
 
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
-    except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown name: one clear line
+    except Exception as e:  # noqa: BLE001 - libtpu missing, held by another process, or an unknown name
+        if "lockfile" in str(e):
+            raise SystemExit(f"aot: libtpu is held by another process, so TPU topology {name!r} cannot be described; "
+                             "to compile beside it, set ALLOW_MULTIPLE_LIBTPU_LOAD=1") from None
         raise SystemExit(f"aot: cannot describe TPU topology {name!r} ({type(e).__name__}: {str(e)[:200]}); "
                          'install libtpu (pip install "jax[tpu]==<jax version>") and use a name like v5e:2x2') from None
 

@@ -252,3 +252,20 @@ def test_dashed_flag_names_are_read_as_underscored():
             "--topology", "v5e:2x2", "--no-decode", "-x"]
     assert aot.underscored(argv) == ["aot", "--max_batch", "--batch_per_chip=4", "--config.model.n_layer=2",
                                      "--config=configs/tiny.py", "--topology", "v5e:2x2", "--nodecode", "-x"]
+
+
+@pytest.mark.parametrize("error,expected", [
+    ('ABORTED: Internal error when accessing libtpu multi-process lockfile. Run "$ sudo rm /tmp/libtpu_lockfile".',
+     "set ALLOW_MULTIPLE_LIBTPU_LOAD=1"),
+    ("No TPU platform found", 'install libtpu (pip install "jax[tpu]==<jax version>")'),
+])
+def test_topology_errors_name_the_fix(monkeypatch, error, expected):
+    from jax.experimental import topologies
+
+    def fail(**kwargs):
+        raise RuntimeError(error)
+
+    monkeypatch.setattr(topologies, "get_topology_desc", fail)
+    with pytest.raises(SystemExit, match="v5e:2x2") as e:
+        aot.topology_devices("v5e:2x2")
+    assert expected in str(e.value) and "\n" not in str(e.value)
