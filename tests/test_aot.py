@@ -17,6 +17,15 @@ from jaxgpt import aot
 from jaxgpt.train_config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (jax[tpu])")
+
+
+def _tpu_env() -> dict[str, str]:
+    """os.environ for a subprocess that compiles for a TPU topology: no metadata server to ask, JAX free to pick
+    the TPU plugin, and libtpu loadable beside other jax processes (the other pytest worker)."""
+    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("JAX_PLATFORMS", None)
+    return env
 
 
 def _tiny_config():
@@ -67,11 +76,10 @@ def test_advice_names_what_to_change():
     assert "\n" not in msg
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (jax[tpu])")
+@needs_libtpu
 def test_tpu_topology_compile(tmp_path):
     out = tmp_path / "aot.json"
-    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # beside other jax processes
-    env.pop("JAX_PLATFORMS", None)
+    env = _tpu_env()
     cmd = [sys.executable, "-m", "jaxgpt.aot", "--topology", "v5e:2x2", f"--config={REPO}/configs/tiny.py",
            "--config.model.vocab_size=96", "--config.mesh.data=1", "--config.mesh.fsdp=4",
            "--config.model.scan_layers=True", "--batch_per_chip=2", f"--json={out}"]
@@ -103,15 +111,14 @@ json.dump(out, open(sys.argv[1], "w"))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (jax[tpu])")
+@needs_libtpu
 def test_tpu_bytes_follow_the_mesh_and_remat(tmp_path):
     """On XLA:TPU's own memory plan (v5e:2x2, 8 rows a chip): FSDP splits the train state four ways and keeps the
     activations split over the batch (temporaries no larger than data parallelism's; with the rows split over
     "data" only and no pins, here they are twice as large), and full remat drops most of the activations kept for
     the backward pass."""
     out = tmp_path / "bytes.json"
-    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    env.pop("JAX_PLATFORMS", None)
+    env = _tpu_env()
     proc = subprocess.run([sys.executable, "-c", _TPU_BYTES, str(out)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
