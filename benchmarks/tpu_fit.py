@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ROWS = REPO / "docs" / "figures" / "tpu_fit"  # a JSON a row, beside the docs that show them
+DOC = REPO / "docs" / "scale.md"  # its tables: `refresh`
 PRESETS = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280), "1.5B": (48, 25, 1600)}
 # name -> (topology, devices); v4's topology lists each of a chip's two cores as a device
 TOPOLOGIES = {"v5e-16": ("v5e:4x4", 16), "v5p-8": ("v5p:2x2x1", 4), "v6e-8": ("v6e:2x4", 8),
@@ -225,7 +227,7 @@ def plot(out: Path, png: Path, only: Sequence[str] = (), skip: Sequence[str] = (
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("run", "table", "plot", "docs"))
-    ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "tpu_fit",
+    ap.add_argument("--out", type=Path, default=ROWS,
                     help="a JSON a row (the measurements docs/scale.md shows)")
     ap.add_argument("--only", nargs="*", default=[], help="only rows whose name holds all of these")
     ap.add_argument("--skip", nargs="*", default=[], help="leave out rows whose name holds any of these")
@@ -237,10 +239,9 @@ def main() -> None:
     elif args.what == "plot":
         plot(args.out, args.png, args.only, args.skip)
     elif args.what == "docs":
-        doc = REPO / "docs" / "scale.md"
         from jaxgpt.atomic import write_text
 
-        write_text(doc, refresh(doc.read_text(), args.out))
+        write_text(DOC, refresh(DOC.read_text(), args.out))
     else:
         print(table(args.out, args.only, args.skip))
 

@@ -118,8 +118,7 @@ def test_refresh_regenerates_each_marked_table_with_its_filters(tpu_fit, tmp_pat
 def test_the_tables_of_docs_scale_are_the_rows_kept(tpu_fit):
     """docs/scale.md's fit tables are what `tpu_fit.py docs` makes of docs/figures/tpu_fit/: a row measured again
     (or edited by hand) shows up here until the docs are regenerated."""
-    doc = tpu_fit.REPO / "docs" / "scale.md"
-    text = doc.read_text()
+    text = tpu_fit.DOC.read_text()
     assert text.count("<!-- tpu_fit table") == 4  # two tables, each between a begin and an end line
-    assert tpu_fit.refresh(text, tpu_fit.REPO / "docs" / "figures" / "tpu_fit") == text, "run: tpu_fit.py docs"
-    assert len(list((tpu_fit.REPO / "docs" / "figures" / "tpu_fit").glob("*.json"))) == len(tpu_fit.rows())
+    assert tpu_fit.refresh(text, tpu_fit.ROWS) == text, "run: tpu_fit.py docs"
+    assert len(list(tpu_fit.ROWS.glob("*.json"))) == len(tpu_fit.rows())
