@@ -5,7 +5,7 @@ with Python), offline, in a few minutes on a laptop CPU, then prints a sample. R
 resumes from the latest checkpoint in the workdir. On GPU and TPU, compiled steps are cached in
 ~/.cache/jaxgpt/xla (--config.compilation_cache_dir='' turns that off; on CPU
 --config.compilation_cache_on_cpu=True turns it on), so reruns and resumes start without compiling. The loop
-lives in `jaxgpt.trainer`, the settings and their defaults in `jaxgpt.train_config`.
+lives in `jaxgpt.train.trainer`, the settings and their defaults in `jaxgpt.train.config`.
 
 Every device takes part (config.mesh: data parallel by default, --config.mesh.fsdp=N shards the parameters).
 LoRA fine-tuning: `--config=configs/finetune_lora.py --config.init_path=<Hugging Face GPT-2 dir>`.
@@ -17,7 +17,10 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import compilation_cache, host_memory, sharding, train_config, trainer, workdir_lock
+from jaxgpt import sharding
+from jaxgpt.io import lock as workdir_lock
+from jaxgpt.train import compilation_cache, host_memory, trainer
+from jaxgpt.train import config as train_config
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "default.py")
 try:  # ml_collections reads the overrides when the flag is defined: refuse unknown keys first, in one line

@@ -15,8 +15,9 @@ import json
 import os
 import time
 
-from jaxgpt import aot, train_config
+from jaxgpt import aot
 from jaxgpt import sharding as sh
+from jaxgpt.train import config as train_config
 
 
 def config_for(n_layer: int, scan: bool, remat: str, n_embd: int, n_head: int) -> object:

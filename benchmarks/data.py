@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt import corpus, data, loader, shards
-from jaxgpt.tokenizer import gpt2_tokenizer
+from jaxgpt import data
+from jaxgpt.data import shard_loader as loader
+from jaxgpt.data import shards
+from jaxgpt.data import streaming as corpus
+from jaxgpt.data.tokenizer import gpt2_tokenizer
 
 
 def write_corpus(path: Path, size_mb: int, words_text: str, seed: int = 0) -> int:

@@ -15,7 +15,7 @@ Measured in one process, on the same weights:
      `generate_uncached` producing the token after a p-token context (one full forward over p tokens): the
      O(T) vs O(T^2) picture, plotted to docs/figures/decode_per_token.png;
   3. transformers `GPT2LMHeadModel.generate(use_cache=True, greedy)` on the same weights (exported with
-     `checkpoint.export_hf_gpt2`) against cached `generate` at the same batch and length;
+     `hf.export_hf_gpt2`) against cached `generate` at the same batch and length;
   4. KV-cache bytes per token and for a full 1024 context, 124M and 1.5B, float32 and bfloat16.
 Every record also goes to docs/figures/decode.jsonl.
 
@@ -42,9 +42,9 @@ import numpy as np
 from jax import lax
 from tqdm import tqdm
 
-from jaxgpt import generate as G
-from jaxgpt.config import GPTConfig, param_count
-from jaxgpt.model import GPT
+from jaxgpt.decode import generate as G
+from jaxgpt.nn.config import GPTConfig, param_count
+from jaxgpt.nn.model import GPT
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
@@ -127,7 +127,7 @@ def matrix_times(cfg, variant, params, rounds, steps=16) -> list[dict]:
     """Where a batch-1 token's time goes: each weight matrix alone, x [1, in] @ W as the model computes it,
     `steps` dependent products in a lax.scan (each result feeds the next x, so nothing is hoisted), median
     of `rounds`; with the times each matrix is read per token (per layer x n_layer, the tied head once)."""
-    from jaxgpt.weights import attend, matmul
+    from jaxgpt.nn.weights import attend, matmul
 
     h = params["h_0"]
     mats = [("attn.c_attn", h["attn"]["c_attn"]["kernel"], matmul, cfg.n_layer),
@@ -291,7 +291,7 @@ def hf_runs(cfg, params, prompts, n, ours: dict) -> dict:
     import torch
     import transformers
 
-    from jaxgpt.checkpoint import export_hf_gpt2
+    from jaxgpt.io.hf import export_hf_gpt2
 
     with tempfile.TemporaryDirectory() as d:
         export_hf_gpt2(cfg, params, d)

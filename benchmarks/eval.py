@@ -85,9 +85,9 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from jaxgpt.checkpoint import load_hf_gpt2
+    from jaxgpt.data.tokenizer import gpt2_tokenizer
     from jaxgpt.eval import hellaswag
-    from jaxgpt.tokenizer import gpt2_tokenizer
+    from jaxgpt.io.hf import load_hf_gpt2
 
     shape = dict(n_layer=2, n_head=2, n_embd=64) if args.quick else {}
     n = 16 if args.quick else args.examples

@@ -18,14 +18,15 @@ cd "$(dirname "$0")/.."
 SMOKE=$SMOKE OUT=$OUT "${PYTHON:-python3}" - <<'PY'
 import json, os, time
 import jax, jax.numpy as jnp, numpy as np
-from jaxgpt import metrics, steps
-from jaxgpt.atomic import write_json, write_text
-from jaxgpt.config import GPTConfig
-from jaxgpt.generate import generate
-from jaxgpt.kv_cache import cache_bytes
-from jaxgpt.model import count_params, init_params
+from jaxgpt.train import metrics
+from jaxgpt.train import steps
+from jaxgpt.io.atomic import write_json, write_text
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.decode.generate import generate
+from jaxgpt.decode.kv_cache import cache_bytes
+from jaxgpt.nn.model import count_params, init_params
 from jaxgpt.quantize import QuantConfig, quantize
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 
 smoke = os.environ["SMOKE"] == "1"
 out = os.environ["OUT"]

@@ -17,8 +17,12 @@ import math
 
 import jax
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_compress import bits_per_value, compressed_cache_bytes, init_compressed_cache
+from jaxgpt.decode.kv_compress import (
+    bits_per_value,
+    compressed_cache_bytes,
+    init_compressed_cache,
+)
+from jaxgpt.nn.config import GPTConfig
 
 KINDS = ["bfloat16", "int8", "turbo4", "turbo3.5", "turbo3", "turbo3-prod", "turbo2.5", "turbo2", "uniform3"]
 MODELS = {"GPT-2 124M": "gpt2", "GPT-2 1.5B": "gpt2-xl"}

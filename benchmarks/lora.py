@@ -27,8 +27,8 @@ import numpy as np
 import optax
 
 from jaxgpt import lora
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 from jaxgpt.quantize import QuantConfig, quantize, size_report
 
 TARGETS = {"all": ("all",), "q/v": ("attn/c_attn/q", "attn/c_attn/v")}

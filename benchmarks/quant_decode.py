@@ -29,10 +29,16 @@ import numpy as np
 from jax import lax
 from tqdm import tqdm
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import init_cache
-from jaxgpt.model import GPT, init_params
-from jaxgpt.quantize import QuantConfig, QuantizedArray, hlo_float_buffers, quantize, size_report
+from jaxgpt.decode.kv_cache import init_cache
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
+from jaxgpt.quantize import (
+    QuantConfig,
+    QuantizedArray,
+    hlo_float_buffers,
+    quantize,
+    size_report,
+)
 
 
 @flax.struct.dataclass

@@ -141,7 +141,7 @@ def table(out: Path, only: Sequence[str] = (), skip: Sequence[str] = ()) -> str:
                          f"{a['total'] / gib:.2f} at {a['batch_per_chip']} ({a['hbm'] / gib:.2f}) | {per_row_s} | - | "
                          f"{tried} |")
             continue
-        tflops = f"{best['model_flops'] / 1e12:.0f}"  # aot's count: jaxgpt.metrics.flops_per_token
+        tflops = f"{best['model_flops'] / 1e12:.0f}"  # aot's count: jaxgpt.train.metrics.flops_per_token
         lines.append(f"| {preset} | {topo} | {mesh_s} | {remat} | {best['batch_per_chip']} | "
                      f"{best['total'] / gib:.2f} ({best['hbm'] / gib:.2f}) | {per_row_s} | {tflops} | {tried} |")
     return "\n".join(lines)
@@ -239,7 +239,7 @@ def main() -> None:
     elif args.what == "plot":
         plot(args.out, args.png, args.only, args.skip)
     elif args.what == "docs":
-        from jaxgpt.atomic import write_text
+        from jaxgpt.io.atomic import write_text
 
         write_text(DOC, refresh(DOC.read_text(), args.out))
     else:

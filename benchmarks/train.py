@@ -2,7 +2,7 @@
 
 quality: nanoGPT's CPU recipe on Tiny Shakespeare characters (4 layers, 4 heads, 128 wide, block 64, batch 12,
          2000 iters, lr 1e-3 -> 1e-4, dropout 0, eval every 250 iters over 20 batches). jaxgpt runs it through
-         `jaxgpt.trainer.train` (checkpoints, metrics and all); the peer is `NanoGPT` below, a faithful minimal
+         `jaxgpt.train.trainer.train` (checkpoints, metrics and all); the peer is `NanoGPT` below, a faithful minimal
          re-implementation of nanoGPT's model.py and train.py loop (nanoGPT itself cannot be fetched here).
          Both report nanoGPT's val loss at iter 2000 (20 random batches) and, for a less noisy comparison,
          the mean val loss over the same 200 fixed batches.
@@ -211,7 +211,7 @@ def train_nanogpt(data_dir: Path, out_dir: Path, r: dict) -> tuple[object, dict]
 
 
 def fixed_val_loss_jax(cfg, params, batches) -> float:
-    from jaxgpt.steps import make_eval_step
+    from jaxgpt.train.steps import make_eval_step
 
     ev = make_eval_step(cfg)
     return float(np.mean([float(ev(params, x, y)) for x, y in batches]))
@@ -229,8 +229,10 @@ def fixed_val_loss_torch(model, batches) -> float:
 def quality(args) -> dict:
     import jax
 
-    from jaxgpt import checkpoint, compilation_cache, data as data_lib
-    from jaxgpt.trainer import train
+    from jaxgpt import data as data_lib
+    from jaxgpt.io import checkpoint
+    from jaxgpt.train import compilation_cache
+    from jaxgpt.train.trainer import train
 
     sys.path.insert(0, str(REPO))
     cfg_mod = _load_config(REPO / "configs" / "shakespeare_char_cpu.py")
@@ -332,10 +334,10 @@ def speed(args) -> dict:
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from jaxgpt.config import GPTConfig
-    from jaxgpt.model import init_params
-    from jaxgpt.steps import init_state, make_optimizer, make_train_step
-    from jaxgpt.train_config import base_config
+    from jaxgpt.nn.config import GPTConfig
+    from jaxgpt.nn.model import init_params
+    from jaxgpt.train.config import base_config
+    from jaxgpt.train.steps import init_state, make_optimizer, make_train_step
 
     L, H, C, T, V, p = args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab, args.dropout
     B = args.batch
@@ -468,10 +470,10 @@ def main() -> None:
         sp.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores, as XLA uses)")
         sp.add_argument("--json", default="", help="write the results here")
         sp.add_argument("--no-retain", action="store_true",
-                        help="leave glibc malloc as it is (default: jaxgpt.host_memory.retain_freed_memory(), "
+                        help="leave glibc malloc as it is (default: jaxgpt.train.host_memory.retain_freed_memory(), "
                              "as train.py does, set before any thread starts so that every peer has it)")
     args = p.parse_args()
-    from jaxgpt import host_memory
+    from jaxgpt.train import host_memory
 
     args.retained = False if args.no_retain else host_memory.retain_freed_memory()
     import torch

@@ -1,9 +1,9 @@
 """Training throughput (tokens/s) and MFU at a model shape, for several device meshes in one run.
 
 Each mesh "DxF" is data=D by fsdp=F over the first D*F devices; "1x1" is the single-device peer every other
-row is compared with. The step is the library's own train step (`jaxgpt.steps.make_train_step`, the function
+row is compared with. The step is the library's own train step (`jaxgpt.train.steps.make_train_step`, the function
 train.py runs: AdamW with clipping and nanoGPT's schedule) jitted with the shardings of
-`jaxgpt.steps.mesh_shardings_fn`, so FSDP meshes pay their all-gathers and reduce-scatters.
+`jaxgpt.train.steps.mesh_shardings_fn`, so FSDP meshes pay their all-gathers and reduce-scatters.
 
 On a CPU, --devices N splits the host into N fake XLA devices (they share the same cores and memory, so this
 shows the cost of the sharded program, not a speed-up; a mesh whose replicated state would not fit in host
@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     from tqdm import tqdm
 
-    from jaxgpt import metrics, steps, train_config, weights
-    from jaxgpt.config import GPTConfig
-    from jaxgpt.model import init_params
+    from jaxgpt.nn import weights
+    from jaxgpt.nn.config import GPTConfig
+    from jaxgpt.nn.model import init_params
+    from jaxgpt.train import config as train_config
+    from jaxgpt.train import metrics, steps
 
     cfg = GPTConfig.preset(args.size, dtype=args.dtype, attention=args.attention)
     if args.seq > cfg.block_size:

@@ -3,7 +3,7 @@
 Needs no download and no accelerator: trains in a few minutes on a 2-core CPU and prints a sample.
 """
 
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ open: dropout, dtype, param_dtype, attention and a smaller block_size (0 / "" ke
 
 import ml_collections
 
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 
 
 def get_config():

@@ -15,7 +15,7 @@ base's block kernels in int8 or int4, float32 adapters; the export is dequantize
 
 import ml_collections
 
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 
 
 def get_config():

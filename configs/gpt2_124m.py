@@ -8,7 +8,7 @@ weights. Prepare the tokens first (any large text; nanoGPT uses OpenWebText):
     python train.py --config=configs/gpt2_124m.py
 """
 
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 
 
 def get_config():

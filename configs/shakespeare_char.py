@@ -5,7 +5,7 @@ warmup 100. Offline: --config.data.input=path/to/tinyshakespeare.txt (otherwise 
 For nanoGPT's CPU recipe (4 layers, 128 wide, block 64, 2000 iters) use configs/shakespeare_char_cpu.py.
 """
 
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """A seconds-long smoke run (the tiny preset on the built-in corpus); the tests start from it."""
 
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Shared pieces of the design-choice studies: data, one training run, measurements, JSON and figures.
 
-Training goes through `jaxgpt.trainer.train` (its optimizer, schedule, jitted step, evaluation, metrics
+Training goes through `jaxgpt.train.trainer.train` (its optimizer, schedule, jitted step, evaluation, metrics
 JSONL and checkpoints); `train_run` is the one place that turns a study's `RunSpec` into a training config
 and reads the run back (loss curve, evaluations, divergence, final params). Runs that diverge are results,
 not errors: training stops at the first non-finite step and `train_run` records where.
@@ -31,11 +31,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint
 from jaxgpt import data as data_lib
-from jaxgpt import metrics, steps, train_config, trainer
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
+from jaxgpt.io import checkpoint
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
+from jaxgpt.train import config as train_config
+from jaxgpt.train import metrics, steps, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -97,7 +98,7 @@ def val_windows(data_dir: str | os.PathLike, length: int, n: int, seed: int = 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One training run through jaxgpt.trainer
+# One training run through jaxgpt.train.trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +239,7 @@ def _finished(wd: Path, config: ml_collections.ConfigDict, steps: int) -> bool:
 
 def train_run(spec: RunSpec, data_dir: str | os.PathLike, root: str | os.PathLike = RUNS, *,
               fresh: bool = False, progress: bool = True) -> RunResult:
-    """Train one run with jaxgpt.trainer in root/<key> (or reuse the finished one there) and read back its metrics."""
+    """Train one run with jaxgpt.train.trainer in root/<key> (or reuse the finished one there) and read back its metrics."""
     wd = run_dir(spec, data_dir, root)
     config = training_config(spec, data_dir)
     config.progress = progress

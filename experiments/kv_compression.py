@@ -6,7 +6,7 @@
 A char-level jaxgpt model is trained on Tiny Shakespeare through experiments/common.py (cached under
 workdirs/experiments/kv_compression/). A trained model is needed: random weights make attention near-uniform,
 which hides cache errors. On held-out windows of the validation split, for every cache kind of
-`jaxgpt.kv_compress` in the study (dense float32 reference, int8, turbo{4,3.5,3,2.5,2}, uniform{4,3.5,3,2.5,2}):
+`jaxgpt.decode.kv_compress` in the study (dense float32 reference, int8, turbo{4,3.5,3,2.5,2}, uniform{4,3.5,3,2.5,2}):
 
   perplexity        teacher-forced through the cache: a short prefix is prefilled (written compressed, as in
                     `generate`), then every true token is fed one at a time through `GPT.apply(cache=...)` in a
@@ -39,11 +39,11 @@ from jax import lax
 from tqdm import tqdm
 
 from experiments import common
-from jaxgpt import generate as gen
-from jaxgpt import kv_compress
-from jaxgpt.config import GPTConfig, param_count
-from jaxgpt.kv_cache import KVCache
-from jaxgpt.model import GPT
+from jaxgpt.decode import generate as gen
+from jaxgpt.decode import kv_compress
+from jaxgpt.decode.kv_cache import KVCache
+from jaxgpt.nn.config import GPTConfig, param_count
+from jaxgpt.nn.model import GPT
 
 DENSE = "float32"  # the reference cache: the model's own compute dtype, uncompressed
 TURBO = ("turbo4", "turbo3.5", "turbo3", "turbo2.5", "turbo2")
@@ -142,7 +142,7 @@ def full_forward(params: Any, x: jax.Array, y: jax.Array, *, cfg: GPTConfig) -> 
 
 def greedy_timed(params: Any, cfg: GPTConfig, prompts: np.ndarray, n_new: int, kind: str,
                  repeats: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Greedy continuation [B, n_new] of prompts [B, P] with a `kind` cache (`jaxgpt.generate`: prefill +
+    """Greedy continuation [B, n_new] of prompts [B, P] with a `kind` cache (`jaxgpt.decode.generate`: prefill +
     lax.scan), and its speed: new tokens per second, best of `repeats` calls after the compiling one."""
     kw = dict(temperature=0.0, cache_kind=kind)
     t0 = time.perf_counter()

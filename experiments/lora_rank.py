@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -33,10 +32,10 @@ import numpy as np
 import optax
 
 from jaxgpt import lora
-from jaxgpt.checkpoint import restore_pytree, save_pytree
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.data.tokenizer import CharTokenizer
+from jaxgpt.io.checkpoint import restore_pytree, save_pytree
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

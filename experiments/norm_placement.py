@@ -39,8 +39,8 @@ import numpy as np
 
 from experiments import common
 from jaxgpt import data as data_lib
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import init_params
 
 
 @dataclasses.dataclass(frozen=True)

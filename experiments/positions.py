@@ -27,7 +27,7 @@ import numpy as np
 
 from experiments import common
 from jaxgpt import data as data_lib
-from jaxgpt.config import GPTConfig, param_count
+from jaxgpt.nn.config import param_count
 
 
 @dataclasses.dataclass(frozen=True)

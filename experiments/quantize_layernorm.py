@@ -33,11 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgpt.checkpoint import pytree_bytes_on_disk, restore_pytree, save_pytree
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
-from jaxgpt.quantize import QuantConfig, fake_quantize, quantize, save_quantized, size_report
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.data.tokenizer import CharTokenizer
+from jaxgpt.io.checkpoint import pytree_bytes_on_disk, restore_pytree, save_pytree
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
+from jaxgpt.quantize import (
+    QuantConfig,
+    fake_quantize,
+    quantize,
+    save_quantized,
+    size_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

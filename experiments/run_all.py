@@ -17,7 +17,6 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from experiments.common import REPO

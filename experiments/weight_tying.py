@@ -28,8 +28,8 @@ import jax
 
 from experiments import common
 from jaxgpt import data as data_lib
-from jaxgpt.config import GPTConfig, param_count
-from jaxgpt.model import count_params, init_params
+from jaxgpt.nn.config import GPTConfig, param_count
+from jaxgpt.nn.model import count_params, init_params
 
 # (name, GPTConfig fields): the shapes of the parameter table
 SHAPES: tuple[tuple[str, dict[str, Any]], ...] = (

@@ -1,17 +1,18 @@
-"""jaxgpt: GPT-2 in JAX/Flax, with every design choice that separates it from modern LLMs as a switch."""
+"""jaxgpt: GPT-2 in JAX/Flax, with every design choice that separates it from modern LLMs as a switch.
 
-from typing import Any
+The entry points; each subpackage holds one concern: `nn` (the model), `decode` (generation and KV caches),
+`data`, `train`, `io` (workdirs, checkpoints, Hugging Face), `eval`, with `lora` and `quantize` beside them.
+Names that load JAX are imported on first use, so that configs import jaxgpt without JAX.
+"""
 
-from jaxgpt.config import GPTConfig, param_count
+from jaxgpt import _lazy
+from jaxgpt.nn.config import GPTConfig, param_count
 
-__all__ = ["GPT", "GPTConfig", "init_params", "param_count"]
+__all__ = ["GPT", "GPTConfig", "generate", "init_params", "load_hf_gpt2", "load_run", "lora", "param_count",
+           "quantize", "stream"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    """GPT and init_params load the model (and JAX) on first use, so that configs import jaxgpt without JAX."""
-    if name in ("GPT", "init_params"):
-        from jaxgpt import model
-
-        return getattr(model, name)
-    raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")
+__getattr__ = _lazy.attributes(__name__, {
+    "GPT": "jaxgpt.nn.model", "init_params": "jaxgpt.nn.model",
+    "generate": "jaxgpt.decode.generate", "stream": "jaxgpt.decode.generate",
+    "load_hf_gpt2": "jaxgpt.io.hf", "load_run": "jaxgpt.io.checkpoint",
+    "lora": None, "quantize": None})

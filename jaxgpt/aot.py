@@ -6,7 +6,7 @@
 XLA compiles for the topology on this host (libtpu: `pip install "jax[tpu]==<jax version>"`; the compile runs
 on the CPU) and `memory_analysis()` gives the bytes one chip needs: arguments (params, optimizer state,
 batch), temporaries (activations), outputs not aliased to arguments. The step is the function the trainer
-jits, with its shardings (`jaxgpt.steps`), traced in the mesh context so the activations are pinned to the
+jits, with its shardings (`jaxgpt.train.steps`), traced in the mesh context so the activations are pinned to the
 batch split. FLOPs per step come from XLA's `cost_analysis` (its time estimate is not reported: it is not
 usable for TPU programs compiled this way). Without --topology it compiles for the local devices (a real TPU
 host). It exits 1 with one line naming what to change when the step does not fit; --max_batch searches the
@@ -142,7 +142,7 @@ def _out_of_memory(e: Exception, step: str, chips: int, bpc: int, hbm: int | Non
 
 def model_config(config: Any) -> Any:
     """GPTConfig from config.model (vocab_size 0: GPT-2's 50257) with config.mixed_precision."""
-    from jaxgpt.config import GPTConfig
+    from jaxgpt.nn.config import GPTConfig
 
     fields = dict(config.model.to_dict())
     fields["vocab_size"] = fields.get("vocab_size") or 50257
@@ -163,8 +163,8 @@ def train_program(config: Any, devices: list, batch_per_chip: int) -> tuple[Any,
     import jax
     import jax.numpy as jnp
 
-    from jaxgpt import steps
-    from jaxgpt.model import init_params
+    from jaxgpt.nn.model import init_params
+    from jaxgpt.train import steps
 
     cfg = model_config(config)
     rows = batch_per_chip * len(devices)
@@ -185,7 +185,7 @@ def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
     import jax
 
     from jaxgpt import sharding as sh
-    from jaxgpt.metrics import flops_per_token
+    from jaxgpt.train.metrics import flops_per_token
 
     cfg = model_config(config)
     step, args, mesh, state = train_program(config, devices, batch_per_chip)
@@ -210,8 +210,8 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
     import jax.numpy as jnp
 
     from jaxgpt import sharding as sh
-    from jaxgpt.kv_cache import init_cache
-    from jaxgpt.model import GPT, init_params
+    from jaxgpt.decode.kv_cache import init_cache
+    from jaxgpt.nn.model import GPT, init_params
 
     cfg = model_config(config)
     rows = batch_per_chip * len(devices)
@@ -317,7 +317,7 @@ def main(argv: list[str]) -> None:
         print(reports[-1].line(), flush=True)
     out = flags.FLAGS["json"].value
     if out:
-        from jaxgpt import atomic
+        from jaxgpt.io import atomic
 
         rows = [{**dataclasses.asdict(r), "total": r.total, "fits": r.fits} for r in reports]
         atomic.write_json(out, {"topology": flags.FLAGS["topology"].value, "model": cfg.to_dict(),

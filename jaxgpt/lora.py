@@ -18,7 +18,7 @@ Two ways to apply them, both pure functions of (params, adapters):
 - `apply_lora` / `merge` (export, and the reference the tests check `wrap` against): W + scale * A @ B
   in weight space, cast back to W's dtype; a quantized W is dequantized first.
 
-The model code knows nothing of LoRA: it multiplies through `jaxgpt.weights`, which hands a LoraWeight
+The model code knows nothing of LoRA: it multiplies through `jaxgpt.nn.weights`, which hands a LoraWeight
 to its own `matmul`.
 
 Targets are path patterns over the params pytree, matched against each 2-D `kernel`'s module path such
@@ -52,8 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import atomic, weights
-from jaxgpt.checkpoint import restore_pytree
+from jaxgpt.io import atomic
+from jaxgpt.io.checkpoint import restore_pytree
+from jaxgpt.nn import weights
 from jaxgpt.quantize import QuantizedArray
 
 SLICES = ("q", "k", "v")  # thirds of the fused attn/c_attn kernel, in GPT-2's order
@@ -330,7 +331,7 @@ class LoraWeight:
     """A frozen Dense kernel W [in, out] with adapters, multiplied as x @ W + scale * (x @ A) @ B.
 
     base: a float array [in, out] or a quantized Dense kernel (`QuantizedArray`); it is multiplied through
-      `jaxgpt.weights.matmul`, so it is never copied, upcast whole or dequantized beyond what its own
+      `jaxgpt.nn.weights.matmul`, so it is never copied, upcast whole or dequantized beyond what its own
       product does.
     A, B: one [in, r] and one [r, out_part] per adapted part; parts[i] is None (all columns) or 0/1/2, the
       q/k/v third of a fused c_attn, so several slices of one kernel live in one leaf.
@@ -607,7 +608,7 @@ def _peft_tensors(mpath: tuple[str, ...], items: list[tuple], cfg: LoraConfig) -
 def save_peft(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, base_model_name_or_path: str | None = None,
               force: bool = False) -> Path:
     """Write adapter_model.safetensors + adapter_config.json that `peft.PeftModel.from_pretrained` loads onto a
-    transformers GPT2LMHeadModel (the base exported with jaxgpt.checkpoint.export_hf_gpt2) with the same
+    transformers GPT2LMHeadModel (the base exported with jaxgpt.io.hf.export_hf_gpt2) with the same
     logits. Every target maps, q/k/v slices included (see above); an untied lm_head does not and is refused.
     Multi-host: call on every process; process 0 writes."""
     from safetensors.numpy import save_file

@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from jaxgpt import atomic
-from jaxgpt.metrics import read_metrics
+from jaxgpt.io import atomic
+from jaxgpt.train.metrics import read_metrics
 
 
 def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -2,7 +2,7 @@
 
 `quantize(params, QuantConfig(...))` returns the same pytree in which every selected weight matrix is a
 `QuantizedArray` (integer values + float scales, symmetric round-to-nearest) and every other leaf is the
-very same array object. The model needs no fork: a QuantizedArray is a weight leaf of `jaxgpt.weights`, whose
+very same array object. The model needs no fork: a QuantizedArray is a weight leaf of `jaxgpt.nn.weights`, whose
 `matmul/embed/attend` hand it to its own `.matmul/.embed/.attend`, which dequantize inside the jitted forward.
 
 Storage layout. Every quantized matrix is kept as [N, K]: N output channels (one scale each, or one per
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxgpt import atomic
-from jaxgpt.weights import is_weight_leaf, path_str
+from jaxgpt.io import atomic
+from jaxgpt.nn.weights import is_weight_leaf, path_str
 
 BITS = (8, 4)
 GRANULARITIES = ("per_channel", "per_tensor", "group")
@@ -463,10 +463,10 @@ def save_quantized(path: str | os.PathLike, params: Any, qcfg: QuantConfig | Non
 
     Written to a temporary folder and renamed into place, so an existing checkpoint is never half replaced.
     """
-    from jaxgpt.checkpoint import pytree_bytes_on_disk, save_pytree
+    from jaxgpt.io.checkpoint import pytree_bytes_on_disk, save_pytree
 
     if not is_quantized(params):
-        raise ValueError("params hold no QuantizedArray; save float params with jaxgpt.checkpoint.save_pytree, "
+        raise ValueError("params hold no QuantizedArray; save float params with jaxgpt.io.checkpoint.save_pytree, "
                          "or quantize them first")
     path = Path(path).absolute()
     if path.exists() and not force:
@@ -503,7 +503,7 @@ def check_float_checkpoint(path: str | os.PathLike) -> None:
 
 def load_quantized(path: str | os.PathLike) -> Any:
     """Restore params saved by `save_quantized`, with their QuantizedArray leaves."""
-    from jaxgpt.checkpoint import restore_pytree
+    from jaxgpt.io.checkpoint import restore_pytree
 
     path = Path(path)
     if not path.is_dir():
@@ -511,7 +511,7 @@ def load_quantized(path: str | os.PathLike) -> Any:
     meta = read_quant_meta(path)
     if meta is None:
         raise ValueError(f"{path} holds float params (no {META_FILE}); load it with "
-                         "jaxgpt.checkpoint.restore_pytree, then quantize() it")
+                         "jaxgpt.io.checkpoint.restore_pytree, then quantize() it")
     target: dict[str, Any] = {}
     for p, m in meta["leaves"].items():
         if m["kind"] == "quantized":

@@ -8,7 +8,7 @@ when online), or a jaxgpt training workdir (config.json, tokenizer.json, checkpo
 loads offline from --bpe-file or $JAXGPT_GPT2_BPE.
 
 The command is a few small steps in `run`: check arguments -> `load_model` (config, params, tokenizer) ->
-`read_prompt` -> decode with `jaxgpt.generate.stream` (past block_size the context slides: --window) -> print.
+`read_prompt` -> decode with `jaxgpt.decode.generate.stream` (past block_size the context slides: --window) -> print.
 An option that changes the weights (quantization, LoRA adapters) is one more step on (config, params) after
 `load_model`; the cache layout is --kv-cache. Text goes to stdout as it is produced (one sample: every
 --chunk-size tokens); the speed goes to stderr.
@@ -24,8 +24,8 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.tokenizer import BPE_ENV, Tokenizer, from_meta, gpt2_tokenizer
+from jaxgpt.data.tokenizer import BPE_ENV, Tokenizer, from_meta, gpt2_tokenizer
+from jaxgpt.nn.config import GPTConfig
 
 SEPARATOR = "\n---------------\n"
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--bpe-file", default=None, help=f"local gpt2.tiktoken for offline GPT-2 BPE (else ${BPE_ENV})")
     p.add_argument("--kv-cache", default="dense",
-                   help="cache layout: dense (model dtype) or a compressed kind of jaxgpt.kv_compress (int8, turbo3, ...)")
+                   help="cache layout: dense (model dtype) or a compressed kind of jaxgpt.decode.kv_compress (int8, turbo3, ...)")
     p.add_argument("--chunk-size", type=int, default=8, help="tokens per decode call; text is printed after each")
     p.add_argument("--window", type=int, default=None,
                    help="past block_size, a full context keeps its last WINDOW tokens and re-prefills them "
@@ -67,7 +67,8 @@ def transform_params(params: Any, adapters: str | None, quantize: str) -> Any:
         ad, lcfg = lora.load_adapters(adapters, params)
         params = lora.merge(params, ad, lcfg)
     if quantize != "none":
-        from jaxgpt.quantize import QuantConfig, quantize as quantize_params
+        from jaxgpt.quantize import QuantConfig
+        from jaxgpt.quantize import quantize as quantize_params
 
         # the embeddings too: the tied head reads all of wte every token, the largest matrix at GPT-2 sizes
         qcfg = (QuantConfig(bits=8, embeddings=True, lm_head=True) if quantize == "int8" else
@@ -95,7 +96,7 @@ def is_hf_dir(path: Path) -> bool:
 
 def load_model(init_from: str, bpe_file: str | None = None) -> tuple[GPTConfig, Any, Tokenizer]:
     """(config, params, tokenizer) from a Hugging Face GPT-2 directory / name or a jaxgpt training workdir."""
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint, hf
 
     path = Path(init_from)
     if (path / "lora_run.json").is_file() and not is_hf_dir(path):
@@ -108,7 +109,7 @@ def load_model(init_from: str, bpe_file: str | None = None) -> tuple[GPTConfig, 
                              "and this jaxgpt cannot read training workdirs; pass a Hugging Face directory")
         config, params, meta = load_run(path)
         return config, params, from_meta(meta, bpe_file)
-    config, params = checkpoint.load_hf_gpt2(init_from)
+    config, params = hf.load_hf_gpt2(init_from)
     return config, params, gpt2_tokenizer(bpe_file)
 
 
@@ -149,7 +150,7 @@ class TextStream:
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> list[str]:
     """Load, decode, print; returns the generated texts (without the prompt)."""
-    from jaxgpt.generate import stream
+    from jaxgpt.decode.generate import stream
 
     check_args(args)
     config, params, tokenizer = load_model(args.init_from, args.bpe_file)

@@ -8,7 +8,7 @@ JAX is the distributed engine; this module only decides where each array lives:
 - each large parameter is split along its largest dimension divisible by the fsdp size and replicated over
   "data"; small ones (norms, biases) are replicated. The rule reads only a leaf's shape, so the same
   function shards an optimizer state (Adam's mu and nu have their parameter's shape) or a whole train state.
-  A stacked block leaf [L, ...] (jaxgpt.layers) gets one layer's spec with the layer axis unsplit.
+  A stacked block leaf [L, ...] (jaxgpt.nn.stacking) gets one layer's spec with the layer axis unsplit.
 
 `jax.jit(step, in_shardings=..., out_shardings=...)` then inserts the all-gathers and reduce-scatters.
 Activations are pinned to the batch split too (`constrain_batch`, called by the model at the block
@@ -29,10 +29,11 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxgpt.layers import in_stacked
-from jaxgpt.weights import path_str
+from jaxgpt.nn.stacking import in_stacked
+from jaxgpt.nn.weights import path_str
 
 DATA, FSDP = "data", "fsdp"
 AXES = (DATA, FSDP)

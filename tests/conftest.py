@@ -55,7 +55,7 @@ def random_params(cfg, seed: int = 0, std: float = 0.02, norm_scales: str = "nor
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxgpt.model import init_params
+    from jaxgpt.nn.model import init_params
 
     shapes = jax.eval_shape(lambda: init_params(cfg, 0))
     rng = np.random.default_rng(seed)
@@ -76,7 +76,7 @@ def hf_tiny_gpt2(tmp_path_factory):
     random) and the same weights loaded into jaxgpt through its save_pretrained folder. Shared: copy, never modify."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jaxgpt.checkpoint import load_hf_gpt2
+    from jaxgpt.io.hf import load_hf_gpt2
 
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2,

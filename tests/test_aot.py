@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxgpt import aot
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (jax[tpu])")
@@ -50,7 +50,7 @@ def little_optimisation():
 def test_local_devices_report(little_optimisation):
     import jax
 
-    from jaxgpt.metrics import flops_per_token
+    from jaxgpt.train.metrics import flops_per_token
 
     c = _tiny_config()
     r = aot.compile_train(c, jax.devices()[:1], batch_per_chip=4)
@@ -98,7 +98,7 @@ def test_tpu_topology_compile(tmp_path):
 _TPU_BYTES = """
 import json, sys
 from jaxgpt import aot
-from jaxgpt.train_config import base_config
+from jaxgpt.train.config import base_config
 devices = aot.topology_devices("v5e:2x2")
 out = {}
 for remat, data, fsdp in (("none", 4, 1), ("none", 1, 4), ("full", 1, 4)):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxgpt import GPT, GPTConfig, init_params
-from jaxgpt.checkpoint import export_hf_gpt2, load_hf_gpt2, restore_pytree, save_pytree
+from jaxgpt.io.checkpoint import restore_pytree, save_pytree
+from jaxgpt.io.hf import export_hf_gpt2, load_hf_gpt2
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""jaxgpt.compilation_cache: a second run of the same config loads every compiled step from the cache and trains
+"""jaxgpt.train.compilation_cache: a second run of the same config loads every compiled step from the cache and trains
 bitwise the same; the user's own JAX setting wins; bad paths get a clear error."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxgpt import compilation_cache
+from jaxgpt.train import compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,9 @@ TWO_RUNS = r"""
 import json, sys
 sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]  # tests.test_train imports conftest
 import jax
-from jaxgpt import compilation_cache, metrics, trainer
+from jaxgpt.train import compilation_cache
+from jaxgpt.train import metrics
+from jaxgpt.train import trainer
 from tests.test_train import tiny_config
 from pathlib import Path
 

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from jaxgpt import GPTConfig, param_count
-from jaxgpt.model import GPT, count_params
+from jaxgpt.nn.model import GPT, count_params
 
 
 def test_gpt2_preset_counts():

@@ -1,4 +1,4 @@
-"""jaxgpt.corpus: streamed shards equal one-process tiktoken of each document, in every source format; resume
+"""jaxgpt.data.streaming: streamed shards equal one-process tiktoken of each document, in every source format; resume
 after an injected failure and after a killed worker gives the same files; bad input gives one clear line."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from jaxgpt import corpus, data, shards
-from jaxgpt.tokenizer import GPT2_PAT_STR, gpt2_tokenizer
-
 from conftest import SHARED
+
+from jaxgpt.data import memmap, preparation, shards
+from jaxgpt.data import streaming as corpus
+from jaxgpt.data.tokenizer import GPT2_PAT_STR, gpt2_tokenizer
+
 BPE = SHARED / "data" / "gpt2.tiktoken"
 WORDS = ["the", "a", "Jaxgpt", "naïve", "café", "über", "中文", "テキスト", "🙂", "it's", "we'll", "3.14",
          "2024", "hello,", "world!", "--", "(x)", "\n", "\n\n", "  ", "\t", " \n ", "Ω", "don't"]
@@ -23,7 +24,7 @@ SMALL = dict(shard_tokens=4000, val_tokens=1500, chunk_chars=3000)
 
 @pytest.fixture(scope="module")
 def ref_encoding():
-    """GPT-2 BPE built here from the ranks file, not through jaxgpt.tokenizer."""
+    """GPT-2 BPE built here from the ranks file, not through jaxgpt.data.tokenizer."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
@@ -91,7 +92,7 @@ def test_shards_equal_one_process_tokenization(tmp_path, sources, docs, tok, ref
     sizes = [s["tokens"] for s in m["shards"]]
     assert m["complete"] and sizes[0] == 1500 and set(sizes[1:-1]) <= {4000} and 0 < sizes[-1] <= 4000
     assert shards.list_shards(tmp_path, "val")[0].name == "shard_val_000000.bin"
-    meta = data.load_meta(tmp_path)
+    meta = memmap.load_meta(tmp_path)
     assert (meta["kind"], meta["vocab_size"], meta["train_tokens"] + meta["val_tokens"]) == ("gpt2", 50257, ref.size)
 
 
@@ -105,7 +106,7 @@ def test_safe_cut_keeps_the_tokens_of_the_whole(ref_encoding, docs):
 
 
 def test_hf_datasets_from_local_files(tmp_path, sources, docs, tok, ref_encoding):
-    m = data.prepare_sharded(tmp_path, dataset="hf", hf_name="json", hf_data_files=str(sources["jsonl"]),
+    m = preparation.prepare_sharded(tmp_path, dataset="hf", hf_name="json", hf_data_files=str(sources["jsonl"]),
                              text_field="body", workers=0, bpe_path=BPE, **SMALL)
     assert m["settings"]["source"]["hf"] == "json"
     np.testing.assert_array_equal(read_all(tmp_path), reference(ref_encoding, docs))
@@ -181,7 +182,7 @@ def test_bad_input_lines(tmp_path, sources, tok):
     with pytest.raises(ValueError, match="vocab_size 100277 does not fit uint16"):
         corpus.prepare_shards(tmp_path / "v", lambda: iter([]), BigVocab(), source={})
     with pytest.raises(ValueError, match="no <|endoftext|>"):
-        corpus.prepare_shards(tmp_path / "v", lambda: iter([]), data.make_tokenizer("char", "ab"), source={})
+        corpus.prepare_shards(tmp_path / "v", lambda: iter([]), preparation.make_tokenizer("char", "ab"), source={})
     with pytest.raises(ValueError, match="pass a smaller --val-tokens"):
         corpus.prepare_shards(tmp_path / "v", lambda: iter([("tiny", True)]), tok, source={}, workers=0)
 
@@ -223,12 +224,12 @@ def test_output_dir_of_another_tokenizer_or_tool_is_refused(tmp_path, sources, t
 
 
 def test_command_line(tmp_path, sources, capsys, docs, ref_encoding):
-    data.main(["--dataset", "files", "--input", str(sources["parquet"]), "--text-field", "body", "--out",
+    preparation.main(["--dataset", "files", "--input", str(sources["parquet"]), "--text-field", "body", "--out",
                str(tmp_path / "c"), "--bpe-path", str(BPE), "--shard-tokens", "5000", "--val-tokens", "2000",
                "--workers", "1", "--prefix", "edu"])
     out = capsys.readouterr().out
     assert "edu_val_000000.bin: 2,000 tokens" in out and "shards" in out
     np.testing.assert_array_equal(read_all(tmp_path / "c"), reference(ref_encoding, docs))
     with pytest.raises(SystemExit, match="drop --tokenizer char"):
-        data.main(["--dataset", "files", "--input", str(sources["parquet"]), "--tokenizer", "char",
+        preparation.main(["--dataset", "files", "--input", str(sources["parquet"]), "--tokenizer", "char",
                    "--out", str(tmp_path / "x")])

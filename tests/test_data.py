@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from jaxgpt import data
-from jaxgpt.tokenizer import from_meta
-
 from conftest import SHARED
+
+from jaxgpt.data import memmap, preparation
+from jaxgpt.data.tokenizer import from_meta
+
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"
 
@@ -19,12 +19,12 @@ BPE = SHARED / "data" / "gpt2.tiktoken"
 @pytest.fixture(scope="module")
 def shakespeare_char(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sc") / "shakespeare_char"
-    data.prepare(out, dataset="shakespeare", tokenizer="char", input_path=SHAKESPEARE)
+    preparation.prepare(out, dataset="shakespeare", tokenizer="char", input_path=SHAKESPEARE)
     return out
 
 
 def test_char_dataset_matches_nanogpt_prepare(shakespeare_char):
-    """Reference: nanoGPT's shakespeare_char/prepare.py logic written out in plain Python."""
+    """Reference: nanoGPT's shakespeare_char/preparation.py logic written out in plain Python."""
     text = SHAKESPEARE.read_text(encoding="utf-8")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
@@ -32,7 +32,7 @@ def test_char_dataset_matches_nanogpt_prepare(shakespeare_char):
     ref_train = np.array([stoi[c] for c in text[:n]], dtype=np.uint16)
     ref_val = np.array([stoi[c] for c in text[n:]], dtype=np.uint16)
 
-    meta = data.load_meta(shakespeare_char)
+    meta = memmap.load_meta(shakespeare_char)
     assert meta["kind"] == "char" and meta["vocab_size"] == len(chars) == 65
     assert meta["chars"] == "".join(chars)
     train = np.fromfile(shakespeare_char / "train.bin", dtype=np.uint16)
@@ -52,8 +52,8 @@ def test_gpt2_bpe_dataset(tmp_path):
     text = SHAKESPEARE.read_text(encoding="utf-8")[:20000]
     src = tmp_path / "slice.txt"
     src.write_text(text, encoding="utf-8")
-    meta = data.prepare(tmp_path / "bpe", dataset="text", tokenizer="gpt2", input_path=src, bpe_path=BPE)
-    ref_enc = tiktoken.Encoding(  # built here from the ranks file, not through jaxgpt.tokenizer
+    meta = preparation.prepare(tmp_path / "bpe", dataset="text", tokenizer="gpt2", input_path=src, bpe_path=BPE)
+    ref_enc = tiktoken.Encoding(  # built here from the ranks file, not through jaxgpt.data.tokenizer
         name="gpt2_ref", pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
         mergeable_ranks=load_tiktoken_bpe(str(BPE)), special_tokens={"<|endoftext|>": 50256})
     n = int(len(text) * 0.9)
@@ -66,9 +66,9 @@ def test_gpt2_bpe_dataset(tmp_path):
 
 
 def test_builtin_corpus_needs_no_file(tmp_path):
-    text = data.builtin_corpus()
+    text = preparation.builtin_corpus()
     assert len(text) > 100_000 and "for" in text
-    meta = data.prepare(tmp_path / "pydoc", dataset="pydoc", tokenizer="char")
+    meta = preparation.prepare(tmp_path / "pydoc", dataset="pydoc", tokenizer="char")
     tok = from_meta(meta)
     train = np.fromfile(tmp_path / "pydoc" / "train.bin", dtype=np.uint16)
     val = np.fromfile(tmp_path / "pydoc" / "val.bin", dtype=np.uint16)
@@ -78,8 +78,8 @@ def test_builtin_corpus_needs_no_file(tmp_path):
 
 def test_named_dataset_downloads_through_its_url(tmp_path, monkeypatch):
     """The real download code runs (on a file:// URL, as there is no network in tests) and caches the text."""
-    monkeypatch.setitem(data.DATASET_URLS, "shakespeare", SHAKESPEARE.resolve().as_uri())
-    meta = data.prepare(tmp_path / "d" / "sc", dataset="shakespeare", tokenizer="char")
+    monkeypatch.setitem(preparation.DATASET_URLS, "shakespeare", SHAKESPEARE.resolve().as_uri())
+    meta = preparation.prepare(tmp_path / "d" / "sc", dataset="shakespeare", tokenizer="char")
     assert (tmp_path / "d" / "shakespeare.txt").read_bytes() == SHAKESPEARE.read_bytes()
     assert meta["train_tokens"] + meta["val_tokens"] == len(SHAKESPEARE.read_text(encoding="utf-8"))
 
@@ -88,81 +88,81 @@ def test_offline_download_error_names_the_fix(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", fail)
+    monkeypatch.setattr(preparation.urllib.request, "urlopen", fail)
     with pytest.raises(RuntimeError, match="--input FILE"):
-        data.prepare(tmp_path / "sc", dataset="shakespeare", tokenizer="char")
+        preparation.prepare(tmp_path / "sc", dataset="shakespeare", tokenizer="char")
     assert not (tmp_path / "sc").exists() and not list(tmp_path.glob("*.part"))
 
 
 def test_batches_are_windows_fixed_by_seed_split_and_step(shakespeare_char):
-    train = data.load_split(shakespeare_char, "train", 64)
-    x, y = data.get_batch(train, 12, 64, data.batch_rng(1337, 5))
+    train = memmap.load_split(shakespeare_char, "train", 64)
+    x, y = memmap.get_batch(train, 12, 64, memmap.batch_rng(1337, 5))
     assert x.shape == y.shape == (12, 64) and x.dtype == np.int32
     # reference: the same RNG draws the window starts; x and y are the slices [s, s+T) and [s+1, s+T+1)
-    starts = data.batch_rng(1337, 5).integers(0, len(train) - 64, size=12)
+    starts = memmap.batch_rng(1337, 5).integers(0, len(train) - 64, size=12)
     for row, s in enumerate(starts):
         np.testing.assert_array_equal(x[row], train[s:s + 64])
         np.testing.assert_array_equal(y[row], train[s + 1:s + 65])
-    x2, y2 = data.get_batch(train, 12, 64, data.batch_rng(1337, 5))
+    x2, y2 = memmap.get_batch(train, 12, 64, memmap.batch_rng(1337, 5))
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(y, y2)
-    for other in (data.batch_rng(1337, 6), data.batch_rng(1338, 5), data.batch_rng(1337, 5, "val"),
-                  data.batch_rng(1337, 5, stream=1)):
-        assert not np.array_equal(data.get_batch(train, 12, 64, other)[0], x)
+    for other in (memmap.batch_rng(1337, 6), memmap.batch_rng(1338, 5), memmap.batch_rng(1337, 5, "val"),
+                  memmap.batch_rng(1337, 5, stream=1)):
+        assert not np.array_equal(memmap.get_batch(train, 12, 64, other)[0], x)
 
 
 def test_missing_empty_and_short_data_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare the data"):
-        data.load_split(tmp_path, "train", 8)
+        memmap.load_split(tmp_path, "train", 8)
     with pytest.raises(FileNotFoundError, match="prepare the data"):
-        data.load_meta(tmp_path)
+        memmap.load_meta(tmp_path)
     (tmp_path / "train.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="fewer than block_size"):
-        data.load_split(tmp_path, "train", 8)
+        memmap.load_split(tmp_path, "train", 8)
     np.arange(8, dtype=np.uint16).tofile(tmp_path / "train.bin")  # 8 tokens < block_size + 1 = 9
     with pytest.raises(ValueError, match="fewer than block_size"):
-        data.load_split(tmp_path, "train", 8)
-    assert len(data.load_split(tmp_path, "train", 7)) == 8  # exactly block_size + 1 is enough
+        memmap.load_split(tmp_path, "train", 8)
+    assert len(memmap.load_split(tmp_path, "train", 7)) == 8  # exactly block_size + 1 is enough
     (tmp_path / "train.bin").write_bytes(b"abc")
     with pytest.raises(ValueError, match="odd number of bytes"):
-        data.load_split(tmp_path, "train", 1)
+        memmap.load_split(tmp_path, "train", 1)
     with pytest.raises(ValueError, match="fewer than block_size"):
-        data.get_batch(np.arange(4, dtype=np.uint16), 2, 4, data.batch_rng(0, 0))
+        memmap.get_batch(np.arange(4, dtype=np.uint16), 2, 4, memmap.batch_rng(0, 0))
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="is empty"):
-        data.prepare(tmp_path / "e", dataset="text", input_path=empty)
+        preparation.prepare(tmp_path / "e", dataset="text", input_path=empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.prepare(tmp_path / "m", dataset="text", input_path=tmp_path / "missing.txt")
+        preparation.prepare(tmp_path / "m", dataset="text", input_path=tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="needs an input file"):
-        data.prepare(tmp_path / "t", dataset="text")
+        preparation.prepare(tmp_path / "t", dataset="text")
     with pytest.raises(ValueError, match="unknown dataset"):
-        data.prepare(tmp_path / "u", dataset="openwebtext2")
+        preparation.prepare(tmp_path / "u", dataset="openwebtext2")
     with pytest.raises(ValueError, match="unknown tokenizer"):
-        data.prepare(tmp_path / "k", dataset="pydoc", tokenizer="sentencepiece")
+        preparation.prepare(tmp_path / "k", dataset="pydoc", tokenizer="sentencepiece")
     with pytest.raises(ValueError, match="val_fraction"):
-        data.prepare(tmp_path / "v", dataset="pydoc", val_fraction=1.0)
+        preparation.prepare(tmp_path / "v", dataset="pydoc", val_fraction=1.0)
     with pytest.raises(ValueError, match="unknown split"):
-        data.batch_rng(0, 0, "test")
+        memmap.batch_rng(0, 0, "test")
 
 
 def test_existing_dataset_is_never_overwritten_by_default(tmp_path):
     small = tmp_path / "a.txt"
     small.write_text("hello world, " * 50)
-    data.prepare(tmp_path / "d", dataset="text", input_path=small)
+    preparation.prepare(tmp_path / "d", dataset="text", input_path=small)
     before = {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()}
     other = tmp_path / "b.txt"
     other.write_text("something else entirely " * 40)
     with pytest.raises(FileExistsError, match="overwrite"):
-        data.prepare(tmp_path / "d", dataset="text", input_path=other)
+        preparation.prepare(tmp_path / "d", dataset="text", input_path=other)
     assert {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()} == before
-    meta = data.prepare(tmp_path / "d", dataset="text", input_path=other, overwrite=True)
+    meta = preparation.prepare(tmp_path / "d", dataset="text", input_path=other, overwrite=True)
     assert meta["source"] == str(other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "d"]  # no temporary folders left
 
 
 def test_command_line(tmp_path, capsys):
-    data.main(["--dataset", "shakespeare", "--input", str(SHAKESPEARE), "--out", str(tmp_path / "sc")])
+    preparation.main(["--dataset", "shakespeare", "--input", str(SHAKESPEARE), "--out", str(tmp_path / "sc")])
     assert "vocab 65 (char)" in capsys.readouterr().out
     assert json.loads((tmp_path / "sc" / "meta.json").read_text())["vocab_size"] == 65

@@ -1,4 +1,4 @@
-"""jaxgpt.dropout: four 16-bit draws per threefry hash, blockwise-consistent masks, unbiased dropout."""
+"""jaxgpt.nn.dropout: four 16-bit draws per threefry hash, blockwise-consistent masks, unbiased dropout."""
 
 import chex
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.dropout import dropout, keep_mask, keep_probability
+from jaxgpt.nn.dropout import dropout, keep_mask, keep_probability
 
 
 def test_keep_probability_is_on_the_16_bit_grid():

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from jaxgpt.checkpoint import load_hf_gpt2
+from jaxgpt.data.tokenizer import gpt2_tokenizer
 from jaxgpt.eval import hellaswag
 from jaxgpt.eval.__main__ import main
 from jaxgpt.eval.perplexity import perplexity, windows
 from jaxgpt.eval.scoring import score
+from jaxgpt.io.hf import load_hf_gpt2
 from jaxgpt.sample import transform_params
-from jaxgpt.tokenizer import gpt2_tokenizer
 
 BLOCK = 64
 
@@ -233,8 +233,8 @@ def test_adapters_for_another_base(hf_dir, gpt2_bpe_file, hellaswag_file, tmp_pa
     import jax
 
     from jaxgpt import lora
-    from jaxgpt.config import GPTConfig
-    from jaxgpt.model import init_params
+    from jaxgpt.nn.config import GPTConfig
+    from jaxgpt.nn.model import init_params
 
     other_cfg = GPTConfig(vocab_size=64, block_size=BLOCK, n_layer=2, n_head=2, n_embd=48)
     other = jax.eval_shape(lambda: init_params(other_cfg, 0))  # shapes are all the adapters need

@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 import pytest
-
 from test_eval import BLOCK, tiny_hf_gpt2_dir, torch_one_thread, words  # noqa: F401 (fixture)
 
 MC_YAML = """task: jaxgpt_test_mc
@@ -53,7 +52,7 @@ def hf_gpt2_tokenizer(bpe_file):
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from jaxgpt.tokenizer import GPT2_PAT_STR
+    from jaxgpt.data.tokenizer import GPT2_PAT_STR
 
     tok = TikTokenConverter(vocab_file=str(bpe_file), pattern=GPT2_PAT_STR,
                             extra_special_tokens=["<|endoftext|>"]).converted()
@@ -80,9 +79,9 @@ def setup(tmp_path_factory, gpt2_bpe_file, shared_dir):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from jaxgpt.checkpoint import load_hf_gpt2
+    from jaxgpt.data.tokenizer import gpt2_tokenizer
     from jaxgpt.eval.lm_eval_model import JaxGPTLM
-    from jaxgpt.tokenizer import gpt2_tokenizer
+    from jaxgpt.io.hf import load_hf_gpt2
 
     hf_dir, tasks = tiny_hf_gpt2_dir(tmp_path_factory), tmp_path_factory.mktemp("lm_eval_tasks")
     mc = [{"question": words(shared_dir, 10 + i, 26, 32), "label": i % 3,

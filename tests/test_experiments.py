@@ -12,10 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common, kv_cache_flops, norm_placement, positions, run_all, weight_tying
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import init_cache
-from jaxgpt.model import GPT, init_params
+from experiments import (
+    common,
+    kv_cache_flops,
+    norm_placement,
+    positions,
+    run_all,
+    weight_tying,
+)
+from jaxgpt.decode.kv_cache import init_cache
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 
 TINY = dict(n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=2)
 

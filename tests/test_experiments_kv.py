@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from experiments import kv_compression as kvc
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import init_params
 
 KINDS = ("float32", "int8", "turbo2", "uniform2")
 STUDY = kvc.KVStudy(kinds=KINDS, block_size=48, eval_windows=3, prefix=8, prompts=2, prompt_len=8, new_tokens=12,

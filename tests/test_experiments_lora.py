@@ -7,7 +7,13 @@ import math
 
 import pytest
 
-from experiments.lora_rank import LearningConfig, learning_study, plot_learning, plot_variance, variance_study
+from experiments.lora_rank import (
+    LearningConfig,
+    learning_study,
+    plot_learning,
+    plot_variance,
+    variance_study,
+)
 from jaxgpt import lora
 
 

@@ -7,7 +7,13 @@ import math
 
 import chex
 
-from experiments.quantize_layernorm import StudyConfig, load_text, model_config, run, trained_params
+from experiments.quantize_layernorm import (
+    StudyConfig,
+    load_text,
+    model_config,
+    run,
+    trained_params,
+)
 
 
 def test_quantize_layernorm_study_tiny(tmp_path, shared_dir):

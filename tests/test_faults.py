@@ -23,9 +23,10 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
-
-from jaxgpt import checkpoint, metrics, trainer
 from conftest import xla_env
+
+from jaxgpt.io import checkpoint
+from jaxgpt.train import metrics, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # generous: the subprocesses share the cores with whatever else runs
@@ -74,7 +75,7 @@ def fill_disk(where: Path) -> int:
 
 def worker_full_disk(wd: Path, data_dir: str) -> dict:
     """Train until the save of step FAIL_AT, fill the disk just before it, then free the space and rerun."""
-    from jaxgpt import hooks
+    from jaxgpt.train import hooks
 
     save = checkpoint.save_run_step
 
@@ -147,7 +148,7 @@ def test_a_save_failing_with_enospc_at_the_commit_keeps_the_last_checkpoint(tmp_
     (every file written, the rename refused) gives the same one-line error; step KEPT stays restorable."""
     from orbax.checkpoint._src.path import atomicity
 
-    from jaxgpt import hooks, steps
+    from jaxgpt.train import hooks, steps
 
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
@@ -300,7 +301,8 @@ class MeshRun:
         import jax
 
         from jaxgpt import data as data_lib
-        from jaxgpt import runs, steps
+        from jaxgpt.train import run as runs
+        from jaxgpt.train import steps
 
         self.c, (self.mesh, shardings_fn) = c, steps.mesh_shardings_fn(c, c.batch_size)
         init = runs.initial_model(c, data_lib.load_meta(Path(c.data.dir)))
@@ -314,7 +316,7 @@ class MeshRun:
         """runs.restore_state of `step` onto `shardings` (default: onto this process's first device alone)."""
         import jax
 
-        from jaxgpt import runs
+        from jaxgpt.train import run as runs
 
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         mngr = checkpoint.run_checkpoint_manager(wd, read_only=True)
@@ -356,8 +358,8 @@ def one_step(run: MeshRun, plain, train_step) -> tuple[float, dict, bool]:
     Returns (loss, the state after it, whether the params moved)."""
     import jax
 
-    from jaxgpt import batches
     from jaxgpt import sharding as sh
+    from jaxgpt.data import batches
 
     c, shardings = run.c, run.shardings
     data = batches.TrainBatches(c.data.dir, seed=c.seed, accum=1, batch=c.batch_size, block=run.cfg.block_size,

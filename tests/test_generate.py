@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import random_params as shared_random_params
-from jaxgpt import generate as G
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
+
+from jaxgpt.decode import generate as G
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
 
 PROMPTS = [[5, 17, 3], [40, 2, 9, 66, 1, 12, 30], [88]]  # ragged: 3, 7 and 1 tokens
 N = 9  # new tokens; 7 + 9 - 1 = 15 fed tokens fit block_size 16 (past it: tests/test_generate_window.py)
@@ -68,7 +68,10 @@ class SamplingTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_filters_match_transformers_warpers(self):
         torch = pytest.importorskip("torch")
-        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+        from transformers.generation.logits_process import (
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32) * 3
         top_k = self.variant(G.top_k_mask, static_argnums=1)
@@ -234,7 +237,7 @@ def test_params_with_non_array_leaves(base):
 
 
 def test_compressed_cache_plugs_in(base):
-    """An int8 cache (jaxgpt.kv_compress) flows through prefill and scan; its logits stay near the dense ones."""
+    """An int8 cache (jaxgpt.decode.kv_compress) flows through prefill and scan; its logits stay near the dense ones."""
     cfg, params = base
     dense = greedy(params, cfg, PROMPTS)
     int8 = greedy(params, cfg, PROMPTS, cache_kind="int8")
@@ -289,7 +292,7 @@ def test_greedy_matches_transformers_on_ragged_batch(base, tmp_path):
     """transformers left-pads with an attention mask; we right-pad with per-row positions: same tokens."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jaxgpt.checkpoint import export_hf_gpt2
+    from jaxgpt.io.hf import export_hf_gpt2
 
     cfg, params = base
     export_hf_gpt2(cfg, params, tmp_path)

@@ -6,11 +6,11 @@ import chex
 import jax
 import numpy as np
 import pytest
-
 from conftest import random_params as shared_random_params
-from jaxgpt import generate as G
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
+
+from jaxgpt.decode import generate as G
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
 
 BLOCK = 8
 # ragged; the second row is longer than the block and keeps its last 8 tokens

@@ -12,13 +12,13 @@ import warnings
 
 import pytest
 
-from jaxgpt import host_memory
+from jaxgpt.train import host_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 
 PROBE = textwrap.dedent("""
     import ctypes, ctypes.util, resource, sys
-    from jaxgpt import host_memory
+    from jaxgpt.train import host_memory
     applied = host_memory.retain_freed_memory() if sys.argv[1] == "retain" else None
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype = ctypes.c_void_p

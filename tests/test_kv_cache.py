@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import KVCache, LayerKV, cache_bytes, init_cache
-from jaxgpt.model import GPT, init_params
+from jaxgpt.decode.kv_cache import KVCache, LayerKV, cache_bytes, init_cache
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 
 
 @pytest.mark.parametrize("preset,batch,max_len,dtype", [

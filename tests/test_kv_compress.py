@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxgpt import kv_compress as kc
-from jaxgpt import turboquant as tq
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import KVCache
-from jaxgpt.model import GPT, init_params
+from jaxgpt.decode import kv_compress as kc
+from jaxgpt.decode import turboquant as tq
+from jaxgpt.decode.kv_cache import KVCache
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 
 CFG = GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=128)  # head_dim 64, as GPT-2
 TIE = 1e-5  # inputs this close to a rounding boundary may round either way in float32; the reference skips them
@@ -191,7 +191,7 @@ def test_outlier_channels_come_from_each_rows_own_tokens():
 
 def test_ragged_batch_row_equals_row_alone_with_mixed_cache():
     """Through `generate`: a row's turbo2.5 output is the same alone and beside a longer row (junk padding)."""
-    from jaxgpt import generate as G
+    from jaxgpt.decode import generate as G
 
     cfg = GPTConfig.preset("tiny", n_embd=32, n_layer=1)  # head_dim 16
     params = init_params(cfg, 0)

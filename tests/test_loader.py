@@ -1,4 +1,4 @@
-"""jaxgpt.loader: batches against windows enumerated one by one, determinism, per-process rows, two JAX processes
+"""jaxgpt.data.shard_loader: batches against windows enumerated one by one, determinism, per-process rows, two JAX processes
 (gloo) giving the one-process global batch, the prefetcher, vocabulary and file errors."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from jaxgpt import loader, shards
-from jaxgpt.data import batch_rng
 from conftest import xla_env
+
+from jaxgpt.data import shard_loader as loader
+from jaxgpt.data import shards
+from jaxgpt.data.memmap import batch_rng
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (700, 41, 1200, 300, 513)  # shard 1 is too short for a window of 65: it is never drawn
@@ -95,7 +96,8 @@ WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     from jax.experimental import multihost_utils
-    from jaxgpt import loader, sharding as sh
+    from jaxgpt import sharding as sh
+    from jaxgpt.data import shard_loader as loader
     mesh = sh.make_mesh()
     out = {"process": jax.process_index(), "devices": jax.device_count()}
     for name, shape, dim in (("flat", (8, 64), 0), ("accum", (2, 4, 64), 1)):

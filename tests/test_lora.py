@@ -16,9 +16,9 @@ import pytest
 from absl.testing import parameterized
 
 from jaxgpt import lora
-from jaxgpt.checkpoint import export_hf_gpt2
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
+from jaxgpt.io.hf import export_hf_gpt2
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_params, xla_env
 
 from jaxgpt import lora, quantize
 from jaxgpt import sharding as sh
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
-
-from conftest import random_params, xla_env
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 
 TOL = 1e-5  # float32: activation space vs weight space
 # One block: every test here is about one kernel's product, and a second block only adds compile time.

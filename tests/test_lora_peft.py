@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from jaxgpt import lora
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

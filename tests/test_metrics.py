@@ -1,10 +1,10 @@
-"""jaxgpt.metrics: the JSON-lines log survives a killed writer; throughput counts training time only."""
+"""jaxgpt.train.metrics: the JSON-lines log survives a killed writer; throughput counts training time only."""
 
 from __future__ import annotations
 
 import time
 
-from jaxgpt import metrics
+from jaxgpt.train import metrics
 
 
 def test_a_truncated_last_line_is_skipped_and_ended(tmp_path):

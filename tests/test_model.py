@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import random_params
+
 from jaxgpt import GPT, GPTConfig
 
 ALL = list(itertools.product(["learned", "sinusoidal", "rope", "none"], ["layernorm", "rmsnorm"], ["pre", "post"],
@@ -158,8 +158,8 @@ def test_attention_impls_agree(impl):
 def test_blockwise_causal_attention_matches_float64(rate):
     """The manual path runs in query blocks of ATTENTION_BLOCK (T=300: blocks of 128, 128, 44), each against
     the keys up to its last row; with dropout each block draws its part of the full [B, H, T, T] mask."""
-    from jaxgpt.dropout import keep_mask, keep_probability
-    from jaxgpt.model import ATTENTION_BLOCK, dot_product_attention
+    from jaxgpt.nn.dropout import keep_mask, keep_probability
+    from jaxgpt.nn.model import ATTENTION_BLOCK, dot_product_attention
 
     B, T, H, D = 2, 300, 2, 8
     assert T > 2 * ATTENTION_BLOCK

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from conftest import random_params as shared_random_params
 from jax import lax
 
-from conftest import random_params as shared_random_params
-from jaxgpt.checkpoint import pytree_bytes_on_disk, restore_pytree, save_pytree
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import init_cache
-from jaxgpt.model import GPT
+from jaxgpt.decode.kv_cache import init_cache
+from jaxgpt.io.checkpoint import pytree_bytes_on_disk, restore_pytree, save_pytree
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
 from jaxgpt.quantize import (
     QuantConfig,
     QuantizedArray,

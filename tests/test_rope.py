@@ -6,14 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.rope import apply_rope, rope_cos_sin
+from jaxgpt.nn.rope import apply_rope, rope_cos_sin
 
 
 @pytest.mark.parametrize("theta", [10000.0, 500.0])
 def test_matches_transformers_llama(theta):
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import (
+        LlamaRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
 
     B, T, H, D = 2, 7, 4, 16
     rng = np.random.default_rng(0)

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import random_params as shared_random_params
-from jaxgpt import checkpoint
-from jaxgpt import generate as G
-from jaxgpt.config import GPTConfig
-from jaxgpt.sample import SEPARATOR, TextStream, build_parser, main, run
-from jaxgpt.tokenizer import CharTokenizer, gpt2_tokenizer
-
 from conftest import SHARED
+from conftest import random_params as shared_random_params
+
+from jaxgpt.data.tokenizer import CharTokenizer, gpt2_tokenizer
+from jaxgpt.decode import generate as G
+from jaxgpt.io import checkpoint
+from jaxgpt.io.hf import export_hf_gpt2
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.sample import SEPARATOR, TextStream, build_parser, main, run
+
 BPE = SHARED / "data" / "gpt2.tiktoken"
 needs_bpe = pytest.mark.skipif(not BPE.is_file(), reason=f"{BPE} (offline GPT-2 BPE) is missing")
 
@@ -37,7 +38,7 @@ def hf_dir(tmp_path_factory):
     """A small random GPT-2 (GPT-2's vocabulary, 1 layer) exported as a Hugging Face directory."""
     cfg = GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16)
     params = random_params(cfg, 0)
-    d = checkpoint.export_hf_gpt2(cfg, params, tmp_path_factory.mktemp("hf"))
+    d = export_hf_gpt2(cfg, params, tmp_path_factory.mktemp("hf"))
     return d, cfg, params
 
 
@@ -100,7 +101,7 @@ CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 def char_run(path: Path, **overrides):
     """A jaxgpt workdir (config.json, tokenizer.json, orbax checkpoints) of a random char model."""
     if not hasattr(checkpoint, "load_run"):
-        pytest.skip("jaxgpt.checkpoint.load_run (training workdirs) is not available")
+        pytest.skip("jaxgpt.io.checkpoint.load_run (training workdirs) is not available")
     import orbax.checkpoint as ocp
 
     tok = CharTokenizer(CHARS)

@@ -7,16 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SHARED
 
-from jaxgpt import checkpoint, lora
-from jaxgpt import generate as G
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
+from jaxgpt import lora
+from jaxgpt.data.tokenizer import gpt2_tokenizer
+from jaxgpt.decode import generate as G
+from jaxgpt.io.hf import export_hf_gpt2
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
 from jaxgpt.quantize import QuantConfig, quantize
 from jaxgpt.sample import build_parser, run
-from jaxgpt.tokenizer import gpt2_tokenizer
-
-from conftest import SHARED
 
 BPE = SHARED / "data" / "gpt2.tiktoken"
 pytestmark = pytest.mark.skipif(not BPE.is_file(), reason=f"{BPE} (offline GPT-2 BPE) is missing")
@@ -29,7 +29,7 @@ def base(tmp_path_factory):
     shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), shapes)
-    return checkpoint.export_hf_gpt2(cfg, params, tmp_path_factory.mktemp("hf")), cfg, params
+    return export_hf_gpt2(cfg, params, tmp_path_factory.mktemp("hf")), cfg, params
 
 
 def _greedy_text(cfg, params, n=8):

@@ -1,7 +1,7 @@
 """scan_layers and remat change how the step runs, never its numbers: logits and gradients equal the unrolled
 model's (float32, 1e-6) on fresh random params and tokens, across the architecture switches and every remat
 policy, with a KV cache, LoRA, int8/int4 weights and a Hugging Face round trip; and the layout converters of
-jaxgpt.layers.
+jaxgpt.nn.stacking.
 
 Compiling is what these tests cost, so: one tiny config; a set of switch combinations in which every value of
 every switch, every remat policy and both layouts appear (remat and scan never change the numbers, so one
@@ -21,13 +21,15 @@ import numpy as np
 import pytest
 from conftest import random_params
 
-from jaxgpt import config as config_lib
-from jaxgpt import layers, lora, steps
-from jaxgpt.checkpoint import export_hf_gpt2, load_hf_gpt2
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import init_cache
-from jaxgpt.model import GPT
+from jaxgpt import lora
+from jaxgpt.decode.kv_cache import init_cache
+from jaxgpt.io.hf import export_hf_gpt2, load_hf_gpt2
+from jaxgpt.nn import config as config_lib
+from jaxgpt.nn import stacking as layers
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
 from jaxgpt.quantize import QuantConfig, quantize
+from jaxgpt.train import steps
 
 TOL = 1e-6  # float32: the scan and remat only reorder when the same ops run
 BASE = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=16)
@@ -221,13 +223,13 @@ def test_old_config_dict_loads_with_defaults():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The trainer's stacked train state (jaxgpt.steps.StateLayout)
+# The trainer's stacked train state (jaxgpt.train.steps.StateLayout)
 
 
 def _optimizer() -> Any:
     """AdamW with clipping, weight decay on and Adam's eps at 1e-4: the gradient of the key bias is zero up to
     rounding, and with eps 1e-8 Adam would turn that rounding noise into lr-sized steps of either sign."""
-    from jaxgpt import train_config
+    from jaxgpt.train import config as train_config
 
     c = train_config.base_config()
     c.update(learning_rate=1e-2, warmup_iters=1, lr_decay_iters=10, weight_decay=0.5, grad_clip=0.05, eps=1e-4)

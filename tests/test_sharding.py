@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
-from jaxgpt import sharding as sh
 from conftest import xla_env
+
+from jaxgpt import sharding as sh
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT, init_params
 
 CFG = GPTConfig.preset("tiny")  # V=97, block 32, 2 layers, 2 heads, C=16
 BATCH, SEQ, STEPS, MIN_SIZE = 8, 16, 4, 100
@@ -172,8 +172,8 @@ ACT_BATCH = 16
 
 def worker_activations(outdir: Path) -> None:
     """Compile the real train and eval steps for a 1 x 8 FSDP mesh; record every [..., T, T] shape in the HLO."""
-    from jaxgpt import steps as step_lib
-    from jaxgpt.train_config import base_config
+    from jaxgpt.train import steps as step_lib
+    from jaxgpt.train.config import base_config
     c = base_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.min_shard_size = 1, 8, 256
     mesh, shardings_fn = step_lib.mesh_shardings_fn(c, ACT_BATCH)
@@ -354,9 +354,9 @@ def test_tree_shardings_on_abstract_train_state():
 
 
 def test_stacked_block_leaves_keep_each_layer_s_spec():
-    """A stacked train state ([L, ...] block leaves, jaxgpt.layers) is split like the unrolled one, layer by
+    """A stacked train state ([L, ...] block leaves, jaxgpt.nn.stacking) is split like the unrolled one, layer by
     layer: the layer axis is never split, whatever its size."""
-    from jaxgpt import layers
+    from jaxgpt.nn import stacking as layers
 
     mesh = jax.sharding.AbstractMesh((2, 4), sh.AXES)
     cfg = CFG.replace(n_layer=32)  # [32, 16] biases: the layer axis is the largest, divides, and stays whole

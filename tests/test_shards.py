@@ -1,4 +1,4 @@
-"""jaxgpt.shards: the llm.c shard format against a reader/writer written here from its spec, bad files, the writer."""
+"""jaxgpt.data.shards: the llm.c shard format against a reader/writer written here from its spec, bad files, the writer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from jaxgpt import shards
+from jaxgpt.data import shards
 
 
 def write_llmc_shard(path, tokens) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxgpt.tokenizer import BPE_ENV, CharTokenizer, from_meta, gpt2_tokenizer
+from jaxgpt.data.tokenizer import BPE_ENV, CharTokenizer, from_meta, gpt2_tokenizer
 
 HELLO = [15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]  # "Hello world, this is GPT-2." in GPT-2 BPE
 

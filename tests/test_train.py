@@ -1,4 +1,4 @@
-"""Training (jaxgpt.steps, runs, trainer): schedule, loss and the full train step against independent references (nanoGPT's formula,
+"""Training (jaxgpt.train.steps, runs, trainer): schedule, loss and the full train step against independent references (nanoGPT's formula,
 float64 NumPy, transformers GPT-2 + torch AdamW), gradient accumulation, mixed precision, the training loop,
 fine-tuning from Hugging Face and from a jaxgpt run, and non-finite losses."""
 
@@ -16,12 +16,18 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint, data as data_lib, metrics, runs, steps, train_config, trainer
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
+from jaxgpt import data as data_lib
+from jaxgpt.io import checkpoint
+from jaxgpt.io.hf import export_hf_gpt2
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import init_params
+from jaxgpt.train import config as train_config
+from jaxgpt.train import metrics, steps, trainer
+from jaxgpt.train import run as runs
 
 REPO = Path(__file__).resolve().parents[1]
 from conftest import SHARED
+
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"
 
@@ -109,7 +115,7 @@ def test_train_steps_match_transformers_and_torch_adamw(tmp_path):
     c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters = 3e-3, 3e-4, 1, 3
     c.weight_decay, c.beta2, c.grad_clip = 0.1, 0.95, 0.3
     params = init_params(cfg, 3)
-    checkpoint.export_hf_gpt2(cfg, params, tmp_path / "hf")
+    export_hf_gpt2(cfg, params, tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").double()
     hf.train()
     decay = [p for p in hf.parameters() if p.dim() >= 2]

@@ -1,4 +1,4 @@
-"""jaxgpt.train_config: configs load without JAX, unknown --config keys get one line naming the nearest keys."""
+"""jaxgpt.train.config: configs load without JAX, unknown --config keys get one line naming the nearest keys."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt import train_config
+from jaxgpt.train import config as train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,5 +34,5 @@ def test_train_py_refuses_an_unknown_key_in_one_line(tmp_path):
                         f"--workdir={tmp_path / 'wd'}"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip() == ("train.py: --config.nonexistent: the config has no key 'nonexistent'; "
-                                "see jaxgpt/train_config.py for the keys")
+                                "see jaxgpt/train/config.py for the keys")
     assert not (tmp_path / "wd").exists()

@@ -13,11 +13,18 @@ import chex
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint, data as data_lib, lora, metrics, runs, train_config, trainer
-from jaxgpt.model import GPT
+from jaxgpt import data as data_lib
+from jaxgpt import lora
+from jaxgpt.io import checkpoint
+from jaxgpt.io.hf import load_hf_gpt2
+from jaxgpt.nn.model import GPT
+from jaxgpt.train import config as train_config
+from jaxgpt.train import metrics, trainer
+from jaxgpt.train import run as runs
 
 REPO = Path(__file__).resolve().parents[1]
 from conftest import SHARED
+
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"
 RANK, ALPHA = 4, 12.0  # alpha != rank: a scale of 1 would hide scaling bugs
@@ -93,7 +100,7 @@ def test_lora_run_lowers_the_loss_and_checkpoints_adapters_only(lora_run, base_d
     ckpt_bytes = checkpoint.pytree_bytes_on_disk(step_dir)
     base_bytes = (base_dir / "model.safetensors").stat().st_size
     assert ckpt_bytes < base_bytes / 20, (ckpt_bytes, base_bytes)
-    _, base = checkpoint.load_hf_gpt2(base_dir)
+    _, base = load_hf_gpt2(base_dir)
     adapters, lcfg = lora.load_adapters(wd / "lora", base)
     assert lcfg.rank == RANK and lcfg.alpha == ALPHA and not lcfg.rank_stabilized
     mngr = checkpoint.run_checkpoint_manager(wd, read_only=True)
@@ -115,8 +122,8 @@ def test_base_never_changes_and_merged_export_matches(lora_run, base_dir):
     wd, summary, before = lora_run
     assert sha256(base_dir / "model.safetensors") == before
     assert Path(summary["export"]) == wd / "hf"
-    cfg, base = checkpoint.load_hf_gpt2(base_dir)
-    _, merged = checkpoint.load_hf_gpt2(wd / "hf")
+    cfg, base = load_hf_gpt2(base_dir)
+    _, merged = load_hf_gpt2(wd / "hf")
     adapters, lcfg = lora.load_adapters(wd / "lora", base)
     scale = ALPHA / RANK
     for i in range(cfg.n_layer):
@@ -145,7 +152,7 @@ def test_resume_continues_the_same_run(lora_run, bpe_dir, base_dir, tmp_path):
     s = trainer.train(lora_config(bpe_dir, base_dir), wd)
     assert s["start_step"] == 4 and s["step"] == 8
     np.testing.assert_allclose(train_losses(wd), train_losses(wd_full), rtol=1e-6)
-    _, base = checkpoint.load_hf_gpt2(base_dir)
+    _, base = load_hf_gpt2(base_dir)
     got, _ = lora.load_adapters(wd / "lora", base)
     want, _ = lora.load_adapters(wd_full / "lora", base)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
@@ -192,7 +199,7 @@ def test_qlora_on_an_int8_base_trains_and_exports_its_own_logits(bpe_dir, base_d
     assert evals[4]["train_loss"] < evals[0]["train_loss"] - 0.05, evals
     assert json.loads((wd / runs.LORA_RUN_FILE).read_text())["base_quantize"] == "int8"
 
-    cfg, base = checkpoint.load_hf_gpt2(base_dir)
+    cfg, base = load_hf_gpt2(base_dir)
     qbase = quantize.quantize(base, quantize.QuantConfig(bits=8))
     adapters, lcfg = lora.load_adapters(wd / "lora", base)
     assert adapters["h_0"]["attn"]["c_attn"]["A"].dtype == np.float32

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from jaxgpt import metrics, trainer
 from conftest import xla_env
+
+from jaxgpt.train import metrics, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -23,7 +23,11 @@ STEPS = 6
 MESH_RUN = r"""
 import importlib.util, json, sys
 import jax, numpy as np
-from jaxgpt import sharding as sh, metrics, runs, steps, trainer
+from jaxgpt import sharding as sh
+from jaxgpt.train import metrics
+from jaxgpt.train import run as runs
+from jaxgpt.train import steps
+from jaxgpt.train import trainer
 
 spec = importlib.util.spec_from_file_location("tiny", sys.argv[1] + "/configs/tiny.py")
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
@@ -35,7 +39,7 @@ losses = [r["loss"] for r in metrics.read_metrics(sys.argv[3] + "/metrics.jsonl"
 
 # the shardings train() used: which leaves of the state (and of a frozen base) are split over "fsdp"
 mesh, fn = steps.mesh_shardings_fn(c, c.batch_size)
-from jaxgpt.model import init_params
+from jaxgpt.nn.model import init_params
 cfg = runs.model_config(c, 96)
 params = jax.eval_shape(lambda: init_params(cfg, 0))
 state = jax.eval_shape(lambda p: steps.init_state(p, steps.make_optimizer(c)), params)

@@ -18,7 +18,8 @@ import chex
 import jax.numpy as jnp
 import pytest
 
-from jaxgpt import checkpoint, metrics, trainer
+from jaxgpt.io import checkpoint
+from jaxgpt.train import metrics, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"

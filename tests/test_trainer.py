@@ -1,4 +1,4 @@
-"""jaxgpt.trainer on llm.c token shards, with the optional hooks: HellaSwag beside val loss, TensorBoard event
+"""jaxgpt.train.trainer on llm.c token shards, with the optional hooks: HellaSwag beside val loss, TensorBoard event
 files, a profiler trace. The first loss is recomputed from the loader's batch; the logged HellaSwag accuracy is
 recomputed from the checkpoint of the same step."""
 
@@ -10,12 +10,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import SHARED
-from jaxgpt import checkpoint, loader, metrics, shards, steps, train_config, trainer
+
+from jaxgpt.data import shard_loader as loader
+from jaxgpt.data import shards
+from jaxgpt.data.tokenizer import gpt2_tokenizer
 from jaxgpt.eval import hellaswag
-from jaxgpt.model import init_params
-from jaxgpt.tokenizer import gpt2_tokenizer
+from jaxgpt.io import checkpoint
+from jaxgpt.nn.model import init_params
+from jaxgpt.train import config as train_config
+from jaxgpt.train import metrics, steps, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 BPE = SHARED / "data" / "gpt2.tiktoken"

@@ -12,7 +12,7 @@ import pytest
 from absl.testing import parameterized
 from scipy import integrate
 
-from jaxgpt import turboquant as tq
+from jaxgpt.decode import turboquant as tq
 
 # E||u - u_hat||^2 of TurboQuant_mse at b = 1..4 as the paper reports them (0.36, 0.117, 0.03, 0.009); the
 # paper's 0.03 is rounded: the Gaussian Lloyd-Max value is 0.0345, used here. Tolerance: 5% relative

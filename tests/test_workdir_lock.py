@@ -1,4 +1,4 @@
-"""Tests for jaxgpt.workdir_lock: one run per workdir; a live holder is named and refused, a gone one (dead PID,
+"""Tests for jaxgpt.io.lock: one run per workdir; a live holder is named and refused, a gone one (dead PID,
 reused PID, rebooted machine, silent host) is taken over; racing starters get exactly one winner; readers never
 touch the lock; `train` and train.py refuse a held workdir before writing anything."""
 
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from jaxgpt import workdir_lock as wl
 from test_faults import tiny
+
+from jaxgpt.io import lock as wl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write(tmp_path, py
     import jax
     import optax
 
-    from jaxgpt import steps, trainer
+    from jaxgpt.train import steps, trainer
 
     wd = tmp_path / "wd"
     c = tiny(pydoc_char_dir, **{"model.n_layer": 1, "model.n_embd": 16, "model.block_size": 16, "eval_iters": 1,
@@ -144,7 +144,7 @@ def test_a_foreign_lock_file_is_refused_with_the_fix(tmp_path):
 
 RACE = r"""
 import sys, time
-from jaxgpt import workdir_lock as wl
+from jaxgpt.io import lock as wl
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 try:
     lock = wl.WorkdirLock(sys.argv[1]).acquire()
@@ -185,9 +185,9 @@ def test_readers_ignore_the_lock_and_leave_a_running_save_alone(tmp_path):
     import jax
     import numpy as np
 
-    from jaxgpt import checkpoint
-    from jaxgpt.config import GPTConfig
-    from jaxgpt.model import init_params
+    from jaxgpt.io import checkpoint
+    from jaxgpt.nn.config import GPTConfig
+    from jaxgpt.nn.model import init_params
 
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
     rng = np.random.default_rng(3)  # random values in the model's structure (no init to compile)
@@ -214,7 +214,7 @@ def tiny_flags(wd: Path, data_dir: Path) -> list[str]:
 
 def test_train_and_train_py_refuse_a_held_workdir_before_writing(tmp_path, pydoc_char_dir):
     """The case that used to crash both runs: a second train.py on a workdir in use."""
-    from jaxgpt import trainer
+    from jaxgpt.train import trainer
 
     wd = tmp_path / "wd"
     with wl.WorkdirLock(wd):

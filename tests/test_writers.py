@@ -1,4 +1,4 @@
-"""jaxgpt.writers: TensorBoard events read back with tensorboard's own reader; W&B (offline) history read back from
+"""jaxgpt.train.writers: TensorBoard events read back with tensorboard's own reader; W&B (offline) history read back from
 its run file; config selection."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxgpt import writers
+from jaxgpt.train import writers
 
 
 def records(seed: int = 0) -> list[dict]:
@@ -125,7 +125,7 @@ def test_from_config_tensorboard_by_default(tmp_path):
 def test_tensorboard_writer_leaves_torch_unimported(tmp_path):
     """tensorboardX would import PyTorch (seconds per run) only to accept torch tensors; the writer hides it
     during that import, and torch imports normally afterwards."""
-    code = ("import sys; from jaxgpt import writers; w = writers.TensorBoardWriter(sys.argv[1]); "
+    code = ("import sys; from jaxgpt.train import writers; w = writers.TensorBoardWriter(sys.argv[1]); "
             "w.write({'kind': 'train', 'step': 1, 'loss': 2.0}); w.close(); print('torch' in sys.modules); "
             "import importlib.util; print(importlib.util.find_spec('torch') is not None and "
             "__import__('torch').ones(2).sum().item() == 2.0)")

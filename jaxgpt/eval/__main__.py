@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from jaxgpt import atomic
-from jaxgpt.tokenizer import BPE_ENV
+from jaxgpt.data.tokenizer import BPE_ENV
+from jaxgpt.io import atomic
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -19,10 +19,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxgpt import atomic
-from jaxgpt.config import GPTConfig
+from jaxgpt.data.tokenizer import Tokenizer, gpt2_tokenizer
 from jaxgpt.eval.scoring import score
-from jaxgpt.tokenizer import Tokenizer, gpt2_tokenizer
+from jaxgpt.io import atomic
+from jaxgpt.nn.config import GPTConfig
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_ENV = "JAXGPT_CACHE_DIR"

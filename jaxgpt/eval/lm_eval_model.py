@@ -8,7 +8,7 @@ It tokenizes like lm-eval's `hf` model (context and continuation encoded togethe
 context becomes <|endoftext|>), truncates from the left the same way, and windows long documents with
 lm-eval's own rolling-window helpers, so on the same weights both give the same log-likelihoods.
 Scoring is batched by `jaxgpt.eval.scoring` (choices that share a context run it once);
-`generate_until` decodes with the KV cache of `jaxgpt.generate.generate`, one batch per set of
+`generate_until` decodes with the KV cache of `jaxgpt.decode.generate.generate`, one batch per set of
 generation settings, and cuts the text at the first stop sequence.
 """
 
@@ -19,12 +19,16 @@ from typing import Any
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from tqdm.auto import tqdm
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.eval.scoring import score, window
-from jaxgpt.tokenizer import Tokenizer
+from jaxgpt.nn.config import GPTConfig
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -124,7 +128,7 @@ class JaxGPTLM(TemplateLM):
         return out
 
     def _generate(self, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
-        from jaxgpt.generate import generate
+        from jaxgpt.decode.generate import generate
 
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode(self.eot_token_id))

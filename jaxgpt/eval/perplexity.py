@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.eval.scoring import score, window
+from jaxgpt.nn.config import GPTConfig
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import init_cache
-from jaxgpt.model import GPT
+from jaxgpt.decode.kv_cache import init_cache
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
 
 
 class Scores(NamedTuple):

@@ -1,6 +1,6 @@
 """The training loop: `train(config, workdir)`.
 
-A short loop over the jitted `train_step` (jaxgpt.steps). Everything else has its own module: the config
+A short loop over the jitted `train_step` (jaxgpt.train.steps). Everything else has its own module: the config
 (train_config), the run's starting point, identity and restore (runs), the batches (batches), metric
 records and throughput (metrics, writers), and the periodic work as hooks with an interval (hooks).
 Rerunning the same workdir resumes from its latest checkpoint.
@@ -20,10 +20,15 @@ import jax
 import ml_collections
 import optax
 
-from jaxgpt import batches as batches_lib
 from jaxgpt import sharding as sh
-from jaxgpt import checkpoint, host_memory, metrics, runs, steps, train_config, weights, workdir_lock, writers
-from jaxgpt.hooks import Checkpointer, Evaluator, Hook, Profiler, SignalStop
+from jaxgpt.data import batches as batches_lib
+from jaxgpt.io import checkpoint
+from jaxgpt.io.lock import WorkdirLock
+from jaxgpt.nn import weights
+from jaxgpt.train import config as train_config
+from jaxgpt.train import host_memory, metrics, steps, writers
+from jaxgpt.train import run as runs
+from jaxgpt.train.hooks import Checkpointer, Evaluator, Hook, Profiler, SignalStop
 
 Params = Any
 
@@ -42,10 +47,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     (`steps.StateLayout`), which `tx` then updates too (block leaves [L, ...] under "h"). With
     config.lora.rank > 0 the loaded model is frozen and LoRA adapters are trained. Raises FloatingPointError
     naming the step when the loss (or gradient) stops being finite, and WorkdirLocked when another run holds
-    `workdir` (process 0 holds its lock from the first write to the last: jaxgpt.workdir_lock), or WorkdirLost
+    `workdir` (process 0 holds its lock from the first write to the last: jaxgpt.io.lock), or WorkdirLost
     when another run took the lock over while this one stalled.
     """
-    lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     with lock or contextlib.nullcontext():
         return _train(config, workdir, tx, split, combine, shardings_fn, lock.check if lock else lambda: None)
 
@@ -206,8 +211,8 @@ def _extra_hooks(config: ml_collections.ConfigDict, s: _Setup, log: Any) -> list
     every = int(config.get("eval_hellaswag_every", 0) or 0)
     if not every:
         return []
+    from jaxgpt.data.tokenizer import from_meta
     from jaxgpt.eval import hellaswag
-    from jaxgpt.tokenizer import from_meta
 
     examples = hellaswag.load_examples(config.get("hellaswag_path") or None, int(config.get("hellaswag_limit", 0))
                                        or None)

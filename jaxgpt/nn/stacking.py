@@ -9,7 +9,7 @@ entries for the scan and split them again.
 `stack_layers` / `unstack_layers` convert a whole params tree to and from the stacked layout ({"h": [L, ...]});
 `stack_tree` / `unstack_tree` convert every params-shaped dict inside any tree (a whole train state: params
 and AdamW's moments). The trainer holds a scanned model's train state stacked between the checkpoint edges,
-so the optimizer updates one [L, ...] array per block weight, not L arrays (jaxgpt.steps.StateLayout); the
+so the optimizer updates one [L, ...] array per block weight, not L arrays (jaxgpt.train.steps.StateLayout); the
 model scans params that arrive stacked without stacking them again.
 """
 

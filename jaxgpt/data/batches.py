@@ -2,7 +2,7 @@
 step ahead in a background thread, and the fixed evaluation batches.
 
 Two kinds of prepared data: a small corpus (`train.bin` / `val.bin` memmaps, `jaxgpt.data`), where every
-process draws the whole global batch, or a directory of llm.c shards (`jaxgpt.loader`), where each process
+process draws the whole global batch, or a directory of llm.c shards (`jaxgpt.data.shard_loader`), where each process
 reads only the rows of its own devices. Either way the batch of a step is a pure function of (seed, step).
 """
 
@@ -14,9 +14,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxgpt import data as data_lib
-from jaxgpt import loader as loader_lib
 from jaxgpt import sharding as sh
+from jaxgpt.data import memmap, shard_loader
 
 
 def place_fn(shardings: Any) -> Callable[[Any, Any], Any]:
@@ -34,21 +33,21 @@ class TrainBatches:
                  batch_sharding: Any = None, vocab_size: int | None = None) -> None:
         self.A, self.B, self.T, self.seed = accum, batch, block, seed
         self.sharding = batch_sharding
-        self.shards = loader_lib.is_shard_dir(data_dir)
+        self.shards = shard_loader.is_shard_dir(data_dir)
         if self.shards:
             rows = None
             if batch_sharding is not None:
-                rows = loader_lib.local_rows(batch_sharding, (accum, batch, block), batch_dim=1)
-            self.train = loader_lib.ShardLoader(data_dir, "train", accum * batch, block, seed, rows=rows,
+                rows = shard_loader.local_rows(batch_sharding, (accum, batch, block), batch_dim=1)
+            self.train = shard_loader.ShardLoader(data_dir, "train", accum * batch, block, seed, rows=rows,
                                                 vocab_size=vocab_size)
-            evals = {"train": loader_lib.ShardLoader(data_dir, "train", batch, block, seed, stream=1),
-                     "val": loader_lib.ShardLoader(data_dir, "val", batch, block, seed, stream=1)}
+            evals = {"train": shard_loader.ShardLoader(data_dir, "train", batch, block, seed, stream=1),
+                     "val": shard_loader.ShardLoader(data_dir, "val", batch, block, seed, stream=1)}
             self.eval_sets = {k: [ld.batch_at(i) for i in range(eval_iters)] for k, ld in evals.items()}
         else:
-            self.train = data_lib.load_split(data_dir, "train", block)
-            val = data_lib.load_split(data_dir, "val", block)
+            self.train = memmap.load_split(data_dir, "train", block)
+            val = memmap.load_split(data_dir, "val", block)
             # fixed evaluation batches (their own RNG stream), so successive evaluations are comparable
-            self.eval_sets = {name: [data_lib.get_batch(d, batch, block, data_lib.batch_rng(seed, k, name, stream=1))
+            self.eval_sets = {name: [memmap.get_batch(d, batch, block, memmap.batch_rng(seed, k, name, stream=1))
                                      for k in range(eval_iters)] for name, d in (("train", self.train), ("val", val))}
 
     def host(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,16 +55,16 @@ class TrainBatches:
         if self.shards:
             return self.train.batch_at(step)
         A, B, T = self.A, self.B, self.T
-        x, y = data_lib.get_batch(self.train, A * B, T, data_lib.batch_rng(self.seed, step, "train"))
+        x, y = memmap.get_batch(self.train, A * B, T, memmap.batch_rng(self.seed, step, "train"))
         return x.reshape(A, B, T), y.reshape(A, B, T)  # [A, B, T] each
 
     def place(self, host: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Array, jax.Array]:
         if self.shards and self.sharding is not None:
-            return loader_lib.global_batch(self.sharding, (self.A, self.B, self.T), host, batch_dim=1)
+            return shard_loader.global_batch(self.sharding, (self.A, self.B, self.T), host, batch_dim=1)
         if self.shards:
             host = tuple(a.reshape(self.A, self.B, self.T) for a in host)
         return place_fn(self.sharding)(host, (self.sharding,) * 2)
 
-    def prefetch(self, start: int) -> loader_lib.Prefetcher:
+    def prefetch(self, start: int) -> shard_loader.Prefetcher:
         """(step, host batch) for start, start + 1, ... built one step ahead in a background thread."""
-        return loader_lib.Prefetcher(self.host, start)
+        return shard_loader.Prefetcher(self.host, start)

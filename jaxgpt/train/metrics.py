@@ -20,7 +20,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10
 
 
 class Writer(Protocol):
-    """Where metric records go: metrics.jsonl, TensorBoard, W&B (`jaxgpt.writers`)."""
+    """Where metric records go: metrics.jsonl, TensorBoard, W&B (`jaxgpt.train.writers`)."""
 
     def write(self, record: dict[str, Any]) -> None: ...
 

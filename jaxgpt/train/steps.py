@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxgpt import layers
 from jaxgpt import sharding as sh
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
+from jaxgpt.nn import stacking
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
 
 Params = Any
 Batch = tuple[jax.Array, jax.Array]  # inputs, targets: [A, B, T] int32 each
@@ -80,7 +80,7 @@ def lr_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.
 def decay_mask(params: Params) -> Params:
     """Weight decay on 2-D (and larger) weights only: matmul kernels and embeddings, not biases or norms.
     A stacked block leaf's leading layer axis does not count."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: jnp.ndim(x) - layers.in_stacked(path) >= 2, params)
+    return jax.tree_util.tree_map_with_path(lambda path, x: jnp.ndim(x) - stacking.in_stacked(path) >= 2, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -182,7 +182,7 @@ class StateLayout:
     """How the loop holds the train state between its edges (checkpoints, evaluations on the side, exports).
 
     Stacked for a scanned model in full training: every block leaf of the params and of AdamW's moments as one
-    [L, ...] array (`jaxgpt.layers.stack_tree`), so the optimizer's program does not grow with depth and the
+    [L, ...] array (`jaxgpt.nn.stacking.stack_tree`), so the optimizer's program does not grow with depth and the
     model scans the params as they come. Unrolled otherwise (LoRA's adapters are small, and blocks that differ
     cannot stack). Checkpoints always hold the unrolled layout, so either kind of run resumes the other's.
     """
@@ -192,15 +192,15 @@ class StateLayout:
     @classmethod
     def of(cls, cfg: GPTConfig, combine: Callable[[Params, Params], Params], params: Params) -> "StateLayout":
         blocks = [params.get(f"h_{i}") for i in range(cfg.n_layer)] if isinstance(params, dict) else []
-        return cls(cfg.scan_layers and combine is identity_combine and layers.same_structure(blocks))
+        return cls(cfg.scan_layers and combine is identity_combine and stacking.same_structure(blocks))
 
     def inward(self, state: Any) -> Any:
         """Unrolled -> the loop's layout (pure: jit it with the loop's shardings)."""
-        return layers.stack_tree(state) if self.stacked else state
+        return stacking.stack_tree(state) if self.stacked else state
 
     def outward(self, state: Any) -> Any:
         """The loop's layout -> unrolled."""
-        return layers.unstack_tree(state) if self.stacked else state
+        return stacking.unstack_tree(state) if self.stacked else state
 
 
 def init_state(params: Params, tx: optax.GradientTransformation) -> TrainState:

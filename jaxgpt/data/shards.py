@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from jaxgpt import atomic
+from jaxgpt.io import atomic
 
 MAGIC = 20240520
 VERSION = 1

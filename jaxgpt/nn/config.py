@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-
 POS_EMBEDDINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -39,7 +38,7 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
     attention: str = "xla"  # xla | cudnn (GPU) | manual (einsum + softmax, supports attention dropout)
-    # How the step runs, not what it computes (the numbers are the same; see jaxgpt/model.py):
+    # How the step runs, not what it computes (the numbers are the same; see jaxgpt/nn/model.py):
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable (jax.checkpoint policy)
     scan_layers: bool = False  # the blocks as one lax.scan over stacked params: compile once, not n_layer times
 

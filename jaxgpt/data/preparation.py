@@ -3,13 +3,13 @@
 A prepared dataset directory holds:
   train.bin, val.bin   uint16 token ids, the first 90% of the text and the last 10% (nanoGPT's layout)
   meta.json            {"kind": "char", "chars": ...} or {"kind": "gpt2"}, plus vocab_size and token counts;
-                       `jaxgpt.tokenizer.from_meta(meta)` rebuilds the tokenizer
+                       `jaxgpt.data.tokenizer.from_meta(meta)` rebuilds the tokenizer
 
 Batches are random windows of the memmap drawn with a NumPy RNG seeded by (seed, split, step): the batch of a
 step depends on nothing else, so a resumed run sees exactly the batches an uninterrupted run would have seen.
 
-Large corpora go to llm.c token shards instead (`jaxgpt/corpus.py`, `jaxgpt/shards.py`, read by
-`jaxgpt/loader.py`): `--dataset files` (local text / JSON lines / Parquet files by glob) or `--dataset hf` (a
+Large corpora go to llm.c token shards instead (`jaxgpt/data/streaming.py`, `jaxgpt/data/shards.py`, read by
+`jaxgpt/data/shard_loader.py`): `--dataset files` (local text / JSON lines / Parquet files by glob) or `--dataset hf` (a
 Hugging Face dataset, streamed), GPT-2 BPE, tokenized by all cores, resumable by rerunning the same command.
 
 Command line:
@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxgpt.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer
+from jaxgpt.data.memmap import SPLITS, load_meta  # noqa: F401 (re-exported)
+from jaxgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer
 
 # Named datasets. "pydoc" is built in (the documentation text that ships with every CPython); the others are
 # downloaded from their public URL unless a local copy is passed with --input; "text" needs --input.
@@ -43,7 +44,6 @@ DATASET_URLS = {
 DATASETS = ("pydoc", "text", *DATASET_URLS)
 SHARDED = ("files", "hf")  # streamed into llm.c shards
 TOKENIZERS = ("char", "gpt2")
-SPLITS = ("train", "val")
 MAX_UINT16_VOCAB = 2**16
 
 
@@ -104,7 +104,7 @@ def make_tokenizer(kind: str, text: str, bpe_path: str | os.PathLike | None = No
 
 
 def tokenizer_meta(tok: Tokenizer) -> dict[str, Any]:
-    """The dict `jaxgpt.tokenizer.from_meta` rebuilds `tok` from."""
+    """The dict `jaxgpt.data.tokenizer.from_meta` rebuilds `tok` from."""
     if tok.kind == "char":
         return {"kind": "char", "chars": tok.chars, "vocab_size": tok.vocab_size}
     return {"kind": tok.kind, "vocab_size": tok.vocab_size}
@@ -161,74 +161,26 @@ def prepare_sharded(out_dir: str | os.PathLike, *, dataset: str, input_glob: str
                     bpe_path: str | os.PathLike | None = None, **kw: Any) -> dict[str, Any]:
     """Stream local files (dataset="files") or a Hugging Face dataset (dataset="hf") into GPT-2 BPE shards.
 
-    kw: shard_tokens, val_tokens, workers, prefix, overwrite, log (see `jaxgpt.corpus.prepare_shards`).
+    kw: shard_tokens, val_tokens, workers, prefix, overwrite, log (see `jaxgpt.data.streaming.prepare_shards`).
     """
-    from jaxgpt import corpus
+    from jaxgpt.data import streaming
 
     if dataset == "files":
         if not input_glob:
             raise ValueError("dataset 'files' needs --input GLOB (e.g. 'corpus/*.jsonl')")
-        files = corpus.expand_inputs(input_glob)
+        files = streaming.expand_inputs(input_glob)
         source = {"files": [str(f) for f in files], "format": file_format, "text_field": text_field,
-                  "text_block_chars": corpus.TEXT_BLOCK_CHARS}
-        pieces = lambda: corpus.iter_files(files, file_format, text_field)  # noqa: E731
+                  "text_block_chars": streaming.TEXT_BLOCK_CHARS}
+        pieces = lambda: streaming.iter_files(files, file_format, text_field)  # noqa: E731
     elif dataset == "hf":
         if not hf_name:
             raise ValueError("dataset 'hf' needs --hf-name NAME (e.g. HuggingFaceFW/fineweb-edu)")
         source = {"hf": hf_name, "config": hf_config, "split": hf_split, "data_files": hf_data_files,
                   "text_field": text_field}
-        pieces = lambda: corpus.iter_hf(hf_name, hf_config, hf_split, text_field, hf_data_files)  # noqa: E731
+        pieces = lambda: streaming.iter_hf(hf_name, hf_config, hf_split, text_field, hf_data_files)  # noqa: E731
     else:
         raise ValueError(f"unknown sharded dataset {dataset!r}; use one of {', '.join(SHARDED)}")
-    return corpus.prepare_shards(out_dir, pieces, gpt2_tokenizer(bpe_path), source=source, **kw)
-
-
-def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """meta.json of a prepared dataset directory."""
-    f = Path(data_dir) / "meta.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} does not exist; prepare the data first (python -m jaxgpt.data --out {data_dir})")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON ({e}); prepare the data again with --overwrite") from e
-
-
-def load_split(data_dir: str | os.PathLike, split: str, block_size: int) -> np.memmap:
-    """The uint16 token memmap of one split, checked to hold at least block_size + 1 tokens."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-    f = Path(data_dir) / f"{split}.bin"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} does not exist; prepare the data first (python -m jaxgpt.data --out {data_dir})")
-    size = f.stat().st_size
-    if size % 2:
-        raise ValueError(f"{f} has an odd number of bytes ({size}), so it is not a uint16 token file; "
-                         "prepare the data again with --overwrite")
-    if size // 2 < block_size + 1:
-        raise ValueError(f"{f} holds {size // 2} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                         "use more text or a smaller block_size")
-    return np.memmap(f, dtype=np.uint16, mode="r")
-
-
-def batch_rng(seed: int, step: int, split: str = "train", stream: int = 0) -> np.random.Generator:
-    """The RNG of one batch: a function of (seed, split, step, stream) only (stream 0 trains, 1 evaluates)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-    return np.random.default_rng([int(seed), SPLITS.index(split), int(step), int(stream)])
-
-
-def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Random windows: inputs x [B, T] and next-token targets y [B, T] (int32)."""
-    n = len(data) - block_size
-    if n < 1:
-        raise ValueError(f"data holds {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                         "use more text or a smaller block_size")
-    starts = rng.integers(0, n, size=batch_size)  # [B]
-    idx = starts[:, None] + np.arange(block_size + 1)[None, :]  # [B, T+1]
-    window = np.asarray(data[idx], dtype=np.int32)
-    return window[:, :-1], window[:, 1:]
+    return streaming.prepare_shards(out_dir, pieces, gpt2_tokenizer(bpe_path), source=source, **kw)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.nn.config import GPTConfig
 
 COMPILATION_CACHE_DIR = "~/.cache/jaxgpt/xla"
 COMPILATION_CACHE_MIN_SECS = 0.5  # JAX's own default is 1 s; 0.5 s also catches the eval step of small models
@@ -68,17 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_best = True
     c.async_checkpointing = False
     c.progress = True
-    # keep freed host memory in the process (jaxgpt.host_memory): XLA:CPU's per-step buffers stop
+    # keep freed host memory in the process (jaxgpt.train.host_memory): XLA:CPU's per-step buffers stop
     # page-faulting; the process keeps its peak host memory until exit
     c.retain_host_memory = True
-    # JAX's persistent compilation cache (jaxgpt.compilation_cache), set by train.py: a rerun, resume or new seed
+    # JAX's persistent compilation cache (jaxgpt.train.compilation_cache), set by train.py: a rerun, resume or new seed
     # of the same shapes loads its compiled steps instead of compiling them ('' = off). On by default on
     # accelerators; on CPU only with compilation_cache_on_cpu (some hosts reject XLA:CPU's cached executables)
     c.compilation_cache_dir = COMPILATION_CACHE_DIR
     c.compilation_cache_min_secs = COMPILATION_CACHE_MIN_SECS
     c.compilation_cache_on_cpu = False
 
-    # the sample written at the end (jaxgpt.generate; the context slides past block_size)
+    # the sample written at the end (jaxgpt.decode.generate; the context slides past block_size)
     c.sample_tokens = 500
     c.sample_prompt = ""
     c.temperature = 0.8
@@ -154,7 +154,7 @@ def check_override_keys(config: ml_collections.ConfigDict, argv: list[str], flag
         key = arg[len(flag) + 3:].split("=", 1)[0]
         if key not in known:
             near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(near)}?" if near else "see jaxgpt/train_config.py for the keys"
+            hint = f"did you mean {', '.join(near)}?" if near else "see jaxgpt/train/config.py for the keys"
             raise ValueError(f"--{flag}.{key}: the config has no key {key!r}; {hint}")
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import jax
 
-from jaxgpt.train_config import COMPILATION_CACHE_DIR as DEFAULT_DIR
-from jaxgpt.train_config import COMPILATION_CACHE_MIN_SECS as DEFAULT_MIN_SECS
+from jaxgpt.train.config import COMPILATION_CACHE_DIR as DEFAULT_DIR
+from jaxgpt.train.config import COMPILATION_CACHE_MIN_SECS as DEFAULT_MIN_SECS
 
 
 def enable(path: str | os.PathLike | None = DEFAULT_DIR, min_compile_secs: float = DEFAULT_MIN_SECS) -> str | None:

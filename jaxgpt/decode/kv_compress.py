@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import turboquant as tq
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import KVCache, init_cache, write_rows
+from jaxgpt.decode import turboquant as tq
+from jaxgpt.decode.kv_cache import KVCache, init_cache, write_rows
+from jaxgpt.nn.config import GPTConfig
 
 SIDE_DTYPE = jnp.float16  # norms and scales
 _SIDE_MAX = float(jnp.finfo(SIDE_DTYPE).max)

@@ -8,11 +8,11 @@ semantics are the same as [B, H, S, D]. Buffers never change shape: a step write
 A layer entry is any pytree with two methods, which is how compressed caches plug in:
   write(k, v, starts) -> new entry    k, v: [B, T, H, D]; starts: [B] int32 first position of each row
   read(dtype) -> (k, v)               dense [B, S, H, D] for attention
-`init_cache` builds the uncompressed entries (LayerKV); `jaxgpt.kv_compress.init_compressed_cache` builds
+`init_cache` builds the uncompressed entries (LayerKV); `jaxgpt.decode.kv_compress.init_compressed_cache` builds
 int8 / TurboQuant ones into the same KVCache.
 
 Writes past the end of the buffer cannot raise inside jit (lax.dynamic_update_slice clamps the offset), so
-callers size the buffer for the whole sequence up front: `jaxgpt.generate` uses prompt + new tokens.
+callers size the buffer for the whole sequence up front: `jaxgpt.decode.generate` uses prompt + new tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.nn.config import GPTConfig
 
 
 def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxgpt import checkpoint
-from jaxgpt.steps import TrainState
+from jaxgpt.io import checkpoint
+from jaxgpt.train.steps import TrainState
 
 
 @dataclasses.dataclass

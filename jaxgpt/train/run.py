@@ -3,7 +3,7 @@ LoRA), the files that make a workdir resumable, the restored train state, and wh
 
 Workdir layout:
   config.json        GPTConfig of the model (so a run restores without knowing its training config)
-  tokenizer.json     tokenizer meta (`jaxgpt.tokenizer.from_meta`)
+  tokenizer.json     tokenizer meta (`jaxgpt.data.tokenizer.from_meta`)
   train_config.json  the full training config
   lora_run.json      LoRA settings and base of a LoRA run (its checkpoints hold the adapters only)
   checkpoints/<step>/{params, optimizer, meta}   orbax CheckpointManager (last k + best by val loss)
@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxgpt import atomic, checkpoint
-from jaxgpt import data as data_lib
-from jaxgpt.config import GPTConfig
-from jaxgpt.loader import is_shard_dir
-from jaxgpt.model import init_params
-from jaxgpt.steps import TrainState, identity_combine, init_state, no_split
+from jaxgpt.data import memmap, preparation
+from jaxgpt.data.shard_loader import is_shard_dir
+from jaxgpt.io import atomic, checkpoint, hf
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import init_params
+from jaxgpt.train.steps import TrainState, identity_combine, init_state, no_split
 
 Params = Any
 LORA_RUN_FILE = "lora_run.json"
@@ -52,7 +52,7 @@ def ensure_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
     of llm.c shards is used as it is)."""
     d = data_dir_of(config, workdir)
     if not (d / "meta.json").is_file() and not is_shard_dir(d):
-        data_lib.prepare(d, dataset=config.data.dataset, tokenizer=config.data.tokenizer,
+        preparation.prepare(d, dataset=config.data.dataset, tokenizer=config.data.tokenizer,
                          input_path=config.data.input or None, bpe_path=config.data.bpe_path or None,
                          val_fraction=float(config.data.val_fraction))
     return d
@@ -63,7 +63,7 @@ def data_meta(data_dir: Path) -> dict[str, Any]:
     BPE tokens."""
     if not (data_dir / "meta.json").is_file() and is_shard_dir(data_dir):
         return {"kind": "gpt2", "vocab_size": 50257}
-    return data_lib.load_meta(data_dir)
+    return memmap.load_meta(data_dir)
 
 
 def apply_precision(cfg: GPTConfig, config: ml_collections.ConfigDict) -> GPTConfig:
@@ -105,7 +105,7 @@ def initial_model(config: ml_collections.ConfigDict, data_meta: dict[str, Any]) 
     if not config.init_path:
         raise ValueError(f"config.init_from={src!r} needs config.init_path (a directory or a model name)")
     if src == "hf":
-        cfg, params = checkpoint.load_hf_gpt2(config.init_path)
+        cfg, params = hf.load_hf_gpt2(config.init_path)
         tok = {"kind": "gpt2", "vocab_size": 50257}
     else:
         cfg, params, tok = checkpoint.load_run(config.init_path, config.init_which)
@@ -321,15 +321,15 @@ def finish_lora(cfg: GPTConfig, base: Params, adapters: Params, lora_cfg: Any, c
         return out
     out["adapters"] = str(lora.save_adapters(workdir / "lora", adapters, lora_cfg, force=True))
     if merged is not None:
-        out["export"] = str(checkpoint.export_hf_gpt2(cfg, merged, config.lora.export_dir or workdir / "hf"))
+        out["export"] = str(hf.export_hf_gpt2(cfg, merged, config.lora.export_dir or workdir / "hf"))
     return out
 
 
 def sample_text(cfg: GPTConfig, params: Params, tok_meta: dict[str, Any], config: ml_collections.ConfigDict) -> str:
     """config.sample_tokens tokens after config.sample_prompt (default: a newline, or <|endoftext|> for BPE),
-    by `jaxgpt.generate` with the context sliding past block_size."""
-    from jaxgpt import generate
-    from jaxgpt.tokenizer import from_meta
+    by `jaxgpt.decode.generate` with the context sliding past block_size."""
+    from jaxgpt.data.tokenizer import from_meta
+    from jaxgpt.decode import generate
 
     tok = from_meta(tok_meta, config.data.bpe_path or None)
     prompt = config.sample_prompt

@@ -4,7 +4,7 @@ Parameter names follow GPT-2 (wte, wpe, h_0 ... h_{L-1} with ln_1, attn.c_attn, 
 mlp.c_fc, mlp.c_proj, then ln_f, and lm_head only when untied), so Hugging Face checkpoints map one to one.
 Dense kernels are [in, out], exactly GPT-2's Conv1D layout.
 
-The model knows nothing of LoRA or quantization: it multiplies weights through `jaxgpt.weights` (`matmul`,
+The model knows nothing of LoRA or quantization: it multiplies weights through `jaxgpt.nn.weights` (`matmul`,
 `embed`, `attend`), which hands any non-array weight leaf to that leaf's own method.
 The KV cache is an argument and a return value: `apply(..., cache=c)` returns `(logits, new_cache)`.
 
@@ -12,7 +12,7 @@ Scale switches (they change memory and compile time, never the numbers): `config
 block's activations in the backward pass under a `jax.checkpoint` policy; `config.scan_layers` runs the blocks
 as one `lax.scan` over their parameters stacked along a leading layer axis, so the block is traced and
 compiled once, not n_layer times. The parameters stay in the unrolled layout (h_0 ... h_{L-1}) everywhere,
-checkpoints and Hugging Face files included: the model stacks them inside the step (`jaxgpt.layers`), or
+checkpoints and Hugging Face files included: the model stacks them inside the step (`jaxgpt.nn.stacking`), or
 scans them as they come when they arrive stacked ({"h": [L, ...]}: a scanned run's train state).
 Activations are pinned to the batch split of the device mesh (`jaxgpt.sharding.constrain_batch`).
 """
@@ -26,12 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import layers as layers_lib
-from jaxgpt.config import GPTConfig
-from jaxgpt.dropout import dropout
-from jaxgpt.rope import apply_rope
+from jaxgpt.nn import stacking
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.dropout import dropout
+from jaxgpt.nn.rope import apply_rope
+from jaxgpt.nn.weights import attend, count_params, embed, is_array, matmul  # noqa: F401 (count_params re-exported)
 from jaxgpt.sharding import constrain_batch
-from jaxgpt.weights import attend, count_params, embed, is_array, matmul  # noqa: F401 (count_params re-exported)
 
 
 def _weight(module: nn.Module, name: str, init: Any, shape: tuple[int, ...], dtype: Any) -> Any:
@@ -155,7 +155,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
 
 def _dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
-    """`jaxgpt.dropout.dropout` with the module's "dropout" rng stream (what `nn.Dropout` would draw from)."""
+    """`jaxgpt.nn.dropout.dropout` with the module's "dropout" rng stream (what `nn.Dropout` would draw from)."""
     if deterministic or rate == 0.0:
         return x
     return dropout(x, rate, module.make_rng("dropout"))
@@ -313,14 +313,14 @@ class GPT(nn.Module):
         cfg = self.config
         params = self.variables.get("params", {})
         blocks = [params.get(f"h_{i}") for i in range(cfg.n_layer)]
-        stacked = params.get(layers_lib.STACKED)  # params held stacked already (a scanned run's train state)
-        if stacked is None and cfg.scan_layers and not self.is_initializing() and layers_lib.same_structure(blocks):
-            stacked = layers_lib.stack(blocks)
+        stacked = params.get(stacking.STACKED)  # params held stacked already (a scanned run's train state)
+        if stacked is None and cfg.scan_layers and not self.is_initializing() and stacking.same_structure(blocks):
+            stacked = stacking.stack(blocks)
         if stacked is not None:
-            stacked_cache = None if cache is None else layers_lib.stack(cache.layers)
+            stacked_cache = None if cache is None else stacking.stack(cache.layers)
             dropout_rng = None if deterministic or cfg.dropout == 0.0 else self.make_rng("dropout")
             x, stacked_cache = scan_blocks(cfg, stacked, x, positions, stacked_cache, deterministic, dropout_rng)
-            return x, None if cache is None else layers_lib.unstack(stacked_cache, cfg.n_layer)
+            return x, None if cache is None else stacking.unstack(stacked_cache, cfg.n_layer)
         new_layers = []  # unrolled (and always at init, so both layouts start from the same numbers)
         for i in range(cfg.n_layer):
             layer_cache = None if cache is None else cache.layers[i]

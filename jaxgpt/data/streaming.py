@@ -1,5 +1,5 @@
 """Streaming corpora -> token shards: documents from local files or a Hugging Face dataset, tokenized by a pool
-of worker processes, cut into llm.c shards (`jaxgpt/shards.py`), resumable after an interruption.
+of worker processes, cut into llm.c shards (`jaxgpt/data/shards.py`), resumable after an interruption.
 
 Sources yield *pieces* `(text, starts_doc)`. Every document starts a piece; `<|endoftext|>` is put before each
 document, as llm.c and modded-nanogpt do. A long plain-text file is read in blocks cut where GPT-2's
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from jaxgpt import shards
+from jaxgpt.data import shards
 
 Piece = tuple[str, bool]  # (text, starts a document)
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",

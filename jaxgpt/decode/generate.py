@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.kv_cache import KVCache, init_cache, write_rows
-from jaxgpt.model import GPT
+from jaxgpt.decode.kv_cache import KVCache, init_cache, write_rows
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import GPT
 
 # ---------------------------------------------------------------------------------------------------------
 # Sampling: pure functions on logits [..., V]
@@ -229,10 +229,10 @@ def _initial_state(cache: KVCache | None, rng: jax.Array, batch: int) -> DecodeS
 
 def new_cache(config: GPTConfig, batch: int, max_len: int, kind: str = "dense", dtype: Any = None) -> KVCache:
     """An empty cache: "dense" holds keys/values in `dtype` (default: the compute dtype); any other kind is a
-    compressed one of `jaxgpt.kv_compress` ("int8", "turbo3", ...)."""
+    compressed one of `jaxgpt.decode.kv_compress` ("int8", "turbo3", ...)."""
     if kind == "dense":
         return init_cache(config, batch, max_len, jnp.dtype(dtype or config.compute_dtype))
-    from jaxgpt.kv_compress import init_compressed_cache
+    from jaxgpt.decode.kv_compress import init_compressed_cache
 
     return init_compressed_cache(config, batch, max_len, kind)
 
@@ -247,7 +247,7 @@ def _prefill(params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array,
     B, T = tokens.shape
     cache = new_cache(config, B, max_len, cache_kind, cache_dtype)
     if cache_kind != "dense":
-        from jaxgpt.kv_compress import set_prompt_lengths
+        from jaxgpt.decode.kv_compress import set_prompt_lengths
 
         cache = set_prompt_lengths(cache, lengths)  # channel choices from each row's own tokens
     logits, cache = GPT(config).apply({"params": params}, tokens, cache=cache, logits_at=lengths - 1)  # [B, V]
@@ -348,7 +348,7 @@ def _setup(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, rng: Any,
            window: int | None = None) -> tuple[np.ndarray, np.ndarray, jax.Array, Sampler, int]:
     """Shared validation of generate / stream / generate_uncached -> (tokens, lengths, rng, sampler, window)."""
     if cache_kind != "dense":
-        from jaxgpt.kv_compress import parse_kind
+        from jaxgpt.decode.kv_compress import parse_kind
 
         parse_kind(cache_kind)  # a clear ValueError for an unknown kind, before anything is traced
     window = window_size(config, window)

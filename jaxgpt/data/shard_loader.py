@@ -1,7 +1,7 @@
 """Batches from a directory of llm.c token shards: memory-mapped, a pure function of (seed, step), per process.
 
 A batch is `batch_size` random windows of `block_size + 1` tokens, drawn uniformly over every window that lies
-inside one shard, from an RNG seeded by (seed, split, step, stream) as `jaxgpt.data.batch_rng` does. Every
+inside one shard, from an RNG seeded by (seed, split, step, stream) as `jaxgpt.data.memmap.batch_rng` does. Every
 process draws the same window starts for the whole global batch (a few integers) but reads only the rows of
 its own devices (`local_rows`); `global_batch` assembles them with `jax.make_array_from_process_local_data`.
 The batch of a step depends on nothing else, so one process and several give the same global batch and a
@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxgpt import shards
-from jaxgpt.data import batch_rng
+from jaxgpt.data import shards
+from jaxgpt.data.memmap import batch_rng
 
 
 def is_shard_dir(data_dir: str | Path) -> bool:

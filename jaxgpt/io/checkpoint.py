@@ -1,8 +1,5 @@
-"""Weights in and out: Hugging Face GPT-2 import/export (safetensors) and plain orbax pytree save/restore.
-
-Hugging Face GPT-2 uses Conv1D layers whose weights are [in, out], the same layout as jaxgpt's Dense
-kernels, so blocks map one to one; only `lm_head.weight` ([vocab, n_embd]) is transposed.
-"""
+"""Checkpoints on disk: plain orbax pytree save/restore (params, adapters, quantized params) and a
+training run's orbax CheckpointManager, with `load_run` for sampling and fine-tuning."""
 
 from __future__ import annotations
 
@@ -14,171 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxgpt import atomic, weights
-from jaxgpt.config import GPTConfig
-
-HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hugging Face GPT-2
-
-
-def _hf_dir(path_or_name: str | os.PathLike) -> Path:
-    """A local directory, or a Hub model name downloaded with huggingface_hub (needs the network)."""
-    p = Path(path_or_name)
-    if p.is_dir():
-        return p
-    name = str(path_or_name)
-    if p.exists() or os.sep in name or name.startswith("."):
-        raise FileNotFoundError(f"{name} is not a directory with config.json and model.safetensors")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(
-            f"cannot download {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}); "
-            "offline, pass a local directory holding config.json and model.safetensors"
-        ) from e
-
-
-def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPTConfig:
-    """GPTConfig from a Hugging Face GPT-2 config.json dict."""
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not GPT-2; only GPT-2 checkpoints load")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation_function {act!r} is not supported; jaxgpt uses GPT-2's tanh GELU (gelu_new)")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if hf.get(flag):
-            raise ValueError(f"config.json sets {flag}=true, which jaxgpt does not implement")
-    if not hf.get("scale_attn_weights", True):
-        raise ValueError("config.json sets scale_attn_weights=false, which jaxgpt does not implement")
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pos_embedding="learned",
-        norm="layernorm", norm_position="pre", **overrides,
-    )
-
-
-def load_hf_gpt2(path_or_name: str | os.PathLike, **config_overrides: Any) -> tuple[GPTConfig, dict]:
-    """Read a Hugging Face GPT-2 directory (config.json + model.safetensors) -> (GPTConfig, params).
-
-    A model name ("gpt2", "gpt2-medium", ...) is downloaded with huggingface_hub when online.
-    """
-    from safetensors.numpy import load_file
-
-    d = _hf_dir(path_or_name)
-    cfg_file, weights = d / "config.json", d / "model.safetensors"
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing; a Hugging Face GPT-2 directory holds config.json and "
-                                    "model.safetensors")
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON ({e}); re-download or re-export the checkpoint") from e
-    config = config_from_hf(hf_cfg, **config_overrides)
-    try:
-        raw = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{weights} is not a readable safetensors file ({e}); re-download or re-export it") from e
-    sd = {k.removeprefix("transformer."): v for k, v in raw.items()}
-
-    def get(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        if key not in sd:
-            raise KeyError(f"{weights} has no tensor {key!r}; is it a GPT-2 checkpoint?")
-        x = sd[key]
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{weights}: {key} has shape {tuple(x.shape)}, config.json implies {shape}")
-        return np.asarray(x, dtype=config.params_dtype)
-
-    C, V = config.n_embd, config.vocab_size
-    params: dict[str, Any] = {
-        "wte": {"embedding": get("wte.weight", (V, C))},
-        "wpe": {"embedding": get("wpe.weight", (config.block_size, C))},
-        "ln_f": {"scale": get("ln_f.weight", (C,)), "bias": get("ln_f.bias", (C,))},
-    }
-    for i in range(config.n_layer):
-        p = f"h.{i}."
-        params[f"h_{i}"] = {
-            "ln_1": {"scale": get(p + "ln_1.weight", (C,)), "bias": get(p + "ln_1.bias", (C,))},
-            "attn": {
-                "c_attn": {"kernel": get(p + "attn.c_attn.weight", (C, 3 * C)), "bias": get(p + "attn.c_attn.bias", (3 * C,))},
-                "c_proj": {"kernel": get(p + "attn.c_proj.weight", (C, C)), "bias": get(p + "attn.c_proj.bias", (C,))},
-            },
-            "ln_2": {"scale": get(p + "ln_2.weight", (C,)), "bias": get(p + "ln_2.bias", (C,))},
-            "mlp": {
-                "c_fc": {"kernel": get(p + "mlp.c_fc.weight", (C, 4 * C)), "bias": get(p + "mlp.c_fc.bias", (4 * C,))},
-                "c_proj": {"kernel": get(p + "mlp.c_proj.weight", (4 * C, C)), "bias": get(p + "mlp.c_proj.bias", (C,))},
-            },
-        }
-    if not config.tie_embeddings:
-        head = raw.get("lm_head.weight")
-        if head is None:
-            raise KeyError(f"{weights} has no lm_head.weight but config.json says the embeddings are untied")
-        params["lm_head"] = {"kernel": np.ascontiguousarray(np.asarray(head, config.params_dtype).T)}
-    return config, jax.tree.map(jax.numpy.asarray, params)
-
-
-def export_hf_gpt2(config: GPTConfig, params: Any, out_dir: str | os.PathLike) -> Path:
-    """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained` loads.
-
-    Files are written under temporary names and renamed, so an interrupted export never leaves a half
-    written checkpoint in place of a good one.
-    """
-    from safetensors.numpy import save_file
-
-    problems = []
-    if config.pos_embedding != "learned":
-        problems.append(f"pos_embedding={config.pos_embedding!r} (GPT-2 has learned positions)")
-    if config.norm != "layernorm":
-        problems.append(f"norm={config.norm!r} (GPT-2 has LayerNorm)")
-    if config.norm_position != "pre":
-        problems.append(f"norm_position={config.norm_position!r} (GPT-2 is pre-LN)")
-    if not config.bias:
-        problems.append("bias=False (GPT-2 has biases)")
-    if problems:
-        raise ValueError("cannot export to Hugging Face GPT-2: " + "; ".join(problems))
-    if any(weights.is_weight_leaf(x) for x in weights.leaves(params)):
-        raise ValueError("cannot export quantized params; dequantize them first (jaxgpt.quantize.dequantize)")
-
-    f32 = lambda x: np.ascontiguousarray(np.asarray(jax.device_get(x), dtype=np.float32))  # noqa: E731
-    sd = {
-        "transformer.wte.weight": f32(params["wte"]["embedding"]),
-        "transformer.wpe.weight": f32(params["wpe"]["embedding"]),
-        "transformer.ln_f.weight": f32(params["ln_f"]["scale"]),
-        "transformer.ln_f.bias": f32(params["ln_f"]["bias"]),
-    }
-    for i in range(config.n_layer):
-        h, p = params[f"h_{i}"], f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            sd[p + ln + ".weight"] = f32(h[ln]["scale"])
-            sd[p + ln + ".bias"] = f32(h[ln]["bias"])
-        for mod, lin in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
-            sd[f"{p}{mod}.{lin}.weight"] = f32(h[mod][lin]["kernel"])
-            sd[f"{p}{mod}.{lin}.bias"] = f32(h[mod][lin]["bias"])
-    if not config.tie_embeddings:
-        sd["lm_head.weight"] = np.ascontiguousarray(f32(params["lm_head"]["kernel"]).T)
-
-    hf_cfg = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
-        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "layer_norm_epsilon": config.layer_norm_eps, "tie_word_embeddings": config.tie_embeddings,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-        "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
-        "scale_attn_weights": True, "use_cache": True,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic.file(out / "model.safetensors") as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-    atomic.write_text(out / "config.json", json.dumps(hf_cfg, indent=2))
-    return out
-
+from jaxgpt.nn.config import GPTConfig
 
 # ---------------------------------------------------------------------------------------------------------
 # Plain orbax save / restore of a pytree (params, adapters, quantized params)
@@ -324,9 +157,9 @@ def save_run_step(mngr, step: int, *, params: Any, optimizer: Any, meta: dict[st
 def load_run(workdir: str | os.PathLike, which: str | int = "latest") -> tuple[GPTConfig, Any, dict[str, Any]]:
     """(GPTConfig, params, tokenizer meta) of a jaxgpt training workdir; which = "latest" | "best" | a step.
 
-    The tokenizer meta is what `jaxgpt.tokenizer.from_meta` takes.
+    The tokenizer meta is what `jaxgpt.data.tokenizer.from_meta` takes.
     """
-    from jaxgpt.model import init_params
+    from jaxgpt.nn.model import init_params
 
     wd = Path(workdir)
     cfg_file, tok_file = wd / "config.json", wd / "tokenizer.json"

@@ -1,0 +1,61 @@
+"""A prepared dataset directory read back: meta.json, the uint16 token memmaps of each split, and batches of
+random windows drawn by a NumPy RNG seeded by (seed, split, step) alone."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "val")
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """meta.json of a prepared dataset directory."""
+    f = Path(data_dir) / "meta.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist; prepare the data first (python -m jaxgpt.data --out {data_dir})")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); prepare the data again with --overwrite") from e
+
+
+def load_split(data_dir: str | os.PathLike, split: str, block_size: int) -> np.memmap:
+    """The uint16 token memmap of one split, checked to hold at least block_size + 1 tokens."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    f = Path(data_dir) / f"{split}.bin"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist; prepare the data first (python -m jaxgpt.data --out {data_dir})")
+    size = f.stat().st_size
+    if size % 2:
+        raise ValueError(f"{f} has an odd number of bytes ({size}), so it is not a uint16 token file; "
+                         "prepare the data again with --overwrite")
+    if size // 2 < block_size + 1:
+        raise ValueError(f"{f} holds {size // 2} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                         "use more text or a smaller block_size")
+    return np.memmap(f, dtype=np.uint16, mode="r")
+
+
+def batch_rng(seed: int, step: int, split: str = "train", stream: int = 0) -> np.random.Generator:
+    """The RNG of one batch: a function of (seed, split, step, stream) only (stream 0 trains, 1 evaluates)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    return np.random.default_rng([int(seed), SPLITS.index(split), int(step), int(stream)])
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Random windows: inputs x [B, T] and next-token targets y [B, T] (int32)."""
+    n = len(data) - block_size
+    if n < 1:
+        raise ValueError(f"data holds {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                         "use more text or a smaller block_size")
+    starts = rng.integers(0, n, size=batch_size)  # [B]
+    idx = starts[:, None] + np.arange(block_size + 1)[None, :]  # [B, T+1]
+    window = np.asarray(data[idx], dtype=np.int32)
+    return window[:, :-1], window[:, 1:]
