@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # JAX reports every persistent-cache lookup as a monitoring event
 TWO_RUNS = r"""
 import json, sys
-sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]  # tests.test_train imports conftest
+sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]  # tests.test_train imports helpers
 import jax
 from jaxgpt.train import compilation_cache
 from jaxgpt.train import metrics

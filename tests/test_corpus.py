@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from helpers import SHARED
 
 from jaxgpt.data import memmap, preparation, shards
 from jaxgpt.data import streaming as corpus

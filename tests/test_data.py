@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from helpers import SHARED
 
 from jaxgpt.data import memmap, preparation
 from jaxgpt.data.tokenizer import from_meta

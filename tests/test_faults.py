@@ -23,7 +23,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
-from conftest import xla_env
+from helpers import xla_env
 
 from jaxgpt.io import checkpoint
 from jaxgpt.train import metrics, trainer

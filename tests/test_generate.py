@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params as shared_random_params
+from helpers import random_params as shared_random_params
 
 from jaxgpt.decode import generate as G
 from jaxgpt.nn.config import GPTConfig

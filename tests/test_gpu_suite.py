@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import REPO, xla_env
+from helpers import REPO, xla_env
 
 
 def test_gpu_suite_smoke_writes_rows_and_counts_decode_bytes(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import xla_env
+from helpers import xla_env
 
 from jaxgpt.data import shard_loader as loader
 from jaxgpt.data import shards

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_params, xla_env
+from helpers import random_params, xla_env
 
 from jaxgpt import lora, quantize
 from jaxgpt import sharding as sh
@@ -213,7 +213,7 @@ def test_qlora_int8_trains_and_merged_export_matches_unmerged():
 def test_train_step_writes_no_float_copy_of_an_adapted_kernel():
     """Weight space writes W + A B (and its [in, out] gradient) for every adapted kernel; activation space
     writes neither. Shapes chosen so that no activation shares a kernel's shape. Only lowered and compiled,
-    on abstract values, under the suite's fast-compile settings (conftest.FAST_COMPILE): weight space still
+    on abstract values, under the suite's fast-compile settings (helpers.FAST_COMPILE): weight space still
     writes its copies there, so the count tells the two apart."""
     cfg = GPTConfig.preset("tiny", n_layer=1, n_embd=24, vocab_size=61)
     base = jax.eval_shape(lambda: init_params(cfg, 0))

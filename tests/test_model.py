@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params
+from helpers import random_params
 
 from jaxgpt import GPT, GPTConfig
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from conftest import random_params as shared_random_params
+from helpers import random_params as shared_random_params
 from jax import lax
 
 from jaxgpt.decode.kv_cache import init_cache

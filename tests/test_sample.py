@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
-from conftest import random_params as shared_random_params
+from helpers import SHARED
+from helpers import random_params as shared_random_params
 
 from jaxgpt.data.tokenizer import CharTokenizer, gpt2_tokenizer
 from jaxgpt.decode import generate as G

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SHARED
+from helpers import SHARED
 
 from jaxgpt import lora
 from jaxgpt.data.tokenizer import gpt2_tokenizer

@@ -6,7 +6,7 @@ jaxgpt.nn.stacking.
 Compiling is what these tests cost, so: one tiny config; a set of switch combinations in which every value of
 every switch, every remat policy and both layouts appear (remat and scan never change the numbers, so one
 combination per policy suffices); logits and gradients from one compiled function; and XLA:CPU's fast-compile settings
-(conftest.FAST_COMPILE). Every model run is jitted (eager flax runs op by op)."""
+(helpers.FAST_COMPILE). Every model run is jitted (eager flax runs op by op)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params
+from helpers import random_params
 
 from jaxgpt import lora
 from jaxgpt.decode.kv_cache import init_cache

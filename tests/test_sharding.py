@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import xla_env
+from helpers import xla_env
 
 from jaxgpt import sharding as sh
 from jaxgpt.nn.config import GPTConfig

@@ -26,7 +26,7 @@ from jaxgpt.train import metrics, steps, trainer
 from jaxgpt.train import run as runs
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import SHARED
+from helpers import SHARED
 
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"

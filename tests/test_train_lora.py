@@ -23,7 +23,7 @@ from jaxgpt.train import metrics, trainer
 from jaxgpt.train import run as runs
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import SHARED
+from helpers import SHARED
 
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"

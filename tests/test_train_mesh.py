@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import xla_env
+from helpers import xla_env
 
 from jaxgpt.train import metrics, trainer
 

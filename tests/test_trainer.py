@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import SHARED
+from helpers import SHARED
 
 from jaxgpt.data import shard_loader as loader
 from jaxgpt.data import shards

@@ -1,0 +1,51 @@
+"""Helpers shared by the test modules (`from helpers import SHARED, random_params`): the repository and test data
+paths ($JAXGPT_SHARED, default ../shared beside the repo), fresh random params of a config, and the environment
+of a CPU subprocess. Fixtures live in conftest.py, which imports this module before JAX starts.
+
+The suite compiles with XLA:CPU's backend optimisations off (`FAST_COMPILE`, set here at import, before JAX
+starts, so every test and every subprocess a test starts inherits it): its programs are tiny and run a few
+times, so compiling dominates, and these settings compile several times faster. They change how XLA:CPU
+generates code, not what a program computes; training, sampling and the benchmarks run with XLA's defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("JAXGPT_SHARED") or REPO.parent / "shared")
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+BPE = SHARED / "data" / "gpt2.tiktoken"
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # a test's subprocess importing helpers has them
+    os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+
+def xla_env(devices: int | None = None, **extra: str) -> dict:
+    """os.environ for a subprocess on CPU: FAST_COMPILE, and `devices` fake CPU devices when given."""
+    flags = os.environ["XLA_FLAGS"]
+    if devices is not None:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
+
+
+def random_params(cfg, seed: int = 0, std: float = 0.02, norm_scales: str = "normal"):
+    """Params of `cfg` with every leaf drawn fresh in NumPy (no compile, unlike model.init): weights and biases
+    ~ N(0, std); norm scales 1 + N(0, std) ("normal"), U(0.5, 1.5) ("uniform") or N(0, std) ("same")."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxgpt.nn.model import init_params
+
+    shapes = jax.eval_shape(lambda: init_params(cfg, 0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        is_scale = jax.tree_util.keystr(path).endswith("['scale']")
+        if is_scale and norm_scales == "uniform":
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape).astype(s.dtype))
+        offset = 1.0 if is_scale and norm_scales == "normal" else 0.0
+        return jnp.asarray((offset + std * rng.standard_normal(s.shape)).astype(s.dtype))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
