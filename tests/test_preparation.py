@@ -1,26 +1,17 @@
-"""jaxgpt.data: token memmaps checked against an independent re-tokenization, deterministic batches, errors."""
+"""jaxgpt.data.preparation: token memmaps checked against an independent re-tokenization (nanoGPT's char
+preparation written out in plain Python, tiktoken's GPT-2 encoding built from the ranks file), the built-in corpus,
+downloads, refused inputs and the command line."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SHARED
+from helpers import BPE, SHAKESPEARE
 
 from jaxgpt.data import memmap, preparation
 from jaxgpt.data.tokenizer import from_meta
-
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
-BPE = SHARED / "data" / "gpt2.tiktoken"
-
-
-@pytest.fixture(scope="module")
-def shakespeare_char(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sc") / "shakespeare_char"
-    preparation.prepare(out, dataset="shakespeare", tokenizer="char", input_path=SHAKESPEARE)
-    return out
 
 
 def test_char_dataset_matches_nanogpt_prepare(shakespeare_char):
@@ -94,41 +85,7 @@ def test_offline_download_error_names_the_fix(tmp_path, monkeypatch):
     assert not (tmp_path / "sc").exists() and not list(tmp_path.glob("*.part"))
 
 
-def test_batches_are_windows_fixed_by_seed_split_and_step(shakespeare_char):
-    train = memmap.load_split(shakespeare_char, "train", 64)
-    x, y = memmap.get_batch(train, 12, 64, memmap.batch_rng(1337, 5))
-    assert x.shape == y.shape == (12, 64) and x.dtype == np.int32
-    # reference: the same RNG draws the window starts; x and y are the slices [s, s+T) and [s+1, s+T+1)
-    starts = memmap.batch_rng(1337, 5).integers(0, len(train) - 64, size=12)
-    for row, s in enumerate(starts):
-        np.testing.assert_array_equal(x[row], train[s:s + 64])
-        np.testing.assert_array_equal(y[row], train[s + 1:s + 65])
-    x2, y2 = memmap.get_batch(train, 12, 64, memmap.batch_rng(1337, 5))
-    np.testing.assert_array_equal(x, x2)
-    np.testing.assert_array_equal(y, y2)
-    for other in (memmap.batch_rng(1337, 6), memmap.batch_rng(1338, 5), memmap.batch_rng(1337, 5, "val"),
-                  memmap.batch_rng(1337, 5, stream=1)):
-        assert not np.array_equal(memmap.get_batch(train, 12, 64, other)[0], x)
-
-
-def test_missing_empty_and_short_data_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare the data"):
-        memmap.load_split(tmp_path, "train", 8)
-    with pytest.raises(FileNotFoundError, match="prepare the data"):
-        memmap.load_meta(tmp_path)
-    (tmp_path / "train.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match="fewer than block_size"):
-        memmap.load_split(tmp_path, "train", 8)
-    np.arange(8, dtype=np.uint16).tofile(tmp_path / "train.bin")  # 8 tokens < block_size + 1 = 9
-    with pytest.raises(ValueError, match="fewer than block_size"):
-        memmap.load_split(tmp_path, "train", 8)
-    assert len(memmap.load_split(tmp_path, "train", 7)) == 8  # exactly block_size + 1 is enough
-    (tmp_path / "train.bin").write_bytes(b"abc")
-    with pytest.raises(ValueError, match="odd number of bytes"):
-        memmap.load_split(tmp_path, "train", 1)
-    with pytest.raises(ValueError, match="fewer than block_size"):
-        memmap.get_batch(np.arange(4, dtype=np.uint16), 2, 4, memmap.batch_rng(0, 0))
-
+def test_empty_missing_and_unknown_inputs_are_refused(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="is empty"):
@@ -143,8 +100,6 @@ def test_missing_empty_and_short_data_errors(tmp_path):
         preparation.prepare(tmp_path / "k", dataset="pydoc", tokenizer="sentencepiece")
     with pytest.raises(ValueError, match="val_fraction"):
         preparation.prepare(tmp_path / "v", dataset="pydoc", val_fraction=1.0)
-    with pytest.raises(ValueError, match="unknown split"):
-        memmap.batch_rng(0, 0, "test")
 
 
 def test_existing_dataset_is_never_overwritten_by_default(tmp_path):
