@@ -1,7 +1,7 @@
 """scan_layers and remat change how the step runs, never its numbers: logits and gradients equal the unrolled
 model's (float32, 1e-6) on fresh random params and tokens, across the architecture switches and every remat
-policy, with a KV cache, LoRA, int8/int4 weights and a Hugging Face round trip; and the layout converters of
-jaxgpt.nn.stacking.
+policy, with a KV cache, LoRA, int8/int4 weights and a Hugging Face round trip (jaxgpt.nn.stacking's layout
+converters on their own: test_stacking.py).
 
 Compiling is what these tests cost, so: one tiny config; a set of switch combinations in which every value of
 every switch, every remat policy and both layouts appear (remat and scan never change the numbers, so one
@@ -193,22 +193,6 @@ def test_dropout_scanned_draws_per_layer_masks():
     assert float(jnp.abs(a - c).max()) > 1e-3
 
 
-def test_stack_unstack_layers_round_trip():
-    params = jax.device_get(_params(BASE, 13))
-    stacked = jax.device_get(layers.stack_layers(params))
-    assert sorted(stacked) == ["h", "ln_f", "wpe", "wte"]
-    chex.assert_shape(stacked["h"]["attn"]["c_attn"]["kernel"], (2, 16, 48))
-    np.testing.assert_array_equal(stacked["h"]["mlp"]["c_fc"]["kernel"][1], params["h_1"]["mlp"]["c_fc"]["kernel"])
-    chex.assert_trees_all_equal(layers.unstack_layers(stacked), params)
-    with pytest.raises(ValueError, match="needs unrolled params"):
-        layers.stack_layers(stacked)
-    with pytest.raises(ValueError, match="needs stacked params"):
-        layers.unstack_layers(params)
-    ragged = {**params, "h_1": {"ln_1": params["h_1"]["ln_1"]}}
-    with pytest.raises(ValueError, match="differ in structure"):
-        layers.stack_layers(ragged)
-
-
 @pytest.mark.parametrize("field,value", [("remat", "some"), ("scan_layers", 1)])
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
@@ -267,12 +251,3 @@ def test_stacked_train_state_round_trips_and_steps_like_the_unrolled_one():
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)))
     assert moved > 1e-2
     chex.assert_trees_all_close(layout.outward(stacked), state, atol=1e-6, rtol=1e-6)
-
-
-def test_stack_tree_leaves_non_layer_trees_alone():
-    params = jax.device_get(_params(BASE, 3))
-    tree = {"params": params, "other": {"x": np.ones(3)}, "n": 4}
-    stacked = layers.stack_tree(tree)
-    assert sorted(stacked["params"]) == ["h", "ln_f", "wpe", "wte"]
-    chex.assert_trees_all_equal(stacked["other"], tree["other"])
-    chex.assert_trees_all_equal(layers.unstack_tree(stacked), tree)
