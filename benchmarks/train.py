@@ -230,7 +230,7 @@ def quality(args) -> dict:
     import jax
 
     from jaxgpt import data as data_lib
-    from jaxgpt.io import checkpoint
+    from jaxgpt.io.workdir import Workdir
     from jaxgpt.train import compilation_cache
     from jaxgpt.train.trainer import train
 
@@ -275,7 +275,7 @@ def quality(args) -> dict:
                 t0, c0 = time.perf_counter(), time.process_time()
                 s = train(jax_config(seed), wd)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                cfg, params, _ = checkpoint.load_run(wd)
+                cfg, params, _ = Workdir(wd).load()
                 r = {"val_loss": s["val_loss"], "train_loss": s["train_loss"], "wall_s": wall, "cpu_s": cpu,
                      "val_loss_200": fixed_val_loss_jax(cfg, params, fixed), "compile_cache": cache_state}
                 cache_state = "warm" if cache_dir else "off"
@@ -336,7 +336,7 @@ def speed(args) -> dict:
 
     from jaxgpt.nn.config import GPTConfig
     from jaxgpt.nn.model import init_params
-    from jaxgpt.train.config import base_config
+    from jaxgpt.train.config import OptimConfig, base_config
     from jaxgpt.train.steps import init_state, make_optimizer, make_train_step
 
     L, H, C, T, V, p = args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab, args.dropout
@@ -344,7 +344,7 @@ def speed(args) -> dict:
     cfg = GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, dropout=p, bias=True)
     config = base_config()
     config.learning_rate, config.beta2, config.warmup_iters, config.lr_decay_iters = 1e-3, 0.99, 100, 5000
-    tx = make_optimizer(config)
+    tx = make_optimizer(OptimConfig.of(config))
     state = init_state(init_params(cfg, 0), tx)
     step_fn = make_train_step(cfg, tx)
     rng = jax.random.PRNGKey(1)

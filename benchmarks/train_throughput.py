@@ -1,7 +1,7 @@
 """Training throughput (tokens/s) and MFU at a model shape, for several device meshes in one run.
 
 Each mesh "DxF" is data=D by fsdp=F over the first D*F devices; "1x1" is the single-device peer every other
-row is compared with. The step is the library's own train step (`jaxgpt.train.steps.make_train_step`, the function
+row is compared with. The step is the library's own train program (`jaxgpt.train.program.build_program`, the one
 train.py runs: AdamW with clipping and nanoGPT's schedule) jitted with the shardings of
 `jaxgpt.train.steps.mesh_shardings_fn`, so FSDP meshes pay their all-gathers and reduce-scatters.
 
@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     from tqdm import tqdm
 
+    from jaxgpt import sharding as sh
     from jaxgpt.nn import weights
     from jaxgpt.nn.config import GPTConfig
     from jaxgpt.nn.model import init_params
     from jaxgpt.train import config as train_config
     from jaxgpt.train import metrics, steps
+    from jaxgpt.train.program import build_program
 
     cfg = GPTConfig.preset(args.size, dtype=args.dtype, attention=args.attention)
     if args.seq > cfg.block_size:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     config = train_config.base_config()  # the optimizer train.py builds by default
     if args.min_size is not None:
         config.mesh.min_shard_size = args.min_size
-    tx = steps.make_optimizer(config)
+    optim = train_config.OptimConfig.of(config)
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, size=(1, args.batch, args.seq + 1), dtype=np.int32)  # [A, B, T+1]
@@ -125,16 +127,16 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(total=len(meshes) * (args.steps + 1), desc="steps", file=sys.stderr)
     for data, fsdp in meshes:
         config.mesh.data, config.mesh.fsdp = data, fsdp
-        mesh, shardings_fn = steps.mesh_shardings_fn(config, args.batch, devices=jax.devices()[: data * fsdp])
-        abstract = jax.eval_shape(lambda: steps.init_state(init_params(cfg, 0), tx))
-        shardings = shardings_fn(abstract, None)
-        state = jax.jit(lambda key: steps.init_state(init_params(cfg, key), tx),
+        program = build_program(cfg, optim, train_config.MeshConfig.of(config.mesh), grad_accum=1,
+                                batch_rows=args.batch, devices=jax.devices()[: data * fsdp])
+        mesh, shardings = program.mesh, program.shardings
+        state = jax.jit(lambda key: program.layout.inward(steps.init_state(init_params(cfg, key), program.tx)),
                         out_shardings=shardings.state)(jax.random.PRNGKey(0))
-        step_fn = steps.make_train_step(cfg, tx, shardings=shardings)
         batch = jax.device_put((tokens[..., :-1], tokens[..., 1:]), (shardings.batch,) * 2)
         rng_key = jax.device_put(jax.random.PRNGKey(1), shardings.rng)
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch, rng_key, None).compile()
+        with sh.activation_mesh(mesh):  # as the trainer lowers it
+            compiled = program.train_step.lower(state, batch, rng_key, None).compile()
         compile_s = time.perf_counter() - t0
         state, m = compiled(state, batch, rng_key, None)  # warm-up
         loss = m["loss"].block_until_ready()

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from jaxgpt import data as data_lib
-from jaxgpt.io import checkpoint
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT
 from jaxgpt.train import config as train_config
@@ -191,7 +191,7 @@ class RunResult:
 
     def params(self) -> Any:
         """The final params, restored from the run's checkpoint."""
-        return checkpoint.load_run(self.workdir, "latest")[1]
+        return Workdir(self.workdir).load("latest")[1]
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "final_train_loss": _num(self.final_loss()), "val_loss": _num(self.val_loss),

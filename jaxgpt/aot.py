@@ -140,44 +140,17 @@ def _out_of_memory(e: Exception, step: str, chips: int, bpc: int, hbm: int | Non
     return Report(step, chips, bpc, 0, 0, 0, 0, 0, hbm, None, seconds, used=used)
 
 
-def model_config(config: Any) -> Any:
-    """GPTConfig from config.model (vocab_size 0: GPT-2's 50257) with config.mixed_precision."""
-    from jaxgpt.nn.config import GPTConfig
+def train_program(config: Any, devices: list, batch_per_chip: int) -> Any:
+    """The trainer's program (`jaxgpt.train.program.build_program`) for `devices` at `batch_per_chip` rows a
+    chip (x grad_accum micro-batches), its state in the trainer's layout; lower its step inside
+    `sharding.activation_mesh(program.mesh)` with `program.abstract_args()`."""
+    from jaxgpt.train import config as train_config
+    from jaxgpt.train.program import build_program
 
-    fields = dict(config.model.to_dict())
-    fields["vocab_size"] = fields.get("vocab_size") or 50257
-    cfg = GPTConfig.from_dict(fields)
-    return cfg.replace(dtype="bfloat16", param_dtype="float32") if config.get("mixed_precision") else cfg
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    import jax
-
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def train_program(config: Any, devices: list, batch_per_chip: int) -> tuple[Any, tuple, Any, Any]:
-    """(jitted step, abstract arguments, mesh, abstract train state): the trainer's step for `devices` at
-    `batch_per_chip` rows a chip (x grad_accum micro-batches), its state in the trainer's layout, ready to
-    `step.lower(*args)` inside `sharding.activation_mesh(mesh)`."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxgpt.nn.model import init_params
-    from jaxgpt.train import steps
-
-    cfg = model_config(config)
-    rows = batch_per_chip * len(devices)
-    mesh, shardings_fn = steps.mesh_shardings_fn(config, rows, devices=devices)
-    tx = steps.make_optimizer(config)
-    state = jax.eval_shape(lambda: steps.init_state(init_params(cfg, 0), tx))
-    layout = steps.StateLayout.of(cfg, steps.identity_combine, state.params)
-    state = jax.eval_shape(layout.inward, state)  # the trainer's layout: stacked blocks for a scanned model
-    s = shardings_fn(state, None)
-    step = steps.make_train_step(cfg, tx, shardings=s)
-    batch = jax.ShapeDtypeStruct((int(config.grad_accum), rows, cfg.block_size), jnp.int32, sharding=s.batch)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=s.rng)
-    return step, (_abstract(state, s.state), (batch, batch), rng, None), mesh, state
+    p = train_config.parts(config)
+    model_cfg = train_config.model_config(p.model, p.start.mixed_precision)
+    return build_program(model_cfg, p.optim, p.mesh, grad_accum=p.loop.grad_accum,
+                         batch_rows=batch_per_chip * len(devices), devices=devices)
 
 
 def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
@@ -187,18 +160,18 @@ def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
     from jaxgpt import sharding as sh
     from jaxgpt.train.metrics import flops_per_token
 
-    cfg = model_config(config)
-    step, args, mesh, state = train_program(config, devices, batch_per_chip)
+    program = train_program(config, devices, batch_per_chip)
+    cfg = program.model_cfg
     t0 = time.perf_counter()
     hbm = hbm_bytes(devices)
     try:
-        with sh.activation_mesh(mesh):
-            compiled = step.lower(*args).compile()
+        with sh.activation_mesh(program.mesh):
+            compiled = program.train_step.lower(*program.abstract_args()).compile()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program that cannot fit: report it, as not fitting
         r = _out_of_memory(e, "train", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
     else:
         r = _report("train", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0, cfg.scan_layers)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    n_params = sum(x.size for x in jax.tree.leaves(program.state.params))
     tokens = int(config.grad_accum) * batch_per_chip * len(devices) * cfg.block_size
     per_token = flops_per_token(cfg.n_layer, cfg.block_size, cfg.n_embd, n_params)
     return dataclasses.replace(r, model_flops=per_token * tokens)
@@ -212,10 +185,12 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
     from jaxgpt import sharding as sh
     from jaxgpt.decode.kv_cache import init_cache
     from jaxgpt.nn.model import GPT, init_params
+    from jaxgpt.train import config as train_config
 
-    cfg = model_config(config)
+    p = train_config.parts(config)
+    cfg = train_config.model_config(p.model, p.start.mixed_precision)
     rows = batch_per_chip * len(devices)
-    mesh = sh.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices=devices)
+    mesh = sh.make_mesh(p.mesh.data, p.mesh.fsdp, devices=devices)
     params = jax.eval_shape(lambda: init_params(cfg, 0))
     cache = jax.eval_shape(lambda: init_cache(cfg, rows, cfg.block_size, cfg.compute_dtype))
     cache_sharding = jax.tree.map(lambda _: sh.batch_sharding(mesh), cache)
@@ -225,13 +200,13 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
         logits, cache = GPT(cfg).apply({"params": params}, tokens, cache=cache)
         return jnp.argmax(logits[:, -1], axis=-1), cache
 
-    p_sh = sh.param_shardings(params, mesh, int(config.mesh.min_shard_size))
+    p_sh = sh.param_shardings(params, mesh, p.mesh.min_shard_size)
     fn = jax.jit(decode, donate_argnums=(2,), out_shardings=(sh.batch_sharding(mesh), cache_sharding))
     t0 = time.perf_counter()
     hbm = hbm_bytes(devices)
     try:
         with sh.activation_mesh(mesh):
-            compiled = fn.lower(_abstract(params, p_sh), tokens, _abstract(cache, cache_sharding)).compile()
+            compiled = fn.lower(sh.abstract_on(params, p_sh), tokens, sh.abstract_on(cache, cache_sharding)).compile()
     except Exception as e:  # noqa: BLE001 - see compile_train
         return _out_of_memory(e, "decode", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
     return _report("decode", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0, cfg.scan_layers)
@@ -298,7 +273,9 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"aot: config.batch_size={config.batch_size} does not split over {n} chips; "
                              "pass --batch_per_chip N")
         bpc = int(config.batch_size) // n
-    cfg = model_config(config)
+    from jaxgpt.train import config as train_config
+
+    cfg = train_config.model_config(config.model.to_dict(), config.mixed_precision)
     print(f"aot: {n} x {devices[0].device_kind}, mesh data={config.mesh.data} fsdp={config.mesh.fsdp}, "
           f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} T={cfg.block_size} dtype={cfg.dtype} remat={cfg.remat} "
           f"scan_layers={cfg.scan_layers} grad_accum={config.grad_accum}", flush=True)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from jaxgpt.io import atomic
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.train.metrics import read_metrics
 
 
@@ -17,10 +18,10 @@ def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    wd = Path(workdir)
-    if not (wd / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{wd / 'metrics.jsonl'} does not exist; pass a training workdir")
-    records = read_metrics(wd / "metrics.jsonl")
+    wd = Workdir(workdir)
+    if not wd.metrics.is_file():
+        raise FileNotFoundError(f"{wd.metrics} does not exist; pass a training workdir")
+    records = read_metrics(wd.metrics)
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -31,12 +32,12 @@ def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="val (eval)")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title(wd.name)
+    ax.set_title(wd.root.name)
     ax.grid(alpha=0.3)
     if train or evals:
         ax.legend()
     fig.tight_layout()
-    path = Path(out) if out else wd / "loss.png"
+    path = Path(out) if out else wd.plot
     with atomic.file(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

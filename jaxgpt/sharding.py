@@ -122,6 +122,12 @@ def opt_state_shardings(opt_state: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_
     return tree_shardings(opt_state, mesh, min_size)
 
 
+def abstract_on(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of a tree (arrays or shapes) placed on `shardings` (a tree like it): what `lower` takes
+    to compile for a mesh without allocating anything."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
     """Rows of a batch split over every device ("data" and "fsdp" together); other dimensions unsplit.
 

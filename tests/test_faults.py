@@ -26,7 +26,9 @@ import pytest
 from helpers import xla_env
 
 from jaxgpt.io import checkpoint
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.train import metrics, trainer
+from jaxgpt.train.config import OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # generous: the subprocesses share the cores with whatever else runs
@@ -93,7 +95,7 @@ def worker_full_disk(wd: Path, data_dir: str) -> dict:
     hooks.checkpoint.save_run_step = save
     out.update(ckpts=ckpt_names(wd), metrics_valid=valid_json_lines(wd / "metrics.jsonl"),
                last_logged=max(r["step"] for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"),
-               restorable=int(checkpoint.load_run(wd)[1]["wte"]["embedding"].shape[0]) > 0,
+               restorable=int(Workdir(wd).load()[1]["wte"]["embedding"].shape[0]) > 0,
                lock_left=(wd / ".lock").exists())
     (wd / "filler").unlink()
     summary = trainer.train(tiny(data_dir, **FULL_DISK), wd)  # the same command again, with space
@@ -164,9 +166,9 @@ def test_a_save_failing_with_enospc_at_the_commit_keeps_the_last_checkpoint(tmp_
     class NoEval:
         last, last_step = {}, None
 
-    mngr = checkpoint.run_checkpoint_manager(tmp_path)
+    mngr = checkpoint.run_checkpoint_manager(Workdir(tmp_path).checkpoints)
     ckpt = hooks.Checkpointer(mngr, {"seed": 0}, NoEval(), lambda: None, None)
-    tx = steps.make_optimizer(tiny(tmp_path))
+    tx = steps.make_optimizer(OptimConfig.of(tiny(tmp_path)))
     state = steps.init_state(params, tx)
     ckpt(KEPT, state)
     with pytest.raises(OSError, match=rf"saving checkpoint step {FAIL_AT} .*the disk is full.*step {KEPT} is kept") as e:
@@ -174,7 +176,7 @@ def test_a_save_failing_with_enospc_at_the_commit_keeps_the_last_checkpoint(tmp_
     mngr.close()
     assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
     assert ckpt_names(tmp_path) == [str(KEPT)]  # the partial step is gone
-    mngr = checkpoint.run_checkpoint_manager(tmp_path, read_only=True)
+    mngr = checkpoint.run_checkpoint_manager(Workdir(tmp_path).checkpoints, read_only=True)
     got = checkpoint.restore_run_step(mngr, KEPT, params=params)["params"]
     mngr.close()
     chex.assert_trees_all_equal(got, params)
@@ -301,16 +303,19 @@ class MeshRun:
         import jax
 
         from jaxgpt import data as data_lib
+        from jaxgpt.train import config as train_config
         from jaxgpt.train import run as runs
-        from jaxgpt.train import steps
+        from jaxgpt.train.program import build_program
 
-        self.c, (self.mesh, shardings_fn) = c, steps.mesh_shardings_fn(c, c.batch_size)
-        init = runs.initial_model(c, data_lib.load_meta(Path(c.data.dir)))
-        self.cfg, self.tx = init.cfg, steps.make_optimizer(c)
-        self.trainable = runs.trainable_of(c, steps.no_split, steps.identity_combine)
-        state, self.frozen = runs.initial_state(init.cfg, init.params, c.seed, self.tx, self.trainable, True)
+        p = train_config.parts(c)
+        init = runs.initial_model(p.start, p.model, data_lib.load_meta(Path(c.data.dir)))
+        self.c, self.cfg = c, init.model_cfg
+        self.trainable = runs.trainable_of(p.lora, p.start.init_from, p.loop.seed)
+        program = build_program(init.model_cfg, p.optim, p.mesh, grad_accum=p.loop.grad_accum,
+                                batch_rows=p.loop.batch_size, trainable=self.trainable)
+        self.mesh, self.tx, self.shardings = program.mesh, program.tx, program.saved_shardings
+        state, self.frozen = runs.initial_state(init.model_cfg, init.params, c.seed, self.tx, self.trainable, True)
         self.abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        self.shardings = shardings_fn(self.abstract, self.frozen)
 
     def restore(self, wd: Path, step: int, shardings=None):
         """runs.restore_state of `step` onto `shardings` (default: onto this process's first device alone)."""
@@ -319,9 +324,9 @@ class MeshRun:
         from jaxgpt.train import run as runs
 
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        mngr = checkpoint.run_checkpoint_manager(wd, read_only=True)
+        mngr = checkpoint.run_checkpoint_manager(Workdir(wd).checkpoints, read_only=True)
         try:
-            return runs.restore_state(mngr, wd, step, self.abstract,
+            return runs.restore_state(mngr, Workdir(wd), step, self.abstract,
                                       shardings or jax.tree.map(lambda _: one, self.abstract))
         finally:
             mngr.close()

@@ -30,6 +30,7 @@ from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT
 from jaxgpt.quantize import QuantConfig, quantize
 from jaxgpt.train import steps
+from jaxgpt.train.config import OptimConfig
 
 TOL = 1e-6  # float32: the scan and remat only reorder when the same ops run
 BASE = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=16)
@@ -217,7 +218,7 @@ def _optimizer() -> Any:
 
     c = train_config.base_config()
     c.update(learning_rate=1e-2, warmup_iters=1, lr_decay_iters=10, weight_decay=0.5, grad_clip=0.05, eps=1e-4)
-    return steps.make_optimizer(c)
+    return steps.make_optimizer(OptimConfig.of(c))
 
 
 def test_stacked_train_state_round_trips_and_steps_like_the_unrolled_one():

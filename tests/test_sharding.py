@@ -173,11 +173,12 @@ ACT_BATCH = 16
 def worker_activations(outdir: Path) -> None:
     """Compile the real train and eval steps for a 1 x 8 FSDP mesh; record every [..., T, T] shape in the HLO."""
     from jaxgpt.train import steps as step_lib
+    from jaxgpt.train.config import MeshConfig, OptimConfig
     from jaxgpt.train.config import base_config
     c = base_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.min_shard_size = 1, 8, 256
-    mesh, shardings_fn = step_lib.mesh_shardings_fn(c, ACT_BATCH)
-    tx = step_lib.make_optimizer(c)
+    mesh, shardings_fn = step_lib.mesh_shardings_fn(MeshConfig.of(c.mesh), ACT_BATCH)
+    tx = step_lib.make_optimizer(OptimConfig.of(c))
     state = jax.eval_shape(lambda: step_lib.init_state(init_params(ACT_CFG, 0), tx))
     s = shardings_fn(state, None)
     step = step_lib.make_train_step(ACT_CFG, tx, shardings=s)

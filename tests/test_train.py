@@ -17,13 +17,13 @@ import optax
 import pytest
 
 from jaxgpt import data as data_lib
-from jaxgpt.io import checkpoint
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.io.hf import export_hf_gpt2
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import init_params
 from jaxgpt.train import config as train_config
+from jaxgpt.train.config import OptimConfig
 from jaxgpt.train import metrics, steps, trainer
-from jaxgpt.train import run as runs
 
 REPO = Path(__file__).resolve().parents[1]
 from helpers import SHARED
@@ -68,12 +68,12 @@ class ScheduleAndLossTest(chex.TestCase):
     def test_lr_schedule_matches_nanogpt(self):
         c = train_config.base_config()
         c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters = 6e-4, 6e-5, 37, 401
-        sched = self.variant(steps.lr_schedule(c))
+        sched = self.variant(steps.lr_schedule(OptimConfig.of(c)))
         for it in [0, 1, 17, 36, 37, 38, 100, 219, 400, 401, 402, 5000]:
             ref = nanogpt_lr(it, 6e-4, 6e-5, 37, 401)
             np.testing.assert_allclose(float(sched(jnp.int32(it))), ref, rtol=2e-6, err_msg=f"iter {it}")
         c.decay_lr = False
-        const = self.variant(steps.lr_schedule(c))
+        const = self.variant(steps.lr_schedule(OptimConfig.of(c)))
         assert float(const(jnp.int32(10**6))) == pytest.approx(6e-4)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -92,7 +92,7 @@ def test_schedule_rejects_decay_before_warmup():
     c = train_config.base_config()
     c.warmup_iters, c.lr_decay_iters = 100, 50
     with pytest.raises(ValueError, match="lr_decay_iters=50 must be larger than warmup_iters=100"):
-        steps.lr_schedule(c)
+        steps.lr_schedule(OptimConfig.of(c))
 
 
 def test_weight_decay_only_on_2d_weights():
@@ -123,7 +123,7 @@ def test_train_steps_match_transformers_and_torch_adamw(tmp_path):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 
-    tx = steps.make_optimizer(c)
+    tx = steps.make_optimizer(OptimConfig.of(c))
     state = steps.init_state(params, tx)
     step = steps.make_train_step(cfg, tx)
     rng = np.random.default_rng(1)
@@ -175,9 +175,9 @@ def test_mixed_precision_keeps_float32_master_weights():
     c = train_config.base_config()
     c.model.update(GPTConfig.preset("tiny").to_dict())
     c.mixed_precision = True
-    cfg = runs.model_config(c)
+    cfg = train_config.model_config(c.model.to_dict(), c.mixed_precision)
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
-    tx = steps.make_optimizer(c)
+    tx = steps.make_optimizer(OptimConfig.of(c))
     params = init_params(cfg, 0)
     x = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 4, 32)).astype(np.int32)
     y = np.roll(x, -1, axis=-1)
@@ -269,7 +269,7 @@ def test_eval_at_start_and_logging_leave_the_steps_unchanged(finished_run, pydoc
 def test_load_run_restores_the_final_params(finished_run, pydoc_char_dir):
     """The val loss of load_run's params, recomputed on the run's eval batches, is the logged final val loss."""
     wd, summary = finished_run
-    cfg, params, tok_meta = checkpoint.load_run(wd)
+    cfg, params, tok_meta = Workdir(wd).load()
     assert tok_meta["kind"] == "char" and cfg.vocab_size == tok_meta["vocab_size"]
     val = data_lib.load_split(pydoc_char_dir, "val", cfg.block_size)
     c = tiny_config(pydoc_char_dir)
@@ -278,8 +278,8 @@ def test_load_run_restores_the_final_params(finished_run, pydoc_char_dir):
                                               data_lib.batch_rng(c.seed, k, "val", stream=1)))
               for k in range(c.eval_iters)]
     assert float(np.mean(np.asarray(losses, np.float64))) == summary["val_loss"]
-    _, best, _ = checkpoint.load_run(wd, "best")
-    _, at20, _ = checkpoint.load_run(wd, 20)
+    _, best, _ = Workdir(wd).load("best")
+    _, at20, _ = Workdir(wd).load(20)
     assert not np.array_equal(at20["wte"]["embedding"], params["wte"]["embedding"])
     chex.assert_trees_all_equal(best, params)  # val loss still falling: the best is the last
 
@@ -317,8 +317,8 @@ def test_a_run_resumes_with_scanned_layers_and_remat(finished_run, pydoc_char_di
     assert len(losses["plain"]) == 4 and [la.stacked for la in layouts] == [False, True]
     np.testing.assert_allclose(losses["scanned"], losses["plain"], rtol=1e-5)
     # The scanned run held its state stacked and saved it unrolled: it loads, and resumes unrolled.
-    _, plain, _ = checkpoint.load_run(tmp_path / "plain")
-    _, scanned, _ = checkpoint.load_run(tmp_path / "scanned")
+    _, plain, _ = Workdir(tmp_path / "plain").load()
+    _, scanned, _ = Workdir(tmp_path / "scanned").load()
     assert jax.tree.structure(scanned) == jax.tree.structure(plain)
     np.testing.assert_allclose(scanned["h_1"]["mlp"]["c_fc"]["kernel"], plain["h_1"]["mlp"]["c_fc"]["kernel"],
                                atol=1e-5)
@@ -337,11 +337,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
         return optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32), update)
 
-    tx = optax.chain(steps.make_optimizer(c), poison_at(7))
+    tx = optax.chain(steps.make_optimizer(OptimConfig.of(c)), poison_at(7))
     with pytest.raises(FloatingPointError, match=r"at step 7; training stopped.*\(step 5\)"):
         trainer.train(c, tmp_path / "wd", tx=tx)
     assert sorted(int(p.name) for p in (tmp_path / "wd" / "checkpoints").iterdir()) == [5]
-    _, params, _ = checkpoint.load_run(tmp_path / "wd")
+    _, params, _ = Workdir(tmp_path / "wd").load()
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
     events = [r for r in metrics.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r.get("event") == "non-finite"]
     assert events and events[0]["step"] == 7
@@ -405,7 +405,7 @@ def test_finetune_from_a_hugging_face_gpt2_directory(bpe_dir, tmp_path):
         ref = np.mean([F.cross_entropy(hf(torch.from_numpy(x[i:i + 2]).long()).logits.reshape(-1, 50257),
                                        torch.from_numpy(y[i:i + 2]).long().reshape(-1)).item() for i in (0, 2)])
     np.testing.assert_allclose(first["loss"], ref, rtol=1e-5)
-    cfg, params, tok = checkpoint.load_run(tmp_path / "wd")
+    cfg, params, tok = Workdir(tmp_path / "wd").load()
     assert tok["kind"] == "gpt2" and cfg.n_embd == 16 and summary["step"] == 3
     moved = params["h_0"]["mlp"]["c_fc"]["kernel"] - hf.transformer.h[0].mlp.c_fc.weight.detach().numpy()
     assert float(jnp.abs(moved).max()) > 0  # trained
@@ -413,11 +413,11 @@ def test_finetune_from_a_hugging_face_gpt2_directory(bpe_dir, tmp_path):
 
 def test_finetune_from_a_jaxgpt_run_with_a_cropped_block(finished_run, pydoc_char_dir, tmp_path):
     src = finished_run[0]
-    src_cfg, src_params, _ = checkpoint.load_run(src)
+    src_cfg, src_params, _ = Workdir(src).load()
     c = finetune_config(pydoc_char_dir, "run", src, bpe=False)
     c.model.block_size = 16
     trainer.train(c, tmp_path / "wd")
-    cfg, params, _ = checkpoint.load_run(tmp_path / "wd")
+    cfg, params, _ = Workdir(tmp_path / "wd").load()
     assert cfg.block_size == 16 and params["wpe"]["embedding"].shape == (16, src_cfg.n_embd)
 
     first = [r for r in metrics.read_metrics(tmp_path / "wd" / "metrics.jsonl") if r["kind"] == "train"][0]

@@ -16,11 +16,11 @@ import pytest
 from jaxgpt import data as data_lib
 from jaxgpt import lora
 from jaxgpt.io import checkpoint
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.io.hf import load_hf_gpt2
 from jaxgpt.nn.model import GPT
 from jaxgpt.train import config as train_config
 from jaxgpt.train import metrics, trainer
-from jaxgpt.train import run as runs
 
 REPO = Path(__file__).resolve().parents[1]
 from helpers import SHARED
@@ -103,7 +103,7 @@ def test_lora_run_lowers_the_loss_and_checkpoints_adapters_only(lora_run, base_d
     _, base = load_hf_gpt2(base_dir)
     adapters, lcfg = lora.load_adapters(wd / "lora", base)
     assert lcfg.rank == RANK and lcfg.alpha == ALPHA and not lcfg.rank_stabilized
-    mngr = checkpoint.run_checkpoint_manager(wd, read_only=True)
+    mngr = checkpoint.run_checkpoint_manager(Workdir(wd).checkpoints, read_only=True)
     try:
         restored = checkpoint.restore_run_step(mngr, 8, params=adapters)["params"]
     finally:
@@ -175,7 +175,7 @@ def test_lora_bad_settings_get_clear_errors(lora_run, bpe_dir, base_dir, tmp_pat
     c.lora.rank = 2
     with pytest.raises(ValueError, match="holds a run with LoRA settings"):
         trainer.train(c, wd)
-    assert json.loads((wd / runs.LORA_RUN_FILE).read_text())["rank"] == RANK  # nothing overwritten
+    assert json.loads(Workdir(wd).lora_run.read_text())["rank"] == RANK  # nothing overwritten
     c = lora_config(bpe_dir, base_dir)
     c.model.dropout = 0.0
     c.lora.rank = 0  # a full fine-tune over a LoRA run's adapters-only checkpoints
@@ -197,7 +197,7 @@ def test_qlora_on_an_int8_base_trains_and_exports_its_own_logits(bpe_dir, base_d
     summary = trainer.train(c, wd)
     evals = {r["step"]: r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "eval"}
     assert evals[4]["train_loss"] < evals[0]["train_loss"] - 0.05, evals
-    assert json.loads((wd / runs.LORA_RUN_FILE).read_text())["base_quantize"] == "int8"
+    assert json.loads(Workdir(wd).lora_run.read_text())["base_quantize"] == "int8"
 
     cfg, base = load_hf_gpt2(base_dir)
     qbase = quantize.quantize(base, quantize.QuantConfig(bits=8))

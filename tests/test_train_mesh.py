@@ -25,9 +25,10 @@ import importlib.util, json, sys
 import jax, numpy as np
 from jaxgpt import sharding as sh
 from jaxgpt.train import metrics
-from jaxgpt.train import run as runs
+from jaxgpt.train import config as train_config
 from jaxgpt.train import steps
 from jaxgpt.train import trainer
+from jaxgpt.train.config import MeshConfig, OptimConfig
 
 spec = importlib.util.spec_from_file_location("tiny", sys.argv[1] + "/configs/tiny.py")
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
@@ -38,14 +39,14 @@ summary = trainer.train(c, sys.argv[3])
 losses = [r["loss"] for r in metrics.read_metrics(sys.argv[3] + "/metrics.jsonl") if r["kind"] == "train"]
 
 # the shardings train() used: which leaves of the state (and of a frozen base) are split over "fsdp"
-mesh, fn = steps.mesh_shardings_fn(c, c.batch_size)
+mesh, fn = steps.mesh_shardings_fn(MeshConfig.of(c.mesh), c.batch_size)
 from jaxgpt.nn.model import init_params
-cfg = runs.model_config(c, 96)
+cfg = train_config.model_config(c.model.to_dict(), c.mixed_precision, 96)
 params = jax.eval_shape(lambda: init_params(cfg, 0))
-state = jax.eval_shape(lambda p: steps.init_state(p, steps.make_optimizer(c)), params)
+state = jax.eval_shape(lambda p: steps.init_state(p, steps.make_optimizer(OptimConfig.of(c))), params)
 s = fn(state, params)
 try:
-    steps.mesh_shardings_fn(c, 4)
+    steps.mesh_shardings_fn(MeshConfig.of(c.mesh), 4)
     batch_error = ""
 except ValueError as e:
     batch_error = str(e)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxgpt.io import checkpoint
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.train import metrics, trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def assert_same_run(wd: Path, ref: Path) -> None:
     assert not diff, f"losses differ at steps {diff[:10]}: {[(got[s]['loss'], want[s]['loss']) for s in diff[:3]]}"
     assert [r["val_loss"] for r in per_step(wd, "eval").values()] == \
            [r["val_loss"] for r in per_step(ref, "eval").values()]
-    chex.assert_trees_all_equal(checkpoint.load_run(wd)[1], checkpoint.load_run(ref)[1])
+    chex.assert_trees_all_equal(Workdir(wd).load()[1], Workdir(ref).load()[1])
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(reference, pydoc_char_dir, env, tmp_path):
@@ -152,8 +153,8 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, pydoc_char_
     partial = ckpts / "40.orbax-checkpoint-tmp"
     assert partial.is_dir() and (partial / "params").is_dir()  # the data of step 40 is on disk, uncommitted
     assert sorted(p.name for p in ckpts.iterdir()) == ["20", "40.orbax-checkpoint-tmp"]
-    cfg, params, _ = checkpoint.load_run(wd)
-    chex.assert_trees_all_equal(params, checkpoint.load_run(wd, 20)[1])
+    cfg, params, _ = Workdir(wd).load()
+    chex.assert_trees_all_equal(params, Workdir(wd).load(20)[1])
 
     run_train(env, pydoc_char_dir, wd)
     assert resumed_from(wd) == [20]
@@ -174,7 +175,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(pydoc_char_dir, env, tmp_path):
     assert len(stop) == 1 and stop[0]["step"] > 5
     assert [p.name for p in (wd / "checkpoints").iterdir()] == [str(stop[0]["step"])]
     assert "SIGTERM: saved a checkpoint" in log
-    checkpoint.load_run(wd)
+    Workdir(wd).load()
 
 
 def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, pydoc_char_dir, tmp_path):
@@ -188,7 +189,7 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, pydoc_char_
     with pytest.raises(ValueError, match=r"checkpoints/60 cannot be restored .*move that step folder aside"):
         trainer.train(config(pydoc_char_dir), wd)
     with pytest.raises(ValueError, match="cannot be restored"):
-        checkpoint.load_run(wd)
+        Workdir(wd).load()
     assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before  # nothing deleted or rewritten
 
     shutil.rmtree(last)
@@ -207,7 +208,7 @@ def test_a_workdir_of_another_model_is_refused(reference, pydoc_char_dir, tmp_pa
 def test_keeps_the_last_k_and_the_best_by_val_loss(tmp_path):
     import orbax.checkpoint as ocp
 
-    mngr = checkpoint.run_checkpoint_manager(tmp_path, keep=2)
+    mngr = checkpoint.run_checkpoint_manager(Workdir(tmp_path).checkpoints, keep=2)
     for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0), (5, None)]:
         mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave({"w": jnp.full((2,), float(step))}),
@@ -217,7 +218,7 @@ def test_keeps_the_last_k_and_the_best_by_val_loss(tmp_path):
     assert sorted(mngr.all_steps()) == [2, 4, 5]
     mngr.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "5"]
-    mngr = checkpoint.run_checkpoint_manager(tmp_path, keep=2)  # a new process: metrics come from disk
+    mngr = checkpoint.run_checkpoint_manager(Workdir(tmp_path).checkpoints, keep=2)  # a new process: metrics come from disk
     assert checkpoint.run_best_step(mngr) == 2 and mngr.metrics(4) == {"val_loss": 4.0}
     mngr.save(6, args=ocp.args.Composite(
         params=ocp.args.StandardSave({"w": jnp.full((2,), 6.0)}), optimizer=ocp.args.StandardSave({"step": 6}),

@@ -16,7 +16,7 @@ from jaxgpt.data import shard_loader as loader
 from jaxgpt.data import shards
 from jaxgpt.data.tokenizer import gpt2_tokenizer
 from jaxgpt.eval import hellaswag
-from jaxgpt.io import checkpoint
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.nn.model import init_params
 from jaxgpt.train import config as train_config
 from jaxgpt.train import metrics, steps, trainer
@@ -54,7 +54,7 @@ def shard_run(tmp_path_factory):
 
 def test_first_loss_is_the_loaders_batch_on_the_initial_params(shard_run):
     c, wd, summary = shard_run
-    cfg, _, tok = checkpoint.load_run(wd)
+    cfg, _, tok = Workdir(wd).load()
     assert tok["kind"] == "gpt2" and cfg.vocab_size == 50257 and summary["step"] == 4
     x, y = loader.ShardLoader(c.data.dir, "train", c.batch_size, cfg.block_size, c.seed).batch_at(0)
     loss = steps.make_loss_fn(cfg)(init_params(cfg, c.seed), None, x, y, jax.random.PRNGKey(0), True)
@@ -66,7 +66,7 @@ def test_hellaswag_is_logged_beside_the_val_loss(shard_run):
     c, wd, _ = shard_run
     logged = {r["step"]: r for r in metrics.read_metrics(wd / "metrics.jsonl") if "hellaswag_acc" in r}
     assert sorted(logged) == [2, 4] and all(logged[s]["hellaswag_n"] == 3 for s in logged)
-    cfg, params, _ = checkpoint.load_run(wd, 2)
+    cfg, params, _ = Workdir(wd).load(2)
     ref = hellaswag.evaluate(params, cfg, hellaswag.load_examples(c.hellaswag_path), gpt2_tokenizer(BPE))
     assert (logged[2]["hellaswag_acc"], logged[2]["hellaswag_acc_norm"]) == (ref["acc"], ref["acc_norm"])
 

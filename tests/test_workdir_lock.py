@@ -114,6 +114,7 @@ def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write(tmp_path, py
     import optax
 
     from jaxgpt.train import steps, trainer
+    from jaxgpt.train.config import OptimConfig
 
     wd = tmp_path / "wd"
     c = tiny(pydoc_char_dir, **{"model.n_layer": 1, "model.n_embd": 16, "model.block_size": 16, "eval_iters": 1,
@@ -128,7 +129,7 @@ def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write(tmp_path, py
         jax.debug.callback(steal, count, ordered=True)
         return updates, count + 1
 
-    tx = optax.chain(steps.make_optimizer(c), optax.GradientTransformation(lambda p: jax.numpy.zeros((), "int32"),
+    tx = optax.chain(steps.make_optimizer(OptimConfig.of(c)), optax.GradientTransformation(lambda p: jax.numpy.zeros((), "int32"),
                                                                            update))
     with pytest.raises(wl.WorkdirLost, match="node-3"):
         trainer.train(c, wd, tx=tx)
@@ -179,13 +180,14 @@ def test_the_lock_of_a_sigkilled_run_is_taken_over(tmp_path):
 
 
 def test_readers_ignore_the_lock_and_leave_a_running_save_alone(tmp_path):
-    """checkpoint.load_run (what jaxgpt.sample, eval and exports read through) works on a held workdir and
+    """Workdir.load (what jaxgpt.sample, eval and exports read through) works on a held workdir and
     changes nothing in it: neither the lock nor a save in progress."""
     import chex
     import jax
     import numpy as np
 
     from jaxgpt.io import checkpoint
+    from jaxgpt.io.workdir import Workdir
     from jaxgpt.nn.config import GPTConfig
     from jaxgpt.nn.model import init_params
 
@@ -193,7 +195,7 @@ def test_readers_ignore_the_lock_and_leave_a_running_save_alone(tmp_path):
     rng = np.random.default_rng(3)  # random values in the model's structure (no init to compile)
     params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype),
                           jax.eval_shape(lambda: init_params(cfg, 3)))
-    mngr = checkpoint.run_checkpoint_manager(tmp_path)
+    mngr = checkpoint.run_checkpoint_manager(Workdir(tmp_path).checkpoints)
     checkpoint.save_run_step(mngr, 5, params=params, optimizer={"step": np.int32(5)}, meta={"step": 5})
     mngr.close()
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -202,7 +204,7 @@ def test_readers_ignore_the_lock_and_leave_a_running_save_alone(tmp_path):
         in_flight = tmp_path / "checkpoints" / f"6{checkpoint.ORBAX_TMP_MARKER}"
         (in_flight / "params").mkdir(parents=True)
         before = (lock.path.read_text(), lock.path.stat().st_mtime_ns)
-        _, got, _ = checkpoint.load_run(tmp_path)
+        _, got, _ = Workdir(tmp_path).load()
         chex.assert_trees_all_equal(got, params)
         assert (lock.path.read_text(), lock.path.stat().st_mtime_ns) == before
         assert in_flight.is_dir()

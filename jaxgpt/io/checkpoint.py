@@ -1,17 +1,14 @@
 """Checkpoints on disk: plain orbax pytree save/restore (params, adapters, quantized params) and a
-training run's orbax CheckpointManager, with `load_run` for sampling and fine-tuning."""
+training run's orbax CheckpointManager (read back by `jaxgpt.io.workdir.Workdir.load`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-
-from jaxgpt.nn.config import GPTConfig
 
 # ---------------------------------------------------------------------------------------------------------
 # Plain orbax save / restore of a pytree (params, adapters, quantized params)
@@ -53,20 +50,20 @@ def pytree_bytes_on_disk(path: str | os.PathLike) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training runs: an orbax CheckpointManager in a workdir, and `load_run` for sampling / fine-tuning
+# Training runs: an orbax CheckpointManager over a workdir's checkpoints/ (`jaxgpt.io.workdir.Workdir` names it)
 #
-# A workdir holds config.json (GPTConfig), tokenizer.json (tokenizer meta) and checkpoints/<step>/ with three
-# items: params (trainable params), optimizer ({"step", "opt_state"}) and meta (JSON). orbax writes each step
+# Each checkpoints/<step>/ holds three items: params (trainable params), optimizer ({"step", "opt_state"}) and
+# meta (JSON). orbax writes each step
 # into a temporary folder and renames it when complete, so a killed save never replaces a complete step.
 
-RUN_CKPT_DIR = "checkpoints"
 RUN_ITEMS = ("params", "optimizer", "meta")
 ORBAX_TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
-def run_checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, keep_best: bool = True,
+def run_checkpoint_manager(directory: str | os.PathLike, keep: int = 3, keep_best: bool = True,
                            async_save: bool = False, read_only: bool = False):
-    """orbax CheckpointManager over workdir/checkpoints keeping the last `keep` steps plus the best val_loss."""
+    """orbax CheckpointManager over a run's checkpoints folder (`Workdir.checkpoints`) keeping the last `keep`
+    steps plus the best val_loss."""
     import orbax.checkpoint as ocp
     from orbax.checkpoint import checkpoint_managers as cm
 
@@ -81,7 +78,7 @@ def run_checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, keep_best:
         best_fn=lambda m: m["val_loss"], best_mode="min",
         create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)  # leftovers of a killed save are incomplete by definition
-    return ocp.CheckpointManager(Path(workdir).absolute() / RUN_CKPT_DIR, item_names=RUN_ITEMS, options=options)
+    return ocp.CheckpointManager(Path(directory).absolute(), item_names=RUN_ITEMS, options=options)
 
 
 def run_best_step(mngr) -> int | None:
@@ -94,9 +91,9 @@ def run_best_step(mngr) -> int | None:
     return min(scored)[1] if scored else None
 
 
-def check_run_checkpoints(workdir: str | os.PathLike, steps: list[int]) -> None:
+def check_run_checkpoints(directory: str | os.PathLike, steps: list[int]) -> None:
     """Refuse a checkpoint folder holding entries orbax does not list (a damaged step): never start over it."""
-    d = Path(workdir) / RUN_CKPT_DIR
+    d = Path(directory)
     if not d.is_dir():
         return
     known = {str(s) for s in steps}
@@ -152,44 +149,3 @@ def save_run_step(mngr, step: int, *, params: Any, optimizer: Any, meta: dict[st
                                             optimizer=ocp.args.StandardSave(optimizer),
                                             meta=ocp.args.JsonSave(meta)),
               metrics={"val_loss": val_loss} if val_loss is not None else None, force=True)
-
-
-def load_run(workdir: str | os.PathLike, which: str | int = "latest") -> tuple[GPTConfig, Any, dict[str, Any]]:
-    """(GPTConfig, params, tokenizer meta) of a jaxgpt training workdir; which = "latest" | "best" | a step.
-
-    The tokenizer meta is what `jaxgpt.data.tokenizer.from_meta` takes.
-    """
-    from jaxgpt.nn.model import init_params
-
-    wd = Path(workdir)
-    cfg_file, tok_file = wd / "config.json", wd / "tokenizer.json"
-    for f in (cfg_file, tok_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} does not exist; {wd} is not a jaxgpt training workdir (train.py --workdir)")
-    try:
-        config = GPTConfig.from_dict(json.loads(cfg_file.read_text()))
-        tok_meta = json.loads(tok_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{wd}: config.json or tokenizer.json is not valid JSON ({e}); the run is damaged") from e
-    if not (wd / RUN_CKPT_DIR).is_dir():
-        raise FileNotFoundError(f"{wd / RUN_CKPT_DIR} does not exist; train first or pick another run")
-    mngr = run_checkpoint_manager(wd, read_only=True)
-    try:
-        steps = sorted(mngr.all_steps())
-        check_run_checkpoints(wd, steps)
-        if not steps:
-            raise FileNotFoundError(f"{wd / RUN_CKPT_DIR} holds no complete checkpoint; train first or pick another run")
-        if which == "latest":
-            step = steps[-1]
-        elif which == "best":
-            best = run_best_step(mngr)
-            step = steps[-1] if best is None else best
-        else:
-            step = int(which)
-            if step not in steps:
-                raise ValueError(f"step {step} is not among the checkpoints of {wd}: {steps}")
-        target = jax.eval_shape(lambda: init_params(config, 0))
-        restored = restore_run_step(mngr, step, params=target)
-    finally:
-        mngr.close()
-    return config, jax.tree.map(jax.numpy.asarray, restored["params"]), tok_meta

@@ -6,9 +6,10 @@ config file is instant. Field names follow nanoGPT's train.py where it has one.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_collections
 
@@ -133,6 +134,155 @@ def validate(config: ml_collections.ConfigDict) -> None:
     profile = tuple(config.get("profile_steps") or ())
     if profile and (len(profile) != 2 or not 0 <= profile[0] <= profile[1]):
         raise ValueError(f"config.profile_steps={profile} is not valid; use (first, last) steps, e.g. (10, 12)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Typed parts: the ConfigDict is read once, at the entry (`parts`), into frozen parts that each component takes.
+# Their defaults are base_config's.
+
+P = TypeVar("P", bound="_Part")
+
+
+class _Part:
+    """A frozen part whose field names are config keys."""
+
+    @classmethod
+    def of(cls: type[P], c: ml_collections.ConfigDict) -> P:
+        return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(_Part):
+    """AdamW and nanoGPT's warmup + cosine schedule (`jaxgpt.train.steps.make_optimizer`)."""
+
+    learning_rate: float
+    decay_lr: bool
+    warmup_iters: int
+    lr_decay_iters: int
+    min_lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    grad_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(_Part):
+    """data * fsdp devices (-1: all the rest); parameters of >= min_shard_size elements split over "fsdp"."""
+
+    data: int
+    fsdp: int
+    min_shard_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Part):
+    """Where the tokens come from (`data_config`)."""
+
+    dataset: str
+    tokenizer: str
+    input: str
+    bpe_path: str
+    dir: str
+    val_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig(_Part):
+    """The loop's shape: batches, steps, and when it logs, evaluates and saves."""
+
+    seed: int
+    batch_size: int
+    grad_accum: int
+    max_iters: int
+    eval_interval: int
+    eval_iters: int
+    eval_at_start: bool
+    log_interval: int
+    ckpt_interval: int
+    keep_checkpoints: int
+    keep_best: bool
+    async_checkpointing: bool
+    progress: bool
+    profile_steps: tuple
+    eval_hellaswag_every: int
+    hellaswag_path: str
+    hellaswag_limit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(_Part):
+    """The sample drawn at the end of a run."""
+
+    sample_tokens: int
+    sample_prompt: str
+    temperature: float
+    top_k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StartConfig(_Part):
+    """The starting point: "scratch", "hf" (a Hugging Face GPT-2) or "run" (a jaxgpt workdir), and precision."""
+
+    init_from: str
+    init_path: str
+    init_which: str
+    mixed_precision: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings(_Part):
+    """config.lora (rank 0: full training)."""
+
+    rank: int
+    alpha: float
+    targets: tuple
+    rank_stabilized: bool
+    base_quantize: str
+    export: bool
+    export_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """The training config read once into typed parts. `model` holds config.model's GPTConfig fields as a dict:
+    some stay unset (0, "") until the data or the loaded model fixes them."""
+
+    start: StartConfig
+    model: dict
+    lora: LoraSettings
+    loop: LoopConfig
+    optim: OptimConfig
+    mesh: MeshConfig
+    data: DataConfig
+    sample: SampleConfig
+
+
+def parts(train_cfg: ml_collections.ConfigDict) -> Parts:
+    """Typed parts of a validated training config."""
+    loop = dataclasses.replace(LoopConfig.of(train_cfg), profile_steps=tuple(train_cfg.profile_steps or ()))
+    lc = train_cfg.lora
+    lora = dataclasses.replace(LoraSettings.of(lc), targets=(lc.targets,) if isinstance(lc.targets, str)
+                               else tuple(lc.targets))
+    return Parts(start=StartConfig.of(train_cfg), model=train_cfg.model.to_dict(), lora=lora, loop=loop, optim=OptimConfig.of(train_cfg), mesh=MeshConfig.of(train_cfg.mesh),
+                 data=DataConfig.of(train_cfg.data), sample=SampleConfig.of(train_cfg))
+
+
+def apply_precision(model_cfg: GPTConfig, mixed_precision: bool) -> GPTConfig:
+    """config.mixed_precision: bfloat16 compute with float32 master weights."""
+    if mixed_precision:
+        return model_cfg.replace(dtype="bfloat16", param_dtype="float32")
+    return model_cfg
+
+
+def model_config(model: dict[str, Any], mixed_precision: bool, vocab_size: int | None = None) -> GPTConfig:
+    """GPTConfig from config.model's fields (vocab_size 0 means "from the data", else GPT-2's 50257 when no data
+    is known), with the mixed-precision switch."""
+    fields = dict(model)
+    if not fields.get("vocab_size"):
+        fields["vocab_size"] = vocab_size or 50257
+    return apply_precision(GPTConfig.from_dict(fields), mixed_precision)
 
 
 def config_keys(config: Any, prefix: str = "") -> list[str]:

@@ -16,13 +16,13 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from jaxgpt import sharding as sh
 from jaxgpt.nn import stacking
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT
+from jaxgpt.train.config import MeshConfig, OptimConfig
 
 Params = Any
 Batch = tuple[jax.Array, jax.Array]  # inputs, targets: [A, B, T] int32 each
@@ -58,11 +58,11 @@ def no_split(params: Params) -> tuple[Params, Params]:
     return params, None
 
 
-def lr_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+def lr_schedule(optim: OptimConfig) -> Callable[[jax.Array], jax.Array]:
     """nanoGPT's schedule: linear warmup lr*(it+1)/(warmup+1), cosine to min_lr at lr_decay_iters, then min_lr."""
-    lr, min_lr = float(config.learning_rate), float(config.min_lr)
-    warmup, decay = int(config.warmup_iters), int(config.lr_decay_iters)
-    if not config.decay_lr:
+    lr, min_lr = float(optim.learning_rate), float(optim.min_lr)
+    warmup, decay = int(optim.warmup_iters), int(optim.lr_decay_iters)
+    if not optim.decay_lr:
         return lambda count: jnp.full(jnp.shape(count), lr, jnp.float32)
     if decay <= warmup:
         raise ValueError(f"lr_decay_iters={decay} must be larger than warmup_iters={warmup}")
@@ -83,13 +83,13 @@ def decay_mask(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(lambda path, x: jnp.ndim(x) - stacking.in_stacked(path) >= 2, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with decoupled weight decay on 2-D weights and nanoGPT's schedule."""
     parts = []
-    if config.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(float(config.grad_clip)))
-    parts.append(optax.adamw(lr_schedule(config), b1=float(config.beta1), b2=float(config.beta2),
-                             eps=float(config.eps), weight_decay=float(config.weight_decay), mask=decay_mask))
+    if optim.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
+    parts.append(optax.adamw(lr_schedule(optim), b1=float(optim.beta1), b2=float(optim.beta2),
+                             eps=float(optim.eps), weight_decay=float(optim.weight_decay), mask=decay_mask))
     return optax.chain(*parts)
 
 
@@ -207,17 +207,16 @@ def init_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def mesh_shardings_fn(config: ml_collections.ConfigDict, batch_rows: int, devices: Any = None):
-    """A Mesh over `devices` (default jax.devices()) from config.mesh and the `shardings_fn(state, frozen)` that
-    places the train state (large leaves over "fsdp"), the [A, B, T] batch (rows over every device) and the
-    frozen params. `devices` may be a compile-only TPU topology's (jaxgpt.aot)."""
-    mc = config.get("mesh") or ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=sh.DEFAULT_MIN_SIZE))
-    mesh = sh.make_mesh(int(mc.data), int(mc.fsdp), devices=devices)
+def mesh_shardings_fn(mesh_cfg: MeshConfig, batch_rows: int, devices: Any = None):
+    """A Mesh over `devices` (default jax.devices()) and the `shardings_fn(state, frozen)` that places the train
+    state (large leaves over "fsdp"), the [A, B, T] batch (rows over every device) and the frozen params.
+    `devices` may be a compile-only TPU topology's (jaxgpt.aot)."""
+    mesh = sh.make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), devices=devices)
     if batch_rows % mesh.size:
         raise ValueError(f"config.batch_size={batch_rows} cannot be split over the {mesh.size} devices of the mesh "
                          f"(data={mesh.shape[sh.DATA]}, fsdp={mesh.shape[sh.FSDP]}); use a batch_size that is a "
                          f"multiple of {mesh.size}")
-    m = int(mc.min_shard_size)
+    m = int(mesh_cfg.min_shard_size)
 
     def shardings_fn(state: TrainState, frozen: Params) -> StepShardings:
         return StepShardings(state=sh.tree_shardings(state, mesh, m), batch=sh.batch_sharding(mesh, batch_dim=1),
