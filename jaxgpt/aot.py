@@ -146,9 +146,10 @@ def train_program(config: Any, devices: list, batch_per_chip: int) -> Any:
     `sharding.activation_mesh(program.mesh)` with `program.abstract_args()`."""
     from jaxgpt.train import config as train_config
     from jaxgpt.train.program import build_program
+    from jaxgpt.train.run import model_config
 
     p = train_config.parts(config)
-    model_cfg = train_config.model_config(p.model, p.start.mixed_precision)
+    model_cfg = model_config(p.model, p.start.mixed_precision)
     return build_program(model_cfg, p.optim, p.mesh, grad_accum=p.loop.grad_accum,
                          batch_rows=batch_per_chip * len(devices), devices=devices)
 
@@ -186,9 +187,10 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
     from jaxgpt.decode.kv_cache import init_cache
     from jaxgpt.nn.model import GPT, init_params
     from jaxgpt.train import config as train_config
+    from jaxgpt.train.run import model_config
 
     p = train_config.parts(config)
-    cfg = train_config.model_config(p.model, p.start.mixed_precision)
+    cfg = model_config(p.model, p.start.mixed_precision)
     rows = batch_per_chip * len(devices)
     mesh = sh.make_mesh(p.mesh.data, p.mesh.fsdp, devices=devices)
     params = jax.eval_shape(lambda: init_params(cfg, 0))
@@ -273,9 +275,9 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"aot: config.batch_size={config.batch_size} does not split over {n} chips; "
                              "pass --batch_per_chip N")
         bpc = int(config.batch_size) // n
-    from jaxgpt.train import config as train_config
+    from jaxgpt.train.run import model_config
 
-    cfg = train_config.model_config(config.model.to_dict(), config.mixed_precision)
+    cfg = model_config(config.model.to_dict(), config.mixed_precision)
     print(f"aot: {n} x {devices[0].device_kind}, mesh data={config.mesh.data} fsdp={config.mesh.fsdp}, "
           f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} T={cfg.block_size} dtype={cfg.dtype} remat={cfg.remat} "
           f"scan_layers={cfg.scan_layers} grad_accum={config.grad_accum}", flush=True)

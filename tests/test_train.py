@@ -17,13 +17,14 @@ import optax
 import pytest
 
 from jaxgpt import data as data_lib
-from jaxgpt.io.workdir import Workdir
 from jaxgpt.io.hf import export_hf_gpt2
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import init_params
 from jaxgpt.train import config as train_config
-from jaxgpt.train.config import OptimConfig
 from jaxgpt.train import metrics, steps, trainer
+from jaxgpt.train.config import OptimConfig
+from jaxgpt.train.run import model_config
 
 REPO = Path(__file__).resolve().parents[1]
 from helpers import SHARED
@@ -175,7 +176,7 @@ def test_mixed_precision_keeps_float32_master_weights():
     c = train_config.base_config()
     c.model.update(GPTConfig.preset("tiny").to_dict())
     c.mixed_precision = True
-    cfg = train_config.model_config(c.model.to_dict(), c.mixed_precision)
+    cfg = model_config(c.model.to_dict(), c.mixed_precision)
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
     tx = steps.make_optimizer(OptimConfig.of(c))
     params = init_params(cfg, 0)

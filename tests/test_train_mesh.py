@@ -41,7 +41,7 @@ losses = [r["loss"] for r in metrics.read_metrics(sys.argv[3] + "/metrics.jsonl"
 # the shardings train() used: which leaves of the state (and of a frozen base) are split over "fsdp"
 mesh, fn = steps.mesh_shardings_fn(MeshConfig.of(c.mesh), c.batch_size)
 from jaxgpt.nn.model import init_params
-cfg = train_config.model_config(c.model.to_dict(), c.mixed_precision, 96)
+cfg = runs.model_config(c.model.to_dict(), c.mixed_precision, 96)
 params = jax.eval_shape(lambda: init_params(cfg, 0))
 state = jax.eval_shape(lambda p: steps.init_state(p, steps.make_optimizer(OptimConfig.of(c))), params)
 s = fn(state, params)

@@ -4,17 +4,8 @@ batches as a pure function of (seed, step) (`TrainBatches`)."""
 
 from jaxgpt import _lazy
 from jaxgpt.data.memmap import SPLITS, batch_rng, get_batch, load_meta, load_split
-from jaxgpt.data.preparation import (
-                                 DATASETS,
-                                 SHARDED,
-                                 TOKENIZERS,
-                                 builtin_corpus,
-                                 load_text,
-                                 make_tokenizer,
-                                 prepare,
-                                 prepare_sharded,
-                                 tokenizer_meta,
-)
+from jaxgpt.data.preparation import (DATASETS, SHARDED, TOKENIZERS, builtin_corpus, load_text, make_tokenizer, prepare,
+                                    prepare_sharded, tokenizer_meta)
 
 __all__ = ["DATASETS", "SHARDED", "SPLITS", "TOKENIZERS", "ShardLoader", "TrainBatches", "batch_rng",
            "builtin_corpus", "get_batch", "load_meta", "load_split", "load_text", "make_tokenizer", "prepare",

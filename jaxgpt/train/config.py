@@ -260,29 +260,14 @@ class Parts:
 
 
 def parts(train_cfg: ml_collections.ConfigDict) -> Parts:
-    """Typed parts of a validated training config."""
+    """The typed parts of a training config, validated (`validate`)."""
+    validate(train_cfg)
     loop = dataclasses.replace(LoopConfig.of(train_cfg), profile_steps=tuple(train_cfg.profile_steps or ()))
     lc = train_cfg.lora
     lora = dataclasses.replace(LoraSettings.of(lc), targets=(lc.targets,) if isinstance(lc.targets, str)
                                else tuple(lc.targets))
     return Parts(start=StartConfig.of(train_cfg), model=train_cfg.model.to_dict(), lora=lora, loop=loop, optim=OptimConfig.of(train_cfg), mesh=MeshConfig.of(train_cfg.mesh),
                  data=DataConfig.of(train_cfg.data), sample=SampleConfig.of(train_cfg))
-
-
-def apply_precision(model_cfg: GPTConfig, mixed_precision: bool) -> GPTConfig:
-    """config.mixed_precision: bfloat16 compute with float32 master weights."""
-    if mixed_precision:
-        return model_cfg.replace(dtype="bfloat16", param_dtype="float32")
-    return model_cfg
-
-
-def model_config(model: dict[str, Any], mixed_precision: bool, vocab_size: int | None = None) -> GPTConfig:
-    """GPTConfig from config.model's fields (vocab_size 0 means "from the data", else GPT-2's 50257 when no data
-    is known), with the mixed-precision switch."""
-    fields = dict(model)
-    if not fields.get("vocab_size"):
-        fields["vocab_size"] = vocab_size or 50257
-    return apply_precision(GPTConfig.from_dict(fields), mixed_precision)
 
 
 def config_keys(config: Any, prefix: str = "") -> list[str]:

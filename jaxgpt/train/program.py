@@ -53,6 +53,7 @@ class TrainProgram:
     batch_shape: tuple[int, int, int]  # [A, B, T]
     train_step: Callable
     eval_step: Callable
+    lr_fn: Callable | None  # the learning rate at a step, for the log (None for a custom optimizer)
 
     def abstract_args(self) -> tuple:
         """(state, (x, y), rng, frozen) as ShapeDtypeStructs on their shardings: `train_step.lower(*args)`."""
@@ -84,6 +85,7 @@ def build_program(model_cfg: GPTConfig, optim: OptimConfig | None, mesh_cfg: Mes
     mesh = None
     if shardings_fn is None:
         mesh, shardings_fn = steps.mesh_shardings_fn(mesh_cfg, batch_rows, devices=devices)
+    lr_fn = jax.jit(steps.lr_schedule(optim)) if tx is None else None
     tx = tx or steps.make_optimizer(optim)
     state, frozen = abstract_state(model_cfg, tx, trainable)
     saved = shardings_fn(state, frozen)
@@ -96,4 +98,4 @@ def build_program(model_cfg: GPTConfig, optim: OptimConfig | None, mesh_cfg: Mes
         model_cfg=model_cfg, tx=tx, mesh=mesh, layout=layout, saved_shardings=saved, shardings=shardings,
         state=state, frozen=frozen, batch_shape=(grad_accum, batch_rows, model_cfg.block_size),
         train_step=steps.make_train_step(model_cfg, tx, trainable.combine, shardings),
-        eval_step=steps.make_eval_step(model_cfg, trainable.combine))
+        eval_step=steps.make_eval_step(model_cfg, trainable.combine), lr_fn=lr_fn)

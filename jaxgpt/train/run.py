@@ -27,15 +27,7 @@ from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import init_params
 from jaxgpt.train import config as train_config
 from jaxgpt.train import metrics
-from jaxgpt.train import steps as steps_lib
-from jaxgpt.train.config import (
-    DataConfig,
-    LoopConfig,
-    LoraSettings,
-    StartConfig,
-    apply_precision,
-    model_config,
-)
+from jaxgpt.train.config import DataConfig, LoopConfig, LoraSettings, StartConfig
 from jaxgpt.train.program import Trainable, TrainProgram, build_program
 from jaxgpt.train.steps import TrainState, identity_combine, init_state, no_split
 
@@ -67,6 +59,22 @@ def data_meta(data_dir: Path) -> dict[str, Any]:
     if not (data_dir / "meta.json").is_file() and is_shard_dir(data_dir):
         return {"kind": "gpt2", "vocab_size": 50257}
     return memmap.load_meta(data_dir)
+
+
+def apply_precision(model_cfg: GPTConfig, mixed_precision: bool) -> GPTConfig:
+    """config.mixed_precision: bfloat16 compute with float32 master weights."""
+    if mixed_precision:
+        return model_cfg.replace(dtype="bfloat16", param_dtype="float32")
+    return model_cfg
+
+
+def model_config(model: dict[str, Any], mixed_precision: bool, vocab_size: int | None = None) -> GPTConfig:
+    """GPTConfig from config.model's fields (vocab_size 0 means "from the data", else GPT-2's 50257 when no data
+    is known), with the mixed-precision switch."""
+    fields = dict(model)
+    if not fields.get("vocab_size"):
+        fields["vocab_size"] = vocab_size or 50257
+    return apply_precision(GPTConfig.from_dict(fields), mixed_precision)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,7 +296,6 @@ class Run:
     resumed: bool
     mngr: Any  # the orbax CheckpointManager of workdir.checkpoints
     data: TrainBatches
-    lr_fn: Callable | None  # the learning rate of a step, for the log (None for a custom optimizer)
     dropout_rng: jax.Array
     meta: dict[str, Any]  # saved beside each checkpoint
     unrolled: Callable  # state in the loop's layout -> the saved (unrolled) layout
@@ -310,7 +317,6 @@ def open_run(train_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | 
              shardings_fn: Callable | None = None) -> Run:
     """Read `train_cfg` once and open the run in `workdir`: data (prepared if missing), model, what is trained,
     identity files (written by the `main` process), the train program and the starting state (see `train`)."""
-    train_config.validate(train_cfg)
     p = train_config.parts(train_cfg)
     wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
     data_dir = ensure_data(p.data, wd)
@@ -342,7 +348,6 @@ def open_run(train_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | 
     return Run(parts=p, workdir=wd, data_dir=data_dir, model_cfg=model_cfg, tok_meta=tok_meta, trainable=trainable,
                program=program, state=state, frozen=frozen, start=ckpt_steps[-1] if ckpt_steps else 0,
                resumed=bool(ckpt_steps), mngr=mngr, data=data,
-               lr_fn=jax.jit(steps_lib.lr_schedule(p.optim)) if tx is None else None,
                dropout_rng=jax.random.fold_in(jax.random.PRNGKey(p.loop.seed), 1),
                meta={"model": model_cfg.to_dict(), "tokenizer": tok_meta, "seed": p.loop.seed,
                      "data_dir": str(data_dir)},

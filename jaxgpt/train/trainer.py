@@ -66,7 +66,7 @@ def _loop(run: Run, train_cfg: ml_collections.ConfigDict, main: bool, check_lock
     bar = tqdm(total=max_iters, initial=start, disable=not (loop.progress and main), dynamic_ncols=True, desc="train")
     log = writers.Writers([metrics.MetricsLog(wd.metrics), *writers.from_config(train_cfg, wd.root).writers]
                           if main else [metrics.NoLog()])
-    step_metrics = metrics.StepMetrics(log, meter, loop.log_interval, run.lr_fn, lambda *a: metrics.non_finite_error(
+    step_metrics = metrics.StepMetrics(log, meter, loop.log_interval, program.lr_fn, lambda *a: metrics.non_finite_error(
         *a, checkpointer.last_saved, wd.checkpoints))
     evaluator = Evaluator(program.eval_step, run.data.eval_sets, frozen, log, bar.write)
 
