@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SHARED
+from helpers import BPE
 
 from jaxgpt.data import memmap, preparation, shards
 from jaxgpt.data import streaming as corpus
 from jaxgpt.data.tokenizer import GPT2_PAT_STR, gpt2_tokenizer
 
-BPE = SHARED / "data" / "gpt2.tiktoken"
 WORDS = ["the", "a", "Jaxgpt", "naïve", "café", "über", "中文", "テキスト", "🙂", "it's", "we'll", "3.14",
          "2024", "hello,", "world!", "--", "(x)", "\n", "\n\n", "  ", "\t", " \n ", "Ω", "don't"]
 SMALL = dict(shard_tokens=4000, val_tokens=1500, chunk_chars=3000)
