@@ -46,6 +46,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.run
 def test_second_run_loads_every_compilation_and_trains_the_same(tmp_path, pydoc_char_dir):
     cache = tmp_path / "xla"
     script = TWO_RUNS.format(repo=str(REPO), cache=str(cache), data=str(pydoc_char_dir), tmp=str(tmp_path))

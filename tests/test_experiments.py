@@ -91,6 +91,7 @@ def test_kv_study_tiny(tmp_path):
 # Weight tying
 
 
+@pytest.mark.run
 def test_weight_tying_tiny(tmp_path, data_dir, runs):
     s = weight_tying.TyingStudy(vocabs=("char",), n_layer=1, steps=12, warmup_iters=2, eval_interval=6, **TINY)
     res = weight_tying.run(s, data_dir=data_dir, workdir=runs, out_dir=tmp_path, progress=False,
@@ -130,6 +131,7 @@ def test_param_table_counts_the_real_pytree():
 # Positions
 
 
+@pytest.mark.run
 def test_positions_tiny(tmp_path, data_dir, runs):
     s = positions.PositionsStudy(methods=("learned", "rope"), n_layer=1, steps=12, warmup_iters=2,
                                  eval_interval=6, long_windows=8, **TINY)
@@ -168,6 +170,7 @@ def test_loss_per_position_matches_numpy(data_dir):
 # Norm placement
 
 
+@pytest.mark.run
 def test_norm_placement_tiny(tmp_path, data_dir):
     s = norm_placement.NormStudy(depths=(2,), norms=("layernorm",), warmups=(0,), steps=12, grad_batch=4,
                                  learning_rate=3e-3, trained=None, lr_sweep=(), lr_sweep_depth=2, **TINY)

@@ -30,6 +30,7 @@ def test_variance_slopes(tmp_path):
     assert (tmp_path / "v.png").stat().st_size > 10_000
 
 
+@pytest.mark.run
 def test_learning_study_tiny(tmp_path, shared_dir):
     lc = LearningConfig(base_text=str(shared_dir / "data" / "tinyshakespeare.txt"), workdir=str(tmp_path / "wd"),
                         n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, base_steps=30, ft_steps=6,

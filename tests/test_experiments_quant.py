@@ -6,6 +6,7 @@ import json
 import math
 
 import chex
+import pytest
 
 from experiments.quantize_layernorm import (
     StudyConfig,
@@ -16,6 +17,7 @@ from experiments.quantize_layernorm import (
 )
 
 
+@pytest.mark.run
 def test_quantize_layernorm_study_tiny(tmp_path, shared_dir):
     sc = StudyConfig(data=str(shared_dir / "data" / "tinyshakespeare.txt"), workdir=str(tmp_path / "wd"),
                      out_dir=str(tmp_path / "out"), norms=("layernorm",), n_layer=1, n_head=2, n_embd=64,

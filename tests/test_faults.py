@@ -30,6 +30,8 @@ from jaxgpt.io.workdir import Workdir
 from jaxgpt.train import metrics, trainer
 from jaxgpt.train.config import OptimConfig
 
+pytestmark = pytest.mark.run
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # generous: the subprocesses share the cores with whatever else runs
 # XLA:CPU without its optimizations and fusion emitters compiles the train step several times faster

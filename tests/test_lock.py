@@ -107,6 +107,7 @@ def test_check_raises_once_another_run_took_the_lock_over(tmp_path):
     lock.release()
 
 
+@pytest.mark.run
 def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write(tmp_path, pydoc_char_dir):
     """The lock changes hands at step 7 (as when this run stalls and another takes over): the run stops with
     WorkdirLost before the checkpoint of step 10, keeps the one of step 5, and leaves the new holder's lock."""
@@ -214,6 +215,7 @@ def tiny_flags(wd: Path, data_dir: Path) -> list[str]:
     return [f"--config={REPO / 'configs' / 'tiny.py'}", f"--workdir={wd}", f"--config.data.dir={data_dir}"]
 
 
+@pytest.mark.run
 def test_train_and_train_py_refuse_a_held_workdir_before_writing(tmp_path, pydoc_char_dir):
     """The case that used to crash both runs: a second train.py on a workdir in use."""
     from jaxgpt.train import trainer

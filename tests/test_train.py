@@ -29,6 +29,8 @@ from jaxgpt.train.run import model_config
 REPO = Path(__file__).resolve().parents[1]
 from helpers import SHARED
 
+pytestmark = pytest.mark.run
+
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"
 

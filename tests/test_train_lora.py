@@ -25,6 +25,8 @@ from jaxgpt.train import metrics, trainer
 REPO = Path(__file__).resolve().parents[1]
 from helpers import SHARED
 
+pytestmark = pytest.mark.run
+
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 BPE = SHARED / "data" / "gpt2.tiktoken"
 RANK, ALPHA = 4, 12.0  # alpha != rank: a scale of 1 would hide scaling bugs

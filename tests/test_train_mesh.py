@@ -16,6 +16,8 @@ from helpers import xla_env
 
 from jaxgpt.train import metrics, trainer
 
+pytestmark = pytest.mark.run
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 

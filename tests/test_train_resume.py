@@ -22,6 +22,8 @@ from jaxgpt.io import checkpoint
 from jaxgpt.io.workdir import Workdir
 from jaxgpt.train import metrics, trainer
 
+pytestmark = pytest.mark.run
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 # dropout and gradient accumulation on, so the resumed run must also restore its dropout keys and micro-batches

@@ -21,6 +21,8 @@ from jaxgpt.nn.model import init_params
 from jaxgpt.train import config as train_config
 from jaxgpt.train import metrics, steps, trainer
 
+pytestmark = pytest.mark.run
+
 REPO = Path(__file__).resolve().parents[1]
 BPE = SHARED / "data" / "gpt2.tiktoken"
 

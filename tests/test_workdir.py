@@ -56,6 +56,7 @@ def tiny(pydoc_char_dir, max_iters: int):
     return c
 
 
+@pytest.mark.run
 def test_a_run_from_before_the_regrouping_resumes_where_a_straight_run_would_be(before, tmp_path, pydoc_char_dir):
     assert Workdir(before).load()[1]["wte"]["embedding"].shape == (103, 16)
     resumed = trainer.train(tiny(pydoc_char_dir, 60), before)
