@@ -27,7 +27,7 @@ import importlib.util, json, sys
 import jax, numpy as np
 from jaxgpt import sharding as sh
 from jaxgpt.train import metrics
-from jaxgpt.train import config as train_config
+from jaxgpt.train import run as runs
 from jaxgpt.train import steps
 from jaxgpt.train import trainer
 from jaxgpt.train.config import MeshConfig, OptimConfig

@@ -319,6 +319,7 @@ def open_run(train_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | 
     identity files (written by the `main` process), the train program and the starting state (see `train`)."""
     p = train_config.parts(train_cfg)
     wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
+    trainable = trainable_of(p.lora, p.start.init_from, p.loop.seed, split, combine)
     data_dir = ensure_data(p.data, wd)
     meta = data_meta(data_dir)
     init = initial_model(p.start, p.model, meta)
@@ -326,7 +327,6 @@ def open_run(train_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | 
     if meta["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"the data has {meta['vocab_size']} token ids but the model only "
                          f"{model_cfg.vocab_size}; set config.model.vocab_size >= {meta['vocab_size']} (or 0)")
-    trainable = trainable_of(p.lora, p.start.init_from, p.loop.seed, split, combine)
     check_lora_export(model_cfg, p.lora, trainable)
     program = build_program(model_cfg, p.optim, p.mesh, grad_accum=p.loop.grad_accum, batch_rows=p.loop.batch_size,
                             tx=tx, trainable=trainable, shardings_fn=shardings_fn)
