@@ -40,16 +40,14 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config_path = flags.FLAGS["config"].config_filename
     workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path.split(":")[0]).stem)
-    config = _CONFIG.value
-    if config.get("retain_host_memory", True):
+    train_cfg = _CONFIG.value
+    if train_cfg.retain_host_memory:
         host_memory.retain_freed_memory()  # before XLA starts its threads (they would keep their own heaps)
     sharding.maybe_initialize_distributed()  # multi-host runs (from the environment); before any device use
-    compilation_cache.enable_for_training(
-        config.get("compilation_cache_dir", ""),
-        config.get("compilation_cache_min_secs", compilation_cache.DEFAULT_MIN_SECS),
-        on_cpu=config.get("compilation_cache_on_cpu", False))
+    compilation_cache.enable_for_training(train_cfg.compilation_cache_dir, train_cfg.compilation_cache_min_secs,
+                                          on_cpu=train_cfg.compilation_cache_on_cpu)
     try:
-        summary = trainer.train(config, workdir)
+        summary = trainer.train(train_cfg, workdir)
     except workdir_lock.WorkdirLocked as e:  # another run holds the workdir: say so in one line
         raise SystemExit(f"train.py: {e}") from None
     if summary.get("interrupted"):

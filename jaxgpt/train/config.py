@@ -131,7 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.learning_rate={config.learning_rate} is not valid; use a value > 0")
     if not 0.0 <= float(config.beta1) < 1.0 or not 0.0 <= float(config.beta2) < 1.0:
         raise ValueError(f"config.beta1={config.beta1} / beta2={config.beta2} are not valid; use values in [0, 1)")
-    profile = tuple(config.get("profile_steps") or ())
+    profile = tuple(config.profile_steps or ())
     if profile and (len(profile) != 2 or not 0 <= profile[0] <= profile[1]):
         raise ValueError(f"config.profile_steps={profile} is not valid; use (first, last) steps, e.g. (10, 12)")
 
