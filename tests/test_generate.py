@@ -10,6 +10,7 @@ import pytest
 from helpers import random_params as shared_random_params
 
 from jaxgpt.decode import generate as G
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT
 
@@ -40,9 +41,10 @@ def base():
     return cfg, random_params(cfg, 0)
 
 
-def greedy(params, cfg, prompts, n=N, **kw):
+def greedy(params, cfg, prompts, n=N, prompt_lengths=None, **options):
     """Greedy generate with logits: the calls below share shapes, so they share one compile."""
-    return G.generate(params, cfg, prompts, n, temperature=0, return_logits=True, **kw)
+    return G.generate(params, cfg, prompts, n, DecodeOptions(temperature=0, **options), prompt_lengths=prompt_lengths,
+                      return_logits=True)
 
 
 SAMPLING = dict(temperature=0.9, top_k=20, top_p=0.9)
@@ -141,15 +143,16 @@ def test_cached_equals_uncached_on_ragged_batch(base):
     free = greedy(params, cfg, PROMPTS)
     eos = int(free.tokens[0, 2])  # a token row 0 emits, so at least one row stops early
     cached = greedy(params, cfg, PROMPTS, eos_id=eos)
-    ref = G.generate_uncached(params, cfg, PROMPTS, N, temperature=0, eos_id=eos, bucket=8, return_logits=True)
+    ref = G.generate_uncached(params, cfg, PROMPTS, N, DecodeOptions(temperature=0, eos_id=eos), bucket=8,
+                              return_logits=True)
     np.testing.assert_array_equal(cached.tokens, ref.tokens)
     np.testing.assert_array_equal(cached.lengths, ref.lengths)
     assert int(cached.lengths[0]) <= 3
     np.testing.assert_allclose(cached.logits, ref.logits, atol=1e-5, rtol=0)
     # sampling draws the same random numbers on both paths
-    kw = dict(rng=11, eos_id=eos, **SAMPLING)
-    np.testing.assert_array_equal(G.generate(params, cfg, PROMPTS, N, **kw).tokens,
-                                  G.generate_uncached(params, cfg, PROMPTS, N, bucket=8, **kw).tokens)
+    opts = DecodeOptions(seed=11, eos_id=eos, **SAMPLING)
+    np.testing.assert_array_equal(G.generate(params, cfg, PROMPTS, N, opts).tokens,
+                                  G.generate_uncached(params, cfg, PROMPTS, N, opts, bucket=8).tokens)
 
 
 def test_padding_rows_never_change_other_rows(base):
@@ -182,14 +185,14 @@ def test_eos_stops_rows_and_pads_the_rest(base):
 
 def test_stream_chunks_equal_generate_and_seed_determinism(base):
     cfg, params = base
-    kw = dict(rng=5, **SAMPLING)
-    whole = G.generate(params, cfg, PROMPTS, N, **kw)
-    chunks = list(G.stream(params, cfg, PROMPTS, N, chunk_size=4, **kw))
+    opts = DecodeOptions(seed=5, **SAMPLING)
+    whole = G.generate(params, cfg, PROMPTS, N, opts)
+    chunks = list(G.stream(params, cfg, PROMPTS, N, opts, chunk_size=4))
     assert [c.tokens.shape[1] for c in chunks] == [1, 4, 4]
     np.testing.assert_array_equal(np.concatenate([c.tokens for c in chunks], axis=1), whole.tokens)
     np.testing.assert_array_equal(sum(c.lengths for c in chunks), whole.lengths)
-    np.testing.assert_array_equal(G.generate(params, cfg, PROMPTS, N, **kw).tokens, whole.tokens)
-    other = G.generate(params, cfg, PROMPTS, N, **{**kw, "rng": jax.random.PRNGKey(6)})
+    np.testing.assert_array_equal(G.generate(params, cfg, PROMPTS, N, opts).tokens, whole.tokens)
+    other = G.generate(params, cfg, PROMPTS, N, opts.replace(seed=6))
     assert not np.array_equal(other.tokens, whole.tokens)
 
 
@@ -211,7 +214,7 @@ def test_empty_prompt_starts_from_eos_and_single_new_token(base):
     np.testing.assert_array_equal(empty.logits, start.logits)
     np.testing.assert_allclose(empty.logits[:, 0], _full_forward(cfg, params, [[eos]])[:, 0], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="row 0 is empty"):
-        G.generate(params, cfg, [[]], 4, temperature=0)
+        G.generate(params, cfg, [[]], 4, DecodeOptions(temperature=0))
 
 
 @flax.struct.dataclass
@@ -247,7 +250,10 @@ def test_compressed_cache_plugs_in(base):
 
 def test_bad_input_errors(base):
     cfg, params = base  # learned positions, block_size 32, vocab 97
-    gen = lambda prompts, n=4, **kw: G.generate(params, cfg, prompts, n, **{"temperature": 0, **kw})  # noqa: E731
+    def gen(prompts, n=4, prompt_lengths=None, **options):
+        return G.generate(params, cfg, prompts, n, DecodeOptions(**{"temperature": 0, **options}),
+                          prompt_lengths=prompt_lengths)
+
     for window in (32, -1, 2.0, True):
         with pytest.raises(ValueError, match=r"window=.* is not valid; use an integer in \[0, block_size - 1 = 31\]"):
             gen([[1] * 30], 5, window=window)
@@ -257,8 +263,8 @@ def test_bad_input_errors(base):
         gen([[3], [-1, 2]])
     with pytest.raises(ValueError, match="needs a seed"):
         gen([[1]], temperature=1.0)
-    for kw, what in ((dict(temperature=-1.0), "temperature"), (dict(temperature=1.0, rng=0, top_k=0), "top_k"),
-                     (dict(temperature=1.0, rng=0, top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    for kw, what in ((dict(temperature=-1.0), "temperature"), (dict(temperature=1.0, seed=0, top_k=0), "top_k"),
+                     (dict(temperature=1.0, seed=0, top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
                      (dict(eos_id=97), "eos_id"), (dict(pad_id=-2), "pad_id")):
         with pytest.raises(ValueError, match=what):
             gen([[1]], **kw)
@@ -279,9 +285,9 @@ def test_bad_input_errors(base):
     with pytest.raises(ValueError, match="unknown KV-cache kind 'int3'"):
         gen([[1]], cache_kind="int3")
     with pytest.raises(ValueError, match="chunk_size"):
-        next(G.stream(params, cfg, [[1]], 4, temperature=0, chunk_size=0))
+        next(G.stream(params, cfg, [[1]], 4, DecodeOptions(temperature=0), chunk_size=0))
     with pytest.raises(ValueError, match="bucket"):
-        G.generate_uncached(params, cfg, [[1]], 4, temperature=0, bucket=0)
+        G.generate_uncached(params, cfg, [[1]], 4, DecodeOptions(temperature=0), bucket=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

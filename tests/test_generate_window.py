@@ -9,6 +9,7 @@ import pytest
 from helpers import random_params as shared_random_params
 
 from jaxgpt.decode import generate as G
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT
 
@@ -74,7 +75,7 @@ def test_greedy_equals_reference_across_refills(pos, seed):
     first = {int(t): min(int(np.argmax(r == t)) if (r == t).any() else N for r in free) for t in free[2]}
     eos = max(first, key=first.get)  # the token of row 2 that any row emits last
     assert 8 < first[eos] < N - 1  # so a row stops after a refill, and rows keep going after it stopped
-    out = G.generate(params, cfg, PROMPTS, N, temperature=0, eos_id=eos, pad_id=0, return_logits=True)
+    out = G.generate(params, cfg, PROMPTS, N, DecodeOptions(temperature=0, eos_id=eos, pad_id=0), return_logits=True)
     toks, lengths, logits = reference(cfg, params, PROMPTS, N, BLOCK // 2, eos=eos, pad=0)
     np.testing.assert_array_equal(out.tokens, toks)
     np.testing.assert_array_equal(out.lengths, lengths)
@@ -90,7 +91,7 @@ def test_window_block_minus_one_is_nanogpt_crop():
     idx = list(prompt)
     for _ in range(N):
         idx.append(int(forward_last(cfg, params, [idx[-BLOCK:]])[0].argmax()))
-    out = G.generate(params, cfg, [prompt], N, temperature=0, window=BLOCK - 1)
+    out = G.generate(params, cfg, [prompt], N, DecodeOptions(temperature=0, window=BLOCK - 1))
     assert np.asarray(out.tokens[0]).tolist() == idx[len(prompt):]
     assert len(set(idx[len(prompt):])) > 1  # not one repeated token
 
@@ -100,7 +101,7 @@ def test_window_block_minus_one_is_nanogpt_crop():
         def decode(self, ids):
             return ",".join(map(str, ids))
 
-    text = G.sample_text(params, cfg, Tok(), prompt, N, temperature=0, window=BLOCK - 1)
+    text = G.sample_text(params, cfg, Tok(), prompt, N, DecodeOptions(temperature=0, window=BLOCK - 1))
     assert text == ",".join(map(str, idx[len(prompt):]))
 
 
@@ -112,8 +113,8 @@ def test_sampling_stream_equals_reference():
     sampling = dict(temperature=0.9, top_k=30, top_p=0.95)
     window = 3
     toks, lengths, _ = reference(cfg, params, PROMPTS, N, window, rng=7, **sampling)
-    run = lambda seed: list(G.stream(params, cfg, PROMPTS, N, chunk_size=5, rng=seed, window=window,  # noqa: E731
-                                     **sampling))
+    run = lambda seed: list(G.stream(params, cfg, PROMPTS, N, DecodeOptions(seed=seed, window=window,  # noqa: E731
+                                                                          **sampling), chunk_size=5))
     chunks = run(7)
     assert [c.tokens.shape[1] for c in chunks] == [1, 5, 5, 5, 5]
     np.testing.assert_array_equal(np.concatenate([c.tokens for c in chunks], axis=1), toks)
@@ -126,8 +127,8 @@ def test_compressed_cache_slides_too():
     """The refill writes a compressed cache at start 0 too: int8 logits stay near the dense ones."""
     cfg = config("learned")
     params = random_params(cfg, 1)
-    dense = G.generate(params, cfg, PROMPTS, N, temperature=0, return_logits=True)
-    int8 = G.generate(params, cfg, PROMPTS, N, temperature=0, cache_kind="int8", return_logits=True)
+    dense = G.generate(params, cfg, PROMPTS, N, DecodeOptions(temperature=0), return_logits=True)
+    int8 = G.generate(params, cfg, PROMPTS, N, DecodeOptions(temperature=0, cache_kind="int8"), return_logits=True)
     agree = np.all(np.asarray(int8.tokens) == np.asarray(dense.tokens), axis=0)  # [N]
     same = N if agree.all() else int(np.argmin(agree))  # tokens before the first difference
     assert same > 4  # row 1 (a full block from the start) refilled at every one of these tokens

@@ -14,6 +14,7 @@ from absl.testing import parameterized
 
 from jaxgpt.decode import kv_compress as kc
 from jaxgpt.decode import turboquant as tq
+from jaxgpt.decode.cache_kinds import new_cache
 from jaxgpt.decode.kv_cache import KVCache
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT, init_params
@@ -106,7 +107,7 @@ class EntryTest(chex.TestCase):
 
     def check_reads(self, kind):
         B, S, H, D = 2, 12, CFG.n_head, CFG.head_dim
-        entry = kc.init_compressed_cache(CFG, B, S, kind, seed=3).layers[0]
+        entry = new_cache(kind, CFG, B, S, seed=3).layers[0]
         rng = np.random.default_rng(zlib.crc32(kind.encode()))
         scale = np.exp(rng.normal(size=D))  # uneven channel scales, so the outlier split matters
         # (prefill at 0, then writes at uneven row offsets; row 1's last write restarts it at 0)
@@ -161,7 +162,7 @@ def test_outlier_split_gives_outliers_more_bits():
     x[..., [5, 40]] *= 20
     errs = {}
     for kind in ("turbo2", "turbo2.5", "uniform2.5"):
-        entry = kc.init_compressed_cache(CFG, B, T, kind).layers[0]
+        entry = new_cache(kind, CFG, B, T).layers[0]
         entry = jax.jit(lambda e, a: e.write(a, a, jnp.zeros((B,), jnp.int32)))(entry, x.astype(np.float32))
         k, _ = entry.read(jnp.float32)
         errs[kind] = float(np.sum((np.asarray(k) - x) ** 2) / np.sum(x**2))
@@ -179,9 +180,9 @@ def test_outlier_channels_come_from_each_rows_own_tokens():
     x = rng.standard_normal((B, T, H, D)).astype(np.float32)
     x[0, n:, :, :8] *= 50  # row 0's padding
     write = jax.jit(lambda e, a: e.write(a, a, jnp.zeros((a.shape[0],), jnp.int32)))
-    cache = kc.set_prompt_lengths(kc.init_compressed_cache(CFG, B, T, "turbo2.5"), jnp.array([n, T]))
+    cache = kc.set_prompt_lengths(new_cache("turbo2.5", CFG, B, T), jnp.array([n, T]))
     batched = write(cache.layers[0], x)
-    alone = write(kc.init_compressed_cache(CFG, 1, n, "turbo2.5").layers[0], x[:1, :n])
+    alone = write(new_cache("turbo2.5", CFG, 1, n).layers[0], x[:1, :n])
     np.testing.assert_array_equal(batched.k.perm[0], alone.k.perm[0])
     np.testing.assert_array_equal(batched.k.perm[0], ref_order(x[0, :n], D // 2))
     np.testing.assert_array_equal(batched.k.perm[1], ref_order(x[1], D // 2))
@@ -192,13 +193,14 @@ def test_outlier_channels_come_from_each_rows_own_tokens():
 def test_ragged_batch_row_equals_row_alone_with_mixed_cache():
     """Through `generate`: a row's turbo2.5 output is the same alone and beside a longer row (junk padding)."""
     from jaxgpt.decode import generate as G
+    from jaxgpt.decode.options import DecodeOptions
 
     cfg = GPTConfig.preset("tiny", n_embd=32, n_layer=1)  # head_dim 16
     params = init_params(cfg, 0)
     prompts = np.array([[5, 17, 3, 90, 90, 90, 90, 90], [40, 2, 9, 66, 1, 12, 30, 8]], np.int32)
-    kw = dict(temperature=0, cache_kind="turbo2.5", return_logits=True)
-    alone = G.generate(params, cfg, prompts[:1, :3], 1, **kw)  # the prefill reads back its compressed keys
-    batched = G.generate(params, cfg, prompts, 1, prompt_lengths=[3, 8], **kw)
+    opts = DecodeOptions(temperature=0, cache_kind="turbo2.5")
+    alone = G.generate(params, cfg, prompts[:1, :3], 1, opts, return_logits=True)  # prefill reads back its keys
+    batched = G.generate(params, cfg, prompts, 1, opts, prompt_lengths=[3, 8], return_logits=True)
     np.testing.assert_array_equal(batched.tokens[0], alone.tokens[0])
     chex.assert_trees_all_close(batched.logits[0], alone.logits[0], atol=1e-5, rtol=0)
 
@@ -206,7 +208,7 @@ def test_ragged_batch_row_equals_row_alone_with_mixed_cache():
 @pytest.mark.parametrize("kind", ["int8", "turbo2.5"])
 def test_overlong_write_raises(kind):
     """dynamic_update_slice would clamp a write longer than the buffer onto earlier positions."""
-    entry = kc.init_compressed_cache(CFG, 1, 4, kind).layers[0]
+    entry = new_cache(kind, CFG, 1, 4).layers[0]
     x = jnp.ones((1, 6, CFG.n_head, CFG.head_dim))
     with pytest.raises(ValueError, match="KV cache write of 6 positions does not fit a buffer of max_len 4"):
         jax.jit(lambda e, a, s: e.write(a, a, s))(entry, x, jnp.zeros((1,), jnp.int32))  # raised while tracing
@@ -227,7 +229,7 @@ BITS = {"bfloat16": 16, "int8": 8.25, "turbo4": 4.25, "turbo3.5": 4.0, "turbo3":
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_bytes_are_measured_and_packed(kind):
-    caches = {s: kc.init_compressed_cache(CFG, 2, s, kind) for s in (8, 24)}
+    caches = {s: new_cache(kind, CFG, 2, s) for s in (8, 24)}
     for s, cache in caches.items():
         assert isinstance(cache, KVCache) and cache.max_len == s
         assert cache.nbytes == kc.compressed_cache_bytes(CFG, 2, s, kind)
@@ -243,11 +245,11 @@ def test_bytes_are_measured_and_packed(kind):
 def test_bad_kinds_raise():
     for bad in ("turbo5", "turbo4.5", "uniform3-prod", "int4", "fp8", "turbo3.25"):
         with pytest.raises(ValueError, match="unknown KV-cache kind"):
-            kc.init_compressed_cache(CFG, 1, 8, bad)
+            new_cache(bad, CFG, 1, 8)
     with pytest.raises(ValueError, match="odd"):
-        kc.init_compressed_cache(GPTConfig(vocab_size=16, n_layer=1, n_head=2, n_embd=14), 1, 8, "turbo2.5")
+        new_cache("turbo2.5", GPTConfig(vocab_size=16, n_layer=1, n_head=2, n_embd=14), 1, 8)
     with pytest.raises(ValueError, match="positive"):
-        kc.init_compressed_cache(CFG, 0, 8, "int8")
+        new_cache("int8", CFG, 0, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,7 +281,7 @@ def test_gpt_decodes_through_compressed_caches():
     spread = np.linalg.norm(full - full.mean(-1, keepdims=True))
     rel = {}
     for kind in ("int8", "turbo4", "turbo2"):
-        logits, cache = run(kc.init_compressed_cache(CFG, B, T0 + steps, kind))
+        logits, cache = run(new_cache(kind, CFG, B, T0 + steps))
         chex.assert_shape(logits, full.shape)
         np.testing.assert_array_equal(cache.lengths, T0 + steps)
         rel[kind] = float(np.linalg.norm(logits - full) / spread)

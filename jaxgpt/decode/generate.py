@@ -8,8 +8,9 @@ no position shifts: every row sees exactly the positions it would see alone.
 
 Past the context window (any position kind): a row's context holds at most block_size tokens (a longer
 prompt keeps its last block_size). When the cache is full and a token must be fed, the row keeps the last
-`window` tokens of its context, re-prefills them with the new token at positions 0..window, and goes on.
-`window = block_size - 1` re-prefills every step: exactly nanoGPT's crop to the last block_size tokens.
+`window` tokens of its context (`DecodeOptions.window`), re-prefills them with the new token at positions
+0..window, and goes on. `window = block_size - 1` re-prefills every step: exactly nanoGPT's crop to the last
+block_size tokens.
 The default, block_size // 2, re-prefills once every block_size // 2 tokens. Rows refill independently.
 
 The decode loop carries (cache, last token, rng, done, and, when the window can slide, the token ids of the
@@ -17,8 +18,8 @@ context) through `lax.scan`; a refill is a `lax.cond` inside the step, so one pr
 `generate` jits prefill + scan as one function (one compile per batch / prompt length / new-token count);
 `stream` runs the same steps in chunks of a few tokens, carrying the state between calls, so text can be
 shown as it is produced; `generate_uncached` re-runs the whole context for every token and is the
-reference for tests and benchmarks. All three draw the same random numbers, so for a given seed they emit
-the same tokens.
+reference for tests and benchmarks. All three take one `DecodeOptions` (sampling, eos, window, cache kind)
+and draw the same random numbers, so for a given seed they emit the same tokens.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxgpt.decode.kv_cache import KVCache, init_cache, write_rows
+from jaxgpt.decode.cache_kinds import new_cache
+from jaxgpt.decode.kv_cache import KVCache, write_rows
+from jaxgpt.decode.kv_compress import set_prompt_lengths
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT
 
@@ -96,27 +100,21 @@ class Sampler:
         return sample_logits(rng, logits, self.temperature, self.top_k, self.top_p if self.use_top_p else None)
 
 
-def make_sampler(config: GPTConfig, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_id: int | None = None, pad_id: int | None = None) -> Sampler:
-    """Validate the sampling settings; greedy when temperature == 0 (top-k / top-p are then ignored)."""
-    V = config.vocab_size
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < np.inf:
-        raise ValueError(f"temperature={temperature!r} is not valid; use 0 (greedy) or a positive number")
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise ValueError(f"top_k={top_k!r} is not valid; use a positive integer or None (no top-k)")
-        top_k = int(top_k) if top_k < V else None  # keeping the whole vocabulary is no filter
-    if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p!r} is not valid; use a value in (0, 1] or None (no top-p)")
-    for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
-        if tok is not None and (isinstance(tok, bool) or not isinstance(tok, (int, np.integer)) or not 0 <= tok < V):
+def make_sampler(model_cfg: GPTConfig, options: DecodeOptions) -> Sampler:
+    """The sampling settings of `options` as traced scalars and static flags, its token ids checked against the
+    vocabulary. Greedy when temperature == 0 (top-k / top-p are then ignored)."""
+    V = model_cfg.vocab_size
+    for name in ("eos_id", "pad_id", "bos_id"):
+        tok = getattr(options, name)
+        if tok is not None and not tok < V:
             raise ValueError(f"{name}={tok!r} is outside the vocabulary [0, {V}); pass a valid token id or None")
+    eos_id, pad_id, top_p = options.eos_id, options.pad_id, options.top_p
     if pad_id is None:
         pad_id = eos_id if eos_id is not None else 0
-    greedy = temperature == 0
+    top_k = int(options.top_k) if options.top_k is not None and options.top_k < V else None  # < V: a real filter
+    greedy = options.greedy
     return Sampler(
-        temperature=jnp.float32(temperature), top_p=jnp.float32(1.0 if top_p is None else top_p),
+        temperature=jnp.float32(options.temperature), top_p=jnp.float32(1.0 if top_p is None else top_p),
         eos_id=jnp.int32(-1 if eos_id is None else eos_id), pad_id=jnp.int32(pad_id), greedy=greedy,
         top_k=None if greedy else top_k, use_top_p=not greedy and top_p is not None and top_p < 1.0)
 
@@ -125,7 +123,7 @@ def make_sampler(config: GPTConfig, temperature: float = 1.0, top_k: int | None 
 # Prompts
 
 
-def prepare_prompts(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
+def prepare_prompts(model_cfg: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
                     prompt_lengths: Any = None, bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Ragged prompts -> (tokens [B, T] int32 right-padded, lengths [B] int32), validated.
 
@@ -155,7 +153,7 @@ def prepare_prompts(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
         rows = [np.asarray(r).tolist() if isinstance(r, (np.ndarray, jax.Array)) else list(r) for r in prompt_tokens]
     if not rows:
         raise ValueError("prompt_tokens is empty; pass at least one prompt (an empty prompt [] is fine)")
-    V = config.vocab_size
+    V = model_cfg.vocab_size
     for b, row in enumerate(rows):
         bad = [t for t in row if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
         if bad:
@@ -167,10 +165,10 @@ def prepare_prompts(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
                              "encode the prompt with the model's tokenizer")
         if not row:
             if bos_id is None:
-                raise ValueError(f"prompt row {b} is empty and there is no start token; pass eos_id or bos_id "
-                                 "(GPT-2: 50256, <|endoftext|>) or a non-empty prompt")
+                raise ValueError(f"prompt row {b} is empty and there is no start token; set DecodeOptions eos_id or "
+                                 "bos_id (GPT-2: 50256, <|endoftext|>) or pass a non-empty prompt")
             row.append(int(bos_id))
-    rows = [row[-config.block_size:] for row in rows]  # a context holds at most block_size tokens
+    rows = [row[-model_cfg.block_size:] for row in rows]  # a context holds at most block_size tokens
     lengths = np.array([len(r) for r in rows], np.int32)
     T = int(lengths.max())
     tokens = np.zeros((len(rows), T), np.int32)
@@ -204,13 +202,14 @@ class DecodeState:
     context: jax.Array | None = None  # [B, S] int32 token ids at the cache's positions (sliding window only)
 
 
-def window_size(config: GPTConfig, window: int | None) -> int:
+def window_size(model_cfg: GPTConfig, window: int | None) -> int:
     """Tokens kept when a full context slides (default block_size // 2), validated."""
+    block = model_cfg.block_size
     if window is None:
-        return config.block_size // 2
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or not 0 <= window < config.block_size:
+        return block // 2
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or not 0 <= window < block:
         raise ValueError(f"window={window!r} is not valid; use an integer in [0, block_size - 1 = "
-                         f"{config.block_size - 1}] (block_size - 1 re-prefills every token, as nanoGPT's crop)")
+                         f"{block - 1}] (block_size - 1 re-prefills every token, as nanoGPT's crop)")
     return int(window)
 
 
@@ -227,34 +226,26 @@ def _initial_state(cache: KVCache | None, rng: jax.Array, batch: int) -> DecodeS
                        done=jnp.zeros((batch,), bool), count=jnp.zeros((batch,), jnp.int32))
 
 
-def new_cache(config: GPTConfig, batch: int, max_len: int, kind: str = "dense", dtype: Any = None) -> KVCache:
-    """An empty cache: "dense" holds keys/values in `dtype` (default: the compute dtype); any other kind is a
-    compressed one of `jaxgpt.decode.kv_compress` ("int8", "turbo3", ...)."""
-    if kind == "dense":
-        return init_cache(config, batch, max_len, jnp.dtype(dtype or config.compute_dtype))
-    from jaxgpt.decode.kv_compress import init_compressed_cache
+class CachePlan(NamedTuple):
+    """The static layout of one decode's cache (hashable: a jit static argument)."""
 
-    return init_compressed_cache(config, batch, max_len, kind)
+    kind: str  # a cache kind of `jaxgpt.decode.cache_kinds`
+    dtype: str | None  # a dense cache's float dtype (None: the compute dtype)
+    max_len: int  # slots: the whole sequence, or block_size once the context can slide
+    slide: bool  # the context may outgrow the cache, so the decode state keeps its token ids
 
 
 def _prefill(params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, sampler: Sampler, *,
-             config: GPTConfig, max_len: int, cache_kind: str, cache_dtype: str,
-             slide: bool) -> tuple[DecodeState, jax.Array]:
-    """Run the padded prompts [B, T] once, write the cache, emit the first token. Returns (state, logits [B, V]).
-
-    slide: the context may outgrow the cache (max_len == block_size), so the state keeps its token ids.
-    """
+             model_cfg: GPTConfig, plan: CachePlan) -> tuple[DecodeState, jax.Array]:
+    """Run the padded prompts [B, T] once, write the cache, emit the first token. Returns (state, logits [B, V])."""
     B, T = tokens.shape
-    cache = new_cache(config, B, max_len, cache_kind, cache_dtype)
-    if cache_kind != "dense":
-        from jaxgpt.decode.kv_compress import set_prompt_lengths
-
-        cache = set_prompt_lengths(cache, lengths)  # channel choices from each row's own tokens
-    logits, cache = GPT(config).apply({"params": params}, tokens, cache=cache, logits_at=lengths - 1)  # [B, V]
+    cache = new_cache(plan.kind, model_cfg, B, plan.max_len, plan.dtype)
+    cache = set_prompt_lengths(cache, lengths)  # mixed compressed kinds: channels from each row's own tokens
+    logits, cache = GPT(model_cfg).apply({"params": params}, tokens, cache=cache, logits_at=lengths - 1)  # [B, V]
     cache = cache.replace(lengths=lengths)  # padding slots past a row's length get overwritten
     state = _initial_state(cache, rng, B)
-    if slide:
-        state = state.replace(context=jnp.zeros((B, max_len), jnp.int32).at[:, :T].set(tokens))
+    if plan.slide:
+        state = state.replace(context=jnp.zeros((B, plan.max_len), jnp.int32).at[:, :T].set(tokens))  # [B, S]
     return _sample_next(state, logits, sampler), logits
 
 
@@ -301,10 +292,10 @@ def _windowed_step(model: GPT, params: Any, state: DecodeState, window: int) -> 
     return lax.cond(full.any(), refill, lambda: (*decode(), context))
 
 
-def _decode(params: Any, state: DecodeState, sampler: Sampler, *, config: GPTConfig, n_steps: int,
+def _decode(params: Any, state: DecodeState, sampler: Sampler, *, model_cfg: GPTConfig, n_steps: int,
             return_logits: bool, window: int) -> tuple[DecodeState, jax.Array, jax.Array | None]:
     """`n_steps` tokens by lax.scan: feed the last token, sample the next. -> (state, [B, n], [B, n, V] or None)."""
-    model = GPT(config)
+    model = GPT(model_cfg)
 
     def step(state: DecodeState, _: None) -> tuple[DecodeState, tuple[jax.Array, jax.Array | None]]:
         if state.context is None:
@@ -321,136 +312,124 @@ def _decode(params: Any, state: DecodeState, sampler: Sampler, *, config: GPTCon
     return state, toks.T, None if logits is None else jnp.swapaxes(logits, 0, 1)
 
 
-_STATIC = ("config", "max_len", "cache_kind", "cache_dtype", "slide")
-_prefill_jit = jax.jit(_prefill, static_argnames=_STATIC)
-_decode_jit = jax.jit(_decode, static_argnames=("config", "n_steps", "return_logits", "window"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("model_cfg", "plan"))
+_decode_jit = jax.jit(_decode, static_argnames=("model_cfg", "n_steps", "return_logits", "window"))
 
 
-@partial(jax.jit, static_argnames=_STATIC + ("n_steps", "return_logits", "window"))
+@partial(jax.jit, static_argnames=("model_cfg", "plan", "n_steps", "return_logits", "window"))
 def _generate_jit(params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, sampler: Sampler, *,
-                  config: GPTConfig, max_len: int, cache_kind: str, cache_dtype: str, slide: bool, n_steps: int,
-                  return_logits: bool, window: int) -> Generation:
-    state, logits0 = _prefill(params, tokens, lengths, rng, sampler, config=config, max_len=max_len,
-                              cache_kind=cache_kind, cache_dtype=cache_dtype, slide=slide)
+                  model_cfg: GPTConfig, plan: CachePlan, n_steps: int, return_logits: bool,
+                  window: int) -> Generation:
+    state, logits0 = _prefill(params, tokens, lengths, rng, sampler, model_cfg=model_cfg, plan=plan)
     tok0 = state.last
     if n_steps == 0:  # one new token: the prefill's
         return Generation(tok0[:, None], state.count, logits0[:, None] if return_logits else None)
-    state, toks, logits = _decode(params, state, sampler, config=config, n_steps=n_steps,
+    state, toks, logits = _decode(params, state, sampler, model_cfg=model_cfg, n_steps=n_steps,
                                   return_logits=return_logits, window=window)
     out_tokens = jnp.concatenate([tok0[:, None], toks], axis=1)  # [B, N]
-    out_logits = jnp.concatenate([logits0[:, None], logits], axis=1) if return_logits else None
+    out_logits = jnp.concatenate([logits0[:, None], logits], axis=1) if return_logits else None  # [B, N, V]
     return Generation(out_tokens, state.count, out_logits)
 
 
-def _setup(config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, rng: Any, temperature: float,
-           top_k: int | None, top_p: float | None, eos_id: int | None, pad_id: int | None, bos_id: int | None,
-           prompt_lengths: Any, cache_kind: str = "dense",
-           window: int | None = None) -> tuple[np.ndarray, np.ndarray, jax.Array, Sampler, int]:
-    """Shared validation of generate / stream / generate_uncached -> (tokens, lengths, rng, sampler, window)."""
-    if cache_kind != "dense":
-        from jaxgpt.decode.kv_compress import parse_kind
+class Prepared(NamedTuple):
+    """What `generate`, `stream` and `generate_uncached` decode from, checked."""
 
-        parse_kind(cache_kind)  # a clear ValueError for an unknown kind, before anything is traced
-    window = window_size(config, window)
-    sampler = make_sampler(config, temperature, top_k, top_p, eos_id, pad_id)
-    tokens, lengths = prepare_prompts(config, prompt_tokens, max_new_tokens, prompt_lengths,
-                                      eos_id if bos_id is None else bos_id)
-    if rng is None:
-        if not sampler.greedy:
-            raise ValueError(f"sampling with temperature={temperature} needs a seed: pass rng=<int> or "
-                             "rng=jax.random.PRNGKey(seed) (or temperature=0 for greedy)")
-        rng = 0
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        rng = jax.random.PRNGKey(int(rng))
-    return tokens, lengths, rng, sampler, window
+    tokens: np.ndarray  # [B, T] int32 right-padded prompts
+    lengths: np.ndarray  # [B] int32
+    rng: jax.Array  # PRNG key of the seed
+    sampler: Sampler
+    window: int
 
 
-def _cache_static(config: GPTConfig, prompt_len: int, max_new_tokens: int, cache_kind: str,
-                  cache_dtype: Any) -> dict[str, Any]:
-    """Static cache arguments: the buffer holds the whole sequence, or block_size slots once it can slide."""
+def _setup(model_cfg: GPTConfig, prompt_tokens: Any, max_new_tokens: int, options: DecodeOptions,
+           prompt_lengths: Any) -> Prepared:
+    """Check the options against the model and the prompts, and prepare both."""
+    if not isinstance(options, DecodeOptions):
+        raise TypeError(f"options must be a DecodeOptions, not {type(options).__name__}; "
+                        "build one with DecodeOptions(temperature=..., ...)")
+    window = window_size(model_cfg, options.window)
+    sampler = make_sampler(model_cfg, options)
+    bos_id = options.eos_id if options.bos_id is None else options.bos_id
+    tokens, lengths = prepare_prompts(model_cfg, prompt_tokens, max_new_tokens, prompt_lengths, bos_id)
+    if options.seed is None and not sampler.greedy:
+        raise ValueError(f"sampling with temperature={options.temperature} needs a seed: pass "
+                         "DecodeOptions(seed=<int>, ...) (or temperature=0 for greedy)")
+    rng = jax.random.PRNGKey(0 if options.seed is None else int(options.seed))
+    return Prepared(tokens, lengths, rng, sampler, window)
+
+
+def _cache_plan(model_cfg: GPTConfig, prompt_len: int, max_new_tokens: int, options: DecodeOptions) -> CachePlan:
+    """The buffer holds the whole sequence, or block_size slots once the context can slide."""
     longest = prompt_len + max_new_tokens - 1  # the last emitted token is never fed back
-    slide = longest > config.block_size
-    return dict(config=config, max_len=config.block_size if slide else longest, cache_kind=cache_kind,
-                cache_dtype=jnp.dtype(cache_dtype or config.compute_dtype).name, slide=slide)
+    slide = longest > model_cfg.block_size
+    return CachePlan(options.cache_kind, options.cache_dtype, model_cfg.block_size if slide else longest, slide)
 
 
-def _generate_call(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *,
-                   rng: Any = None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   eos_id: int | None = None, pad_id: int | None = None, bos_id: int | None = None,
-                   prompt_lengths: Any = None, cache_kind: str = "dense", cache_dtype: Any = None,
-                   window: int | None = None, return_logits: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Validated (arguments, static arguments) of `_generate_jit`."""
-    tokens, lengths, rng, sampler, window = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
-                                                   top_p, eos_id, pad_id, bos_id, prompt_lengths, cache_kind, window)
-    static = _cache_static(config, tokens.shape[1], max_new_tokens, cache_kind, cache_dtype)
-    static.update(n_steps=max_new_tokens - 1, return_logits=return_logits, window=window)
-    return (params, tokens, lengths, rng, sampler), static
+def _generate_call(params: Any, model_cfg: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
+                   options: DecodeOptions, prompt_lengths: Any,
+                   return_logits: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Checked (arguments, static arguments) of `_generate_jit`."""
+    p = _setup(model_cfg, prompt_tokens, max_new_tokens, options, prompt_lengths)
+    plan = _cache_plan(model_cfg, p.tokens.shape[1], max_new_tokens, options)
+    static = dict(model_cfg=model_cfg, plan=plan, n_steps=max_new_tokens - 1, return_logits=return_logits,
+                  window=p.window)
+    return (params, p.tokens, p.lengths, p.rng, p.sampler), static
 
 
-def generate(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *,
-             rng: Any = None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, pad_id: int | None = None, bos_id: int | None = None,
-             prompt_lengths: Any = None, cache_kind: str = "dense", cache_dtype: Any = None,
-             window: int | None = None, return_logits: bool = False) -> Generation:
+def generate(params: Any, model_cfg: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
+             options: DecodeOptions = DecodeOptions(), *, prompt_lengths: Any = None,
+             return_logits: bool = False) -> Generation:
     """Continue each prompt by `max_new_tokens` tokens with a KV cache; prefill + lax.scan in one jit.
 
     prompt_tokens: list of token-id lists (ragged), or a [B, T] int array with optional prompt_lengths [B].
-    rng: a PRNG key or int seed (needed unless temperature == 0, which is greedy). top-k, then top-p, as
-    transformers. eos_id: rows that emit it stop; their remaining tokens are pad_id (default eos_id).
-    Empty prompts start from bos_id (default eos_id). cache_kind / cache_dtype: see `new_cache`.
-    window: context tokens kept when a full context slides (default block_size // 2; see the module doc).
+    options: sampling, eos / pad / bos, the sliding window and the cache kind (see `DecodeOptions`).
     Returns Generation(tokens [B, N], lengths [B], logits [B, N, V] if return_logits).
     """
-    args, static = _generate_call(
-        params, config, prompt_tokens, max_new_tokens, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=eos_id, pad_id=pad_id, bos_id=bos_id, prompt_lengths=prompt_lengths, cache_kind=cache_kind,
-        cache_dtype=cache_dtype, window=window, return_logits=return_logits)
+    args, static = _generate_call(params, model_cfg, prompt_tokens, max_new_tokens, options, prompt_lengths,
+                                  return_logits)
     return _generate_jit(*args, **static)
 
 
-def lower_generate(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
-                   **kwargs: Any) -> jax.stages.Lowered:
+def lower_generate(params: Any, model_cfg: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
+                   options: DecodeOptions = DecodeOptions(), *, prompt_lengths: Any = None,
+                   return_logits: bool = False) -> jax.stages.Lowered:
     """`generate`'s program lowered for these arguments without running it (benchmarks: `.compile()` it to
-    time compilation apart; later `generate` calls with the same shapes reuse the executable). Takes
-    `generate`'s keyword arguments."""
-    args, static = _generate_call(params, config, prompt_tokens, max_new_tokens, **kwargs)
+    time compilation apart; later `generate` calls with the same shapes reuse the executable)."""
+    args, static = _generate_call(params, model_cfg, prompt_tokens, max_new_tokens, options, prompt_lengths,
+                                  return_logits)
     return _generate_jit.lower(*args, **static)
 
 
-def sample_text(params: Any, config: GPTConfig, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens: int, *,
-                temperature: float = 0.8, top_k: int | None = None, seed: int = 0,
-                window: int | None = None) -> str:
-    """One sample as text (stops at the tokenizer's <|endoftext|>, if it has one): `generate` with the sliding
-    window, for any length. top_k 0 or None keeps the whole vocabulary. Used for training's end-of-run sample."""
-    eos = getattr(tokenizer, "eot_id", None)
-    out = generate(params, config, [list(prompt_ids)], max_new_tokens, rng=seed, temperature=temperature,
-                   top_k=top_k or None, eos_id=eos, window=window)
+def sample_text(params: Any, model_cfg: GPTConfig, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens: int,
+                options: DecodeOptions = DecodeOptions()) -> str:
+    """One sample as text, by `generate` (the context slides past block_size, so any length works). Without
+    an options.eos_id it stops at the tokenizer's <|endoftext|>, if it has one. Used for training's end-of-run
+    sample."""
+    eos = options.eos_id if options.eos_id is not None else getattr(tokenizer, "eot_id", None)
+    out = generate(params, model_cfg, [list(prompt_ids)], max_new_tokens, options.replace(eos_id=eos))
     ids = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
     return tokenizer.decode([t for t in ids if t != eos])
 
 
-def stream(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *, chunk_size: int = 16,
-           rng: Any = None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           eos_id: int | None = None, pad_id: int | None = None, bos_id: int | None = None,
-           prompt_lengths: Any = None, cache_kind: str = "dense", cache_dtype: Any = None,
-           window: int | None = None) -> Iterator[Generation]:
+def stream(params: Any, model_cfg: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
+           options: DecodeOptions = DecodeOptions(), *, prompt_lengths: Any = None,
+           chunk_size: int = 16) -> Iterator[Generation]:
     """Like `generate`, but yields Generation chunks as they are produced: first the prefill's token, then
     `chunk_size` tokens per scan (the cache is carried between scans). Each chunk's `lengths` counts its
     valid tokens. Stops early once every row is done; concatenated, the chunks equal `generate`'s output.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is not valid; use a positive integer")
-    tokens, lengths, rng, sampler, window = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
-                                                   top_p, eos_id, pad_id, bos_id, prompt_lengths, cache_kind, window)
-    static = _cache_static(config, tokens.shape[1], max_new_tokens, cache_kind, cache_dtype)
-    state, _ = _prefill_jit(params, tokens, lengths, rng, sampler, **static)
+    p = _setup(model_cfg, prompt_tokens, max_new_tokens, options, prompt_lengths)
+    plan = _cache_plan(model_cfg, p.tokens.shape[1], max_new_tokens, options)
+    state, _ = _prefill_jit(params, p.tokens, p.lengths, p.rng, p.sampler, model_cfg=model_cfg, plan=plan)
     yield Generation(state.last[:, None], state.count)
     left = max_new_tokens - 1
     while left > 0 and not bool(state.done.all()):
         n = min(chunk_size, left)
         count = state.count
-        state, toks, _ = _decode_jit(params, state, sampler, config=config, n_steps=n, return_logits=False,
-                                     window=window)
+        state, toks, _ = _decode_jit(params, state, p.sampler, model_cfg=model_cfg, n_steps=n, return_logits=False,
+                                     window=p.window)
         left -= n
         yield Generation(toks, state.count - count)
 
@@ -459,47 +438,45 @@ def stream(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: i
 # Reference path without a cache
 
 
-@partial(jax.jit, static_argnames=("config",))
-def _logits_at(params: Any, tokens: jax.Array, at: jax.Array, *, config: GPTConfig) -> jax.Array:
+@partial(jax.jit, static_argnames=("model_cfg",))
+def _logits_at(params: Any, tokens: jax.Array, at: jax.Array, *, model_cfg: GPTConfig) -> jax.Array:
     """Full causal forward over tokens [B, L]; logits [B, V] at positions at [B] (the head reads only those)."""
-    return GPT(config).apply({"params": params}, tokens, logits_at=at)
+    return GPT(model_cfg).apply({"params": params}, tokens, logits_at=at)
 
 
 _sample_next_jit = jax.jit(_sample_next)
 
 
-def generate_uncached(params: Any, config: GPTConfig, prompt_tokens: Any, max_new_tokens: int, *,
-                      rng: Any = None, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, eos_id: int | None = None, pad_id: int | None = None,
-                      bos_id: int | None = None, prompt_lengths: Any = None, window: int | None = None,
-                      bucket: int = 64, return_logits: bool = False) -> Generation:
+def generate_uncached(params: Any, model_cfg: GPTConfig, prompt_tokens: Any, max_new_tokens: int,
+                      options: DecodeOptions = DecodeOptions(), *, prompt_lengths: Any = None, bucket: int = 64,
+                      return_logits: bool = False) -> Generation:
     """Reference decoding without a cache: every token re-runs the model over the row's whole context.
 
     Contexts are right-padded up to a multiple of `bucket` positions (causal attention makes the padding
     invisible), so the forward pass compiles once per bucket rather than once per token. Same arguments,
-    window rule, random numbers and result as `generate`.
+    window rule, random numbers and result as `generate` (options.cache_kind / cache_dtype do not apply).
     """
     if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
         raise ValueError(f"bucket={bucket!r} is not valid; use a positive integer")
-    tokens, lengths, rng, sampler, window = _setup(config, prompt_tokens, max_new_tokens, rng, temperature, top_k,
-                                                   top_p, eos_id, pad_id, bos_id, prompt_lengths, window=window)
-    B, T = tokens.shape
-    width = min(T + max_new_tokens - 1, config.block_size)  # the longest context ever run
-    context = np.zeros((B, width), np.int32)
-    context[:, :T] = tokens
-    n = lengths.astype(np.int64)  # [B] tokens in each row's context
-    state = _initial_state(None, rng, B)
+    p = _setup(model_cfg, prompt_tokens, max_new_tokens, options, prompt_lengths)
+    B, T = p.tokens.shape
+    block, window = model_cfg.block_size, p.window
+    width = min(T + max_new_tokens - 1, block)  # the longest context ever run
+    context = np.zeros((B, width), np.int32)  # [B, width]
+    context[:, :T] = p.tokens
+    n = p.lengths.astype(np.int64)  # [B] tokens in each row's context
+    state = _initial_state(None, p.rng, B)
     out_tokens, out_logits = [], []
     for i in range(max_new_tokens):
         L = min(-(-int(n.max()) // bucket) * bucket, width)
-        logits = _logits_at(params, context[:, :L], n - 1, config=config)  # [B, V]
-        state = _sample_next_jit(state, logits, sampler)
+        logits = _logits_at(params, context[:, :L], n - 1, model_cfg=model_cfg)  # [B, V]
+        state = _sample_next_jit(state, logits, p.sampler)
         tok = np.asarray(state.last)
         out_tokens.append(tok)
         if return_logits:
             out_logits.append(logits)
         for b in range(B):  # append the token; a full context first keeps its last `window` tokens
-            if n[b] == config.block_size:
+            if n[b] == block:
                 context[b, :window] = context[b, n[b] - window:n[b]].copy()
                 n[b] = window
             if n[b] < width:

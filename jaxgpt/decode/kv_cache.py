@@ -8,8 +8,8 @@ semantics are the same as [B, H, S, D]. Buffers never change shape: a step write
 A layer entry is any pytree with two methods, which is how compressed caches plug in:
   write(k, v, starts) -> new entry    k, v: [B, T, H, D]; starts: [B] int32 first position of each row
   read(dtype) -> (k, v)               dense [B, S, H, D] for attention
-`init_cache` builds the uncompressed entries (LayerKV); `jaxgpt.decode.kv_compress.init_compressed_cache` builds
-int8 / TurboQuant ones into the same KVCache.
+`init_cache` builds the uncompressed entries (LayerKV); `jaxgpt.decode.kv_compress` holds int8 / TurboQuant
+ones in the same KVCache; `jaxgpt.decode.cache_kinds.new_cache` builds either from a kind string.
 
 Writes past the end of the buffer cannot raise inside jit (lax.dynamic_update_slice clamps the offset), so
 callers size the buffer for the whole sequence up front: `jaxgpt.decode.generate` uses prompt + new tokens.

@@ -3,7 +3,7 @@
 Each entry is a flax.struct pytree with the two methods `kv_cache.KVCache` asks of a layer:
   write(k, v, starts) -> new entry    k, v: [B, T, H, D] new keys/values, starts: [B] int32 row offsets
   read(dtype) -> (k, v)               dense [B, S, H, D], decoded from the compressed buffers
-so `GPT.apply(..., cache=init_compressed_cache(...))` compresses every write (prefill and decode) and
+so `GPT.apply(..., cache=new_cache(kind, ...))` compresses every write (prefill and decode) and
 decodes on every read, with no change to the model. Buffers never change shape, so a lax.scan decode
 loop compiles once. What is stored per (token, head) vector of D values:
 
@@ -27,13 +27,12 @@ loop compiles once. What is stored per (token, head) vector of D values:
   budget as turbo{b}); mixed settings use the same channel split.
 
 Norms and scales are float16 (clipped to its largest finite value, 65504): rounding changes a vector's
-scale by at most 2^-11 (< 3e-7 in relative squared error, far below any quantization error here). Rotations, QJL matrices and the channel order are
-part of the pytree and are counted by `KVCache.nbytes`.
+scale by at most 2^-11 (< 3e-7 in relative squared error, far below any quantization error here).
+Rotations, QJL matrices and the channel order are part of the pytree and are counted by `KVCache.nbytes`.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import flax.struct
@@ -42,15 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.decode import turboquant as tq
-from jaxgpt.decode.kv_cache import KVCache, init_cache, write_rows
+from jaxgpt.decode.cache_kinds import DENSE, CacheKind, parse_kind
+from jaxgpt.decode.kv_cache import KVCache, write_rows
 from jaxgpt.nn.config import GPTConfig
 
 SIDE_DTYPE = jnp.float16  # norms and scales
 _SIDE_MAX = float(jnp.finfo(SIDE_DTYPE).max)
 ALL_OWN = np.iinfo(np.int32).max  # CodedTensor.own when a write holds no padding
-FLOAT_KINDS = ("float32", "bfloat16", "float16")
-KIND_HELP = ("float32 | bfloat16 | float16 | int8 | turbo{b} | turbo{b}-prod | uniform{b}, "
-             "b in 1, 1.5, 2, 2.5, 3, 3.5, 4")
 
 
 def _side(x: jax.Array) -> jax.Array:
@@ -247,19 +244,7 @@ class UniformLayerKV(_CodedKV):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Kinds, construction and bytes
-
-
-def parse_kind(kind: str) -> dict[str, Any]:
-    """'turbo3.5-prod' -> {'family': 'turbo', 'bits': 3.5, 'prod': True}; also int8 and float kinds."""
-    if kind in FLOAT_KINDS:
-        return {"family": "float", "dtype": kind}
-    if kind == "int8":
-        return {"family": "int8"}
-    m = re.fullmatch(r"(turbo|uniform)([1-4](?:\.5)?)(-prod)?", str(kind))
-    if m is None or (m.group(3) and m.group(1) != "turbo") or m.group(2) == "4.5":
-        raise ValueError(f"unknown KV-cache kind {kind!r}; use one of {KIND_HELP}")
-    return {"family": m.group(1), "bits": float(m.group(2)), "prod": bool(m.group(3))}
+# Construction and bytes (kind strings are read by `jaxgpt.decode.cache_kinds`)
 
 
 def _part_plan(bits: float, d: int) -> list[tuple[int, int]]:
@@ -288,31 +273,29 @@ def _empty_part(codec: Codec, lead: tuple[int, int, int]) -> PartCode:
     return PartCode(jnp.zeros((*lead, tq.packed_size(d, codec.bits)), jnp.uint8), jnp.zeros(lead, SIDE_DTYPE))
 
 
-def init_compressed_cache(config: GPTConfig, batch: int, max_len: int, kind: str, seed: int = 0) -> KVCache:
-    """An empty `KVCache` of `kind` (see KIND_HELP) for `batch` rows of up to `max_len` positions.
+def init_compressed_cache(model_cfg: GPTConfig, batch: int, max_len: int, spec: CacheKind,
+                          seed: int = 0) -> KVCache:
+    """An empty `KVCache` of a parsed int8 / turbo / uniform kind for `batch` rows of `max_len` positions
+    (`jaxgpt.decode.cache_kinds.new_cache` builds any kind from its string).
 
     Rotations and QJL matrices are drawn per (layer, keys/values, part) from `seed`.
     """
-    if batch <= 0 or max_len <= 0:
-        raise ValueError(f"init_compressed_cache: batch={batch} and max_len={max_len} must both be positive")
-    spec = parse_kind(kind)
-    if spec["family"] == "float":
-        return init_cache(config, batch, max_len, jnp.dtype(spec["dtype"]))
-    B, S, H, D = batch, max_len, config.n_head, config.head_dim
-    if spec["family"] == "int8":
+    B, S, H, D = batch, max_len, model_cfg.n_head, model_cfg.head_dim
+    if spec.family == "int8":
         layers = tuple(Int8LayerKV(k=jnp.zeros((B, S, H, D), jnp.int8), v=jnp.zeros((B, S, H, D), jnp.int8),
                                    k_scale=jnp.zeros((B, S, H), SIDE_DTYPE), v_scale=jnp.zeros((B, S, H), SIDE_DTYPE))
-                       for _ in range(config.n_layer))
+                       for _ in range(model_cfg.n_layer))
         return KVCache(layers=layers, lengths=jnp.zeros((B,), jnp.int32))
-
-    plan = _part_plan(spec["bits"], D)
-    entry = TurboLayerKV if spec["family"] == "turbo" else UniformLayerKV
+    if spec.family not in ("turbo", "uniform"):
+        raise ValueError(f"init_compressed_cache builds int8, turbo and uniform caches, not {spec}; use new_cache")
+    plan = _part_plan(spec.bits, D)
+    entry = TurboLayerKV if spec.family == "turbo" else UniformLayerKV
     layers = []
-    for layer in range(config.n_layer):
+    for layer in range(model_cfg.n_layer):
         tensors = []
         for role in (0, 1):  # keys, values
-            prod = spec["prod"] and role == 0
-            codecs = tuple(_codec_for(spec["family"], prod, d, b, np.random.SeedSequence([seed, layer, role, i]))
+            prod = spec.prod and role == 0
+            codecs = tuple(_codec_for(spec.family, prod, d, b, np.random.SeedSequence([seed, layer, role, i]))
                            for i, (d, b) in enumerate(plan))
             perm = own = None
             if len(plan) > 1:
@@ -336,46 +319,45 @@ def _part_bytes(family: str, prod: bool, d: int, bits: int) -> tuple[int, int]:
     return mse + tq.packed_size(d, 1) + 2 * side, rotation + 4 * d * d  # + signs, norms; + QJL matrix
 
 
-def compressed_cache_bytes(config: GPTConfig, batch: int, max_len: int, kind: str) -> int:
-    """Bytes `init_compressed_cache(...).nbytes` holds, from the shapes alone (everything counted:
-    indices, norms, scales, QJL signs, channel orders, rotations, QJL matrices and the [B] lengths)."""
+def compressed_cache_bytes(model_cfg: GPTConfig, batch: int, max_len: int, kind: str) -> int:
+    """Bytes `new_cache(kind, ...).nbytes` holds, from the shapes alone (everything counted: indices, norms,
+    scales, QJL signs, channel orders, rotations, QJL matrices and the [B] lengths)."""
     spec = parse_kind(kind)
-    B, S, H, D, L = batch, max_len, config.n_head, config.head_dim, config.n_layer
+    B, S, H, D, L = batch, max_len, model_cfg.n_head, model_cfg.head_dim, model_cfg.n_layer
     lengths = 4 * B
-    if spec["family"] == "float":
-        return L * 2 * B * S * H * D * jnp.dtype(spec["dtype"]).itemsize + lengths
-    if spec["family"] == "int8":
+    if spec.family == DENSE:
+        return L * 2 * B * S * H * D * jnp.dtype(spec.dtype or model_cfg.compute_dtype).itemsize + lengths
+    if spec.family == "int8":
         return L * 2 * B * S * H * (D + jnp.dtype(SIDE_DTYPE).itemsize) + lengths
-    plan = _part_plan(spec["bits"], D)
+    plan = _part_plan(spec.bits, D)
     total = 0
     for role in (0, 1):
-        prod = spec["prod"] and role == 0
+        prod = spec.prod and role == 0
         for d, b in plan:
-            per_vec, const = _part_bytes(spec["family"], prod, d, b)
+            per_vec, const = _part_bytes(spec.family, prod, d, b)
             total += B * S * H * per_vec + const
         if len(plan) > 1:
             total += 4 * B * H * D + 4 * B  # channel order, own-token counts
     return L * total + lengths
 
 
-def bits_per_value(config: GPTConfig, kind: str) -> float:
+def bits_per_value(model_cfg: GPTConfig, kind: str) -> float:
     """Stored bits per cached key/value scalar, counting indices, norms, scales and QJL signs per token
     (not the per-layer constants or the per-row channel order, which do not grow with the context)."""
     spec = parse_kind(kind)
-    D = config.head_dim
-    if spec["family"] == "float":
-        return 8.0 * jnp.dtype(spec["dtype"]).itemsize
-    if spec["family"] == "int8":
+    D = model_cfg.head_dim
+    if spec.family == DENSE:
+        return 8.0 * jnp.dtype(spec.dtype or model_cfg.compute_dtype).itemsize
+    if spec.family == "int8":
         return 8.0 + 8.0 * jnp.dtype(SIDE_DTYPE).itemsize / D
-    plan = _part_plan(spec["bits"], D)
+    plan = _part_plan(spec.bits, D)
     per_token = 0
     for role in (0, 1):
-        per_token += sum(_part_bytes(spec["family"], spec["prod"] and role == 0, d, b)[0] for d, b in plan)
+        per_token += sum(_part_bytes(spec.family, spec.prod and role == 0, d, b)[0] for d, b in plan)
     return 8.0 * per_token / (2 * D)
 
 
 __all__ = [
-    "CodedTensor", "Int8LayerKV", "PartCode", "TurboLayerKV", "UniformCodec", "UniformLayerKV", "KIND_HELP",
-    "bits_per_value", "compressed_cache_bytes", "init_compressed_cache", "int8_quantize", "outlier_order",
-    "parse_kind", "set_prompt_lengths",
+    "CodedTensor", "Int8LayerKV", "PartCode", "TurboLayerKV", "UniformCodec", "UniformLayerKV", "bits_per_value",
+    "compressed_cache_bytes", "init_compressed_cache", "int8_quantize", "outlier_order", "set_prompt_lengths",
 ]
