@@ -93,7 +93,7 @@ def setup(tmp_path_factory, gpt2_bpe_file, shared_dir):
         (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tasks / f"{name}.yaml").write_text(yaml.format(data=tasks / f"{name}.jsonl"))
     cfg, params = load_hf_gpt2(hf_dir)
-    ours = JaxGPTLM(params=params, config=cfg, tokenizer=gpt2_tokenizer(gpt2_bpe_file), batch_size=8)
+    ours = JaxGPTLM(params=params, model_cfg=cfg, tokenizer=gpt2_tokenizer(gpt2_bpe_file), batch_size=8)
     theirs = HFLM(pretrained=str(hf_dir), tokenizer=hf_gpt2_tokenizer(gpt2_bpe_file), batch_size=8, device="cpu")
     return hf_dir, tasks, ours, theirs, TaskManager(include_path=str(tasks), include_defaults=False)
 

@@ -56,19 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from jaxgpt.sample import load_model, transform_params
 
-    config, params, tokenizer = load_model(args.init_from, args.bpe_file)
-    return config, transform_params(params, args.adapters, args.quantize), tokenizer
+    model_cfg, params, tokenizer = load_model(args.init_from, args.bpe_file)
+    return model_cfg, transform_params(params, args.adapters, args.quantize), tokenizer
 
 
 def run_hellaswag(args: argparse.Namespace) -> dict[str, Any]:
     from jaxgpt.eval import hellaswag
 
     examples = hellaswag.load_examples(args.data, args.limit)
-    config, params, tokenizer = _load(args)
-    res = hellaswag.evaluate(params, config, examples, tokenizer, batch_size=args.batch_size or 8, progress=True)
+    model_cfg, params, tokenizer = _load(args)
+    res = hellaswag.evaluate(params, model_cfg, examples, tokenizer, batch_size=args.batch_size or 8, progress=True)
     if res["truncated"]:
         print(f"{res['truncated']} of {res['n']} examples were longer than the model's block of "
-              f"{config.block_size} tokens; their contexts lost tokens on the left", file=sys.stderr)
+              f"{model_cfg.block_size} tokens; their contexts lost tokens on the left", file=sys.stderr)
     return res
 
 
@@ -78,9 +78,9 @@ def run_perplexity(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.file)
     if not path.is_file():
         raise FileNotFoundError(f"--file {path} does not exist; pass a UTF-8 text file")
-    config, params, tokenizer = _load(args)
+    model_cfg, params, tokenizer = _load(args)
     tokens = tokenizer.encode(path.read_text(encoding="utf-8"))
-    return perplexity(params, config, tokens, stride=args.stride, max_length=args.max_length,
+    return perplexity(params, model_cfg, tokens, stride=args.stride, max_length=args.max_length,
                       batch_size=args.batch_size or 8, progress=True)
 
 
@@ -98,8 +98,8 @@ def run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
     if not tasks or unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown or [args.tasks]}; `lm_eval ls tasks` lists them "
                          "(add --include-path DIR for your own YAMLs)")
-    config, params, tokenizer = _load(args)
-    lm = JaxGPTLM(params=params, config=config, tokenizer=tokenizer, batch_size=args.batch_size or 16,
+    model_cfg, params, tokenizer = _load(args)
+    lm = JaxGPTLM(params=params, model_cfg=model_cfg, tokenizer=tokenizer, batch_size=args.batch_size or 16,
                   max_gen_toks=args.max_gen_toks)
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                   task_manager=manager, log_samples=False)

@@ -6,7 +6,7 @@ with the lowest mean loss per token. A context too long for the model loses toke
 number of such examples is reported). The 4 endings share one context pass (`jaxgpt.eval.scoring`).
 
     examples = load_examples(None, limit=500)               # official val set, downloaded once
-    evaluate(params, config, examples, tokenizer)           # {"acc", "acc_norm", "n", "truncated"}
+    evaluate(params, model_cfg, examples, tokenizer)        # {"acc", "acc_norm", "n", "truncated"}
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def render(example: dict[str, Any], tokenizer: Tokenizer) -> tuple[list[int], li
     return tokenizer.encode(example["ctx"]), [tokenizer.encode(" " + e) for e in example["endings"]]
 
 
-def evaluate(params: Any, config: GPTConfig, examples: Sequence[dict[str, Any]], tokenizer: Tokenizer | None = None,
+def evaluate(params: Any, model_cfg: GPTConfig, examples: Sequence[dict[str, Any]], tokenizer: Tokenizer | None = None,
              *, batch_size: int = 8, progress: bool = False, details: bool = False) -> dict[str, Any]:
     """acc / acc_norm over examples; `batch_size` examples (4 rows each) per jitted call.
 
@@ -104,7 +104,7 @@ def evaluate(params: Any, config: GPTConfig, examples: Sequence[dict[str, Any]],
     for ex in examples:
         ctx, endings = render(ex, tokenizer)
         requests.extend((ctx, end) for end in endings)
-    s = score(params, config, requests, batch_size=4 * batch_size, progress="hellaswag" if progress else False)
+    s = score(params, model_cfg, requests, batch_size=4 * batch_size, progress="hellaswag" if progress else False)
     sum_loss = -s.logprob.reshape(-1, 4)  # [n, 4]
     avg_loss = sum_loss / s.n_tokens.reshape(-1, 4)
     pred, pred_norm = sum_loss.argmin(axis=1), avg_loss.argmin(axis=1)

@@ -2,7 +2,7 @@
 
     import jaxgpt.eval.lm_eval_model, lm_eval
     lm_eval.simple_evaluate(model="jaxgpt", model_args="init_from=gpt2,batch_size=16", tasks=["lambada_openai"])
-    lm_eval.simple_evaluate(model=JaxGPTLM(params=params, config=cfg, tokenizer=tok), tasks=[...])
+    lm_eval.simple_evaluate(model=JaxGPTLM(params=params, model_cfg=model_cfg, tokenizer=tok), tasks=[...])
 
 It tokenizes like lm-eval's `hf` model (context and continuation encoded together, then split; an empty
 context becomes <|endoftext|>), truncates from the left the same way, and windows long documents with
@@ -44,26 +44,26 @@ def _positive_int(name: str, value: Any) -> int:
 @register_model("jaxgpt")
 class JaxGPTLM(TemplateLM):
     """A jaxgpt model for lm-eval: from `init_from` (run dir, Hugging Face name or dir; optional LoRA
-    `adapters` and `quantize`), or from ready `params`, `config` and `tokenizer`."""
+    `adapters` and `quantize`), or from ready `params`, `model_cfg` and `tokenizer`."""
 
     def __init__(self, init_from: str | None = None, adapters: str | None = None, quantize: str = "none",
                  bpe_file: str | None = None, batch_size: int | str = 16, max_gen_toks: int = 256, seed: int = 0,
-                 *, params: Any = None, config: GPTConfig | None = None, tokenizer: Tokenizer | None = None,
+                 *, params: Any = None, model_cfg: GPTConfig | None = None, tokenizer: Tokenizer | None = None,
                  **unused: Any) -> None:
         super().__init__()
         if init_from is not None:
             from jaxgpt.sample import load_model, transform_params
 
-            config, params, tokenizer = load_model(str(init_from), bpe_file)
+            model_cfg, params, tokenizer = load_model(str(init_from), bpe_file)
             params = transform_params(params, adapters, quantize)
-        elif params is None or config is None or tokenizer is None:
-            raise ValueError("pass init_from=RUN_DIR|HF_NAME|HF_DIR, or params, config and tokenizer together")
+        elif params is None or model_cfg is None or tokenizer is None:
+            raise ValueError("pass init_from=RUN_DIR|HF_NAME|HF_DIR, or params, model_cfg and tokenizer together")
         if tokenizer.eot_id is None:
             raise ValueError(f"the {tokenizer.kind} tokenizer has no <|endoftext|>, which lm-eval needs as the "
                              "context of an empty prompt; evaluate a GPT-2 BPE model")
         if str(batch_size).startswith("auto"):
             batch_size = 16
-        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.seed = int(seed)
@@ -74,7 +74,7 @@ class JaxGPTLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return window(self.config)
+        return window(self.model_cfg)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return self.tokenizer.encode(string)
@@ -84,7 +84,7 @@ class JaxGPTLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) strings or None, context tokens, continuation tokens)."""
-        s = score(self.params, self.config, [(ctx, cont) for _, ctx, cont in requests], batch_size=self.batch_size,
+        s = score(self.params, self.model_cfg, [(ctx, cont) for _, ctx, cont in requests], batch_size=self.batch_size,
                   progress=False if disable_tqdm else "loglikelihood")
         out = [(float(lp), bool(g)) for lp, g in zip(s.logprob, s.greedy)]
         for (strings, _, _), answer in zip(requests, out):
@@ -139,7 +139,7 @@ class JaxGPTLM(TemplateLM):
                              f"{self.max_length}; ask for fewer tokens")
         temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
         prompts = [self.tok_encode(c)[-keep:] or [self.eot_token_id] for c in contexts]
-        gen = generate(self.params, self.config, prompts, n_new, rng=self.seed, temperature=temperature,
+        gen = generate(self.params, self.model_cfg, prompts, n_new, rng=self.seed, temperature=temperature,
                        top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"), eos_id=self.eot_token_id)
         tokens, lengths = gen.tokens.tolist(), gen.lengths.tolist()
         texts = [self.tok_decode([t for t in row[:n] if t != self.eot_token_id]) for row, n in zip(tokens, lengths)]

@@ -7,7 +7,7 @@ token has no context and is skipped, so stride = max_length (disjoint windows, c
 per window; smaller strides cost more and give lower, more faithful perplexity. The guide weighs each window's mean loss by its valid labels
 minus one, one short when a window's first token is not a target; here each token counts once.
 
-    perplexity(params, config, tokens, stride=512)   # {"ppl", "nll", "n_tokens", "windows"}
+    perplexity(params, model_cfg, tokens, stride=512)   # {"ppl", "nll", "n_tokens", "windows"}
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
     return out
 
 
-def perplexity(params: Any, config: GPTConfig, tokens: Sequence[int], *, stride: int | None = None,
+def perplexity(params: Any, model_cfg: GPTConfig, tokens: Sequence[int], *, stride: int | None = None,
                max_length: int | None = None, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
     """exp(mean NLL) of tokens[1:] under the sliding-window recipe; `batch_size` windows per jitted call.
 
     max_length defaults to the model's block size, stride to half of it.
     """
-    W = window(config)
+    W = window(model_cfg)
     max_length = W if max_length is None else max_length
     if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 <= max_length <= W:
         raise ValueError(f"max_length={max_length!r} is not valid; use an integer in [2, {W}] (the model's block)")
@@ -49,7 +49,7 @@ def perplexity(params: Any, config: GPTConfig, tokens: Sequence[int], *, stride:
         raise ValueError(f"the text has {len(tokens)} token(s); perplexity needs at least 2")
     spans = windows(len(tokens), max_length, stride)
     requests = [(tokens[b:t], tokens[t:e]) for b, t, e in spans]
-    s = score(params, config, requests, batch_size=batch_size, progress="perplexity" if progress else False)
+    s = score(params, model_cfg, requests, batch_size=batch_size, progress="perplexity" if progress else False)
     n = int(s.n_tokens.sum())
     nll = float(-s.logprob.sum() / n)
     return {"ppl": math.exp(nll), "nll": nll, "n_tokens": n, "windows": len(spans)}

@@ -42,9 +42,9 @@ class Scores(NamedTuple):
     truncated: np.ndarray
 
 
-def window(config: GPTConfig) -> int:
+def window(model_cfg: GPTConfig) -> int:
     """Tokens the model reads at once: its block size."""
-    return config.block_size
+    return model_cfg.block_size
 
 
 def _round_up(n: int, q: int) -> int:
@@ -56,24 +56,24 @@ def _bucket(n: int, cap: int) -> int:
     return max(1, min(16 if n <= 16 else _round_up(n, 32), cap))
 
 
-@partial(jax.jit, static_argnames=("config",))
+@partial(jax.jit, static_argnames=("model_cfg",))
 def _score_batch(params: Any, ctx: jax.Array, group: jax.Array, starts: jax.Array, inputs: jax.Array,
-                 targets: jax.Array, mask: jax.Array, *, config: GPTConfig) -> tuple[jax.Array, jax.Array]:
+                 targets: jax.Array, mask: jax.Array, *, model_cfg: GPTConfig) -> tuple[jax.Array, jax.Array]:
     """Sum of target log-probs [B] and all-greedy [B] for B continuation rows over G shared contexts.
 
     ctx [G, Tc] (contexts minus their last token, right-padded); group [B] the context of each row;
     starts [B] its context length minus one (where the row's first fed token sits);
     inputs / targets / mask [B, Tn].
     """
-    model = GPT(config)
+    model = GPT(model_cfg)
     (G, Tc), (_, Tn) = ctx.shape, inputs.shape
-    cache = init_cache(config, G, Tc + Tn, jnp.dtype(config.compute_dtype))
+    cache = init_cache(model_cfg, G, Tc + Tn, jnp.dtype(model_cfg.compute_dtype))
     if Tc:
         _, cache = model.apply({"params": params}, ctx, cache=cache)  # logits unused: no head
     layers = jax.tree.map(lambda x: jnp.take(x, group, axis=0), cache.layers)  # [B, S, H, D] leaves
     cache = cache.replace(layers=layers, lengths=starts)
     # padded tail positions are clipped into the position table; their outputs are masked out below
-    positions = jnp.minimum(starts[:, None] + jnp.arange(Tn)[None, :], config.block_size - 1)  # [B, Tn]
+    positions = jnp.minimum(starts[:, None] + jnp.arange(Tn)[None, :], model_cfg.block_size - 1)  # [B, Tn]
     logits, _ = model.apply({"params": params}, inputs, positions=positions, cache=cache)  # [B, Tn, V]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, Tn]
     logp = target_logit - jax.nn.logsumexp(logits, axis=-1)  # [B, Tn]
@@ -81,8 +81,8 @@ def _score_batch(params: Any, ctx: jax.Array, group: jax.Array, starts: jax.Arra
     return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.all(greedy, axis=-1)
 
 
-def _check(config: GPTConfig, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:
-    V, W = config.vocab_size, window(config)
+def _check(model_cfg: GPTConfig, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:
+    V, W = model_cfg.vocab_size, window(model_cfg)
     for i, (ctx, cont) in enumerate(requests):
         if len(ctx) == 0 or len(cont) == 0:
             raise ValueError(f"request {i} has an empty {'context' if len(ctx) == 0 else 'continuation'}; "
@@ -96,9 +96,9 @@ def _check(config: GPTConfig, requests: Sequence[tuple[Sequence[int], Sequence[i
                              "the model's tokenizer")
 
 
-def _groups(config: GPTConfig, requests, batch_size: int) -> tuple[list[tuple[tuple, list[int]]], np.ndarray]:
+def _groups(model_cfg: GPTConfig, requests, batch_size: int) -> tuple[list[tuple[tuple, list[int]]], np.ndarray]:
     """Truncate, group by (truncated) context, split groups to fit a batch, sort longest first."""
-    W = window(config)
+    W = window(model_cfg)
     truncated = np.zeros(len(requests), bool)
     by_ctx: dict[tuple, list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
@@ -123,9 +123,9 @@ def _batches(groups: list, batch_size: int):
         yield batch
 
 
-def _arrays(config: GPTConfig, batch: list, requests, batch_size: int) -> tuple[list[int], dict[str, np.ndarray]]:
+def _arrays(model_cfg: GPTConfig, batch: list, requests, batch_size: int) -> tuple[list[int], dict[str, np.ndarray]]:
     """One batch of groups -> (request ids per row, padded arrays for _score_batch)."""
-    W = window(config)
+    W = window(model_cfg)
     rows = [(gi, i) for gi, (_, idx) in enumerate(batch) for i in idx]
     G = min(batch_size, 1 << (len(batch) - 1).bit_length())  # contexts: a power of two
     Tc = max(len(ctx) - 1 for ctx, _ in batch)
@@ -145,7 +145,7 @@ def _arrays(config: GPTConfig, batch: list, requests, batch_size: int) -> tuple[
     return [i for _, i in rows], a
 
 
-def score(params: Any, config: GPTConfig, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+def score(params: Any, model_cfg: GPTConfig, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
           batch_size: int = 32, progress: bool | str = False) -> Scores:
     """Score (context, continuation) token pairs; `batch_size` continuation rows per jitted call.
 
@@ -154,15 +154,15 @@ def score(params: Any, config: GPTConfig, requests: Sequence[tuple[Sequence[int]
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is not valid; use a positive integer")
     requests = [(list(ctx), list(cont)) for ctx, cont in requests]
-    _check(config, requests)
+    _check(model_cfg, requests)
     N = len(requests)
     logprob, greedy = np.zeros(N, np.float64), np.zeros(N, bool)
-    groups, truncated = _groups(config, requests, batch_size)
+    groups, truncated = _groups(model_cfg, requests, batch_size)
     desc = progress if isinstance(progress, str) else "scoring"
     with tqdm(total=N, desc=desc, disable=not progress, unit="req") as bar:
         for batch in _batches(groups, batch_size):
-            ids, a = _arrays(config, batch, requests, batch_size)
-            lp, gr = _score_batch(params, **a, config=config)
+            ids, a = _arrays(model_cfg, batch, requests, batch_size)
+            lp, gr = _score_batch(params, **a, model_cfg=model_cfg)
             logprob[ids], greedy[ids] = np.asarray(lp)[:len(ids)], np.asarray(gr)[:len(ids)]
             bar.update(len(ids))
     n_tokens = np.array([len(c) for _, c in requests], np.int64)

@@ -131,17 +131,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def param_count(config: GPTConfig) -> dict[str, int]:
-    """Parameter counts computed from the config alone, by part.
+def param_count(model_cfg: GPTConfig) -> dict[str, int]:
+    """Parameter counts computed from `model_cfg` alone, by part.
 
     Keys: token_embedding, positions, blocks, final_norm, head, total, tying_saves
     (tying_saves is what an untied head would add: vocab_size x n_embd; it is not part of total).
     """
-    c, v = config.n_embd, config.vocab_size
-    b = 1 if config.bias else 0
+    c, v = model_cfg.n_embd, model_cfg.vocab_size
+    b = 1 if model_cfg.bias else 0
 
     def norm_params() -> int:
-        if config.norm == "rmsnorm":
+        if model_cfg.norm == "rmsnorm":
             return c
         return c + b * c
 
@@ -154,10 +154,10 @@ def param_count(config: GPTConfig) -> dict[str, int]:
     )
     counts = {
         "token_embedding": v * c,
-        "positions": config.block_size * c if config.pos_embedding == "learned" else 0,
-        "blocks": config.n_layer * per_block,
-        "final_norm": norm_params() if config.norm_position == "pre" else 0,
-        "head": 0 if config.tie_embeddings else v * c,
+        "positions": model_cfg.block_size * c if model_cfg.pos_embedding == "learned" else 0,
+        "blocks": model_cfg.n_layer * per_block,
+        "final_norm": norm_params() if model_cfg.norm_position == "pre" else 0,
+        "head": 0 if model_cfg.tie_embeddings else v * c,
     }
     counts["total"] = sum(counts.values())
     counts["tying_saves"] = v * c

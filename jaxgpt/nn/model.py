@@ -101,12 +101,12 @@ class Embed(nn.Module):
         return attend(x, self.embedding, self.dtype)
 
 
-def make_norm(config: GPTConfig, name: str) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype,
-                          param_dtype=config.params_dtype, name=name)
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_bias=config.bias, dtype=config.compute_dtype,
-                        param_dtype=config.params_dtype, name=name)
+def make_norm(model_cfg: GPTConfig, name: str) -> nn.Module:
+    if model_cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=model_cfg.layer_norm_eps, dtype=model_cfg.compute_dtype,
+                          param_dtype=model_cfg.params_dtype, name=name)
+    return nn.LayerNorm(epsilon=model_cfg.layer_norm_eps, use_bias=model_cfg.bias, dtype=model_cfg.compute_dtype,
+                        param_dtype=model_cfg.params_dtype, name=name)
 
 
 # Query rows per block in the manual causal path: block i multiplies only the keys up to its last row, so
@@ -237,30 +237,30 @@ REMAT_POLICIES = {
 }
 
 
-def block_class(config: GPTConfig) -> Any:
-    """Block, under `nn.remat` with the config's policy unless config.remat is "none"."""
-    if config.remat == "none":
+def block_class(model_cfg: GPTConfig) -> Any:
+    """Block, under `nn.remat` with `model_cfg.remat`'s policy unless it is "none"."""
+    if model_cfg.remat == "none":
         return Block
-    return nn.remat(Block, policy=REMAT_POLICIES[config.remat], static_argnums=(4,))  # 4: deterministic
+    return nn.remat(Block, policy=REMAT_POLICIES[model_cfg.remat], static_argnums=(4,))  # 4: deterministic
 
 
-def scan_blocks(config: GPTConfig, blocks: Any, x: jax.Array, positions: jax.Array, layers: Any,
+def scan_blocks(model_cfg: GPTConfig, blocks: Any, x: jax.Array, positions: jax.Array, layers: Any,
                 deterministic: bool, dropout_rng: jax.Array | None) -> tuple[jax.Array, Any]:
     """Run the blocks as one lax.scan over their stacked params `blocks` (leading axis n_layer).
 
     layers: the per-layer caches stacked the same way, or None. Layer i draws its dropout masks from
     fold_in(dropout_rng, i). Returns (x, new stacked caches).
     """
-    block = Block(config, parent=None)
+    block = Block(model_cfg, parent=None)
 
     def body(x: jax.Array, inp: tuple) -> tuple[jax.Array, Any]:
         i, params, layer_cache = inp
         rngs = {} if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, i)}
         return block.apply({"params": params}, x, positions, layer_cache, deterministic, rngs=rngs)
 
-    if config.remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
-    return jax.lax.scan(body, x, (jnp.arange(config.n_layer), blocks, layers))
+    if model_cfg.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[model_cfg.remat], prevent_cse=False)
+    return jax.lax.scan(body, x, (jnp.arange(model_cfg.n_layer), blocks, layers))
 
 
 class GPT(nn.Module):
@@ -329,9 +329,9 @@ class GPT(nn.Module):
         return x, tuple(new_layers)
 
 
-def init_params(config: GPTConfig, rng: jax.Array | int = 0) -> Any:
+def init_params(model_cfg: GPTConfig, rng: jax.Array | int = 0) -> Any:
     """Freshly initialised parameters (GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2L))."""
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
-    tokens = jnp.zeros((1, min(8, config.block_size)), jnp.int32)
-    return jax.jit(lambda r: GPT(config).init(r, tokens)["params"])(rng)
+    tokens = jnp.zeros((1, min(8, model_cfg.block_size)), jnp.int32)
+    return jax.jit(lambda r: GPT(model_cfg).init(r, tokens)["params"])(rng)
