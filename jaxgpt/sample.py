@@ -25,6 +25,7 @@ from typing import Any, Sequence, TextIO
 import numpy as np
 
 from jaxgpt.data.tokenizer import BPE_ENV, Tokenizer, from_meta, gpt2_tokenizer
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig
 
 SEPARATOR = "\n---------------\n"
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--bpe-file", default=None, help=f"local gpt2.tiktoken for offline GPT-2 BPE (else ${BPE_ENV})")
     p.add_argument("--kv-cache", default="dense",
-                   help="cache layout: dense (model dtype) or a compressed kind of jaxgpt.decode.kv_compress (int8, turbo3, ...)")
+                   help="KV-cache kind (jaxgpt.decode.cache_kinds): dense (model dtype), float32, bfloat16, int8, "
+                        "turbo3, turbo2.5, uniform3, ...")
     p.add_argument("--chunk-size", type=int, default=8, help="tokens per decode call; text is printed after each")
     p.add_argument("--window", type=int, default=None,
                    help="past block_size, a full context keeps its last WINDOW tokens and re-prefills them "
@@ -113,6 +115,13 @@ def load_model(init_from: str, bpe_file: str | None = None) -> tuple[GPTConfig, 
     return config, params, gpt2_tokenizer(bpe_file)
 
 
+def decode_options(args: argparse.Namespace, eos_id: int | None) -> DecodeOptions:
+    """The decoding flags as one DecodeOptions (--top-k 0 and --top-p 1 turn those filters off)."""
+    return DecodeOptions(temperature=args.temperature, top_k=args.top_k or None,
+                         top_p=args.top_p if args.top_p < 1 else None, seed=args.seed, eos_id=eos_id,
+                         window=args.window, cache_kind=args.kv_cache)
+
+
 def read_prompt(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
     text = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
     ids = tokenizer.encode(text)
@@ -157,6 +166,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     params = transform_params(params, args.adapters, args.quantize)
     prompt = read_prompt(args, tokenizer)
     eos = tokenizer.eot_id
+    options = decode_options(args, eos)
     n = args.num_samples
     prompt_text = tokenizer.decode(prompt)
     outs = [TextStream(tokenizer, out if n == 1 else None) for _ in range(n)]  # one sample streams
@@ -165,10 +175,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     # a chunk width seen before ran without compiling: those chunks give the steady decode speed
     seen, warm_tokens, warm_time, new_tokens = set(), 0, 0.0, 0
     t0 = t = time.perf_counter()
-    chunks = stream(params, config, [prompt] * n, args.max_new_tokens, chunk_size=args.chunk_size, rng=args.seed,
-                    temperature=args.temperature, top_k=args.top_k or None,
-                    top_p=args.top_p if args.top_p < 1 else None, eos_id=eos, cache_kind=args.kv_cache,
-                    window=args.window)
+    chunks = stream(params, config, [prompt] * n, args.max_new_tokens, options, chunk_size=args.chunk_size)
     for i, chunk in enumerate(chunks):
         tokens, counts = np.asarray(chunk.tokens), np.asarray(chunk.lengths)  # waits for the chunk
         now, width = time.perf_counter(), tokens.shape[1] if i else "prefill"

@@ -13,6 +13,7 @@ from helpers import random_params as shared_random_params
 
 from jaxgpt.data.tokenizer import CharTokenizer, gpt2_tokenizer
 from jaxgpt.decode import generate as G
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.io import checkpoint
 from jaxgpt.io.hf import export_hf_gpt2
 from jaxgpt.nn.config import GPTConfig
@@ -50,8 +51,8 @@ def test_hf_dir_streams_the_text_generate_produces(hf_dir):
     out, err, texts = sample(["--init-from", str(d), "--prompt", prompt, "--max-new-tokens", "9", "--seed", "3",
                               "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--chunk-size", "4",
                               "--bpe-file", str(BPE)])
-    ref = G.generate(params, cfg, [tok.encode(prompt)], 9, rng=3, temperature=0.9, top_k=50, top_p=0.95,
-                     eos_id=tok.eot_id)
+    ref = G.generate(params, cfg, [tok.encode(prompt)], 9,
+                     DecodeOptions(seed=3, temperature=0.9, top_k=50, top_p=0.95, eos_id=tok.eot_id))
     want = tok.decode([t for t in np.asarray(ref.tokens[0, :int(ref.lengths[0])]) if t != tok.eot_id])
     assert texts == [want] and want
     assert out == prompt + want + "\n"
@@ -66,7 +67,8 @@ def test_num_samples_and_prompt_file(hf_dir, tmp_path, monkeypatch):
     out, _, texts = sample(["--init-from", str(d), "--prompt-file", str(tmp_path / "prompt.txt"),
                             "--num-samples", "2", "--max-new-tokens", "6", "--temperature", "0"])
     tok = gpt2_tokenizer(BPE)
-    ref = G.generate(params, cfg, [tok.encode("Once upon a time")] * 2, 6, temperature=0, eos_id=tok.eot_id)
+    ref = G.generate(params, cfg, [tok.encode("Once upon a time")] * 2, 6,
+                     DecodeOptions(temperature=0, eos_id=tok.eot_id))
     want = [tok.decode([t for t in np.asarray(r[:n]) if t != tok.eot_id]) for r, n in zip(ref.tokens, ref.lengths)]
     assert texts == want and texts[0] == texts[1]  # greedy: both samples agree
     assert out == SEPARATOR.join("Once upon a time" + t for t in texts) + "\n"
@@ -121,7 +123,8 @@ def test_training_workdir(tmp_path):
     cfg, params, tok = char_run(tmp_path)
     out, _, texts = sample(["--init-from", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "8",
                             "--seed", "2", "--top-k", "0", "--chunk-size", "8", "--kv-cache", "int8"])
-    ref = G.generate(params, cfg, [tok.encode("ROMEO:")], 8, rng=2, temperature=0.8, cache_kind="int8")
+    ref = G.generate(params, cfg, [tok.encode("ROMEO:")], 8, DecodeOptions(seed=2, temperature=0.8,
+                                                                               cache_kind="int8"))
     assert texts == [tok.decode(np.asarray(ref.tokens[0]))]
     assert out == "ROMEO:" + texts[0] + "\n"
     with pytest.raises(ValueError, match="prompt is empty"):

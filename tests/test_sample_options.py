@@ -12,6 +12,7 @@ from helpers import SHARED
 from jaxgpt import lora
 from jaxgpt.data.tokenizer import gpt2_tokenizer
 from jaxgpt.decode import generate as G
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.io.hf import export_hf_gpt2
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT
@@ -34,7 +35,7 @@ def base(tmp_path_factory):
 
 def _greedy_text(cfg, params, n=8):
     tok = gpt2_tokenizer(BPE)
-    ref = G.generate(params, cfg, [tok.encode(PROMPT)], n, temperature=0.0, eos_id=tok.eot_id)
+    ref = G.generate(params, cfg, [tok.encode(PROMPT)], n, DecodeOptions(temperature=0.0, eos_id=tok.eot_id))
     return tok.decode([t for t in np.asarray(ref.tokens[0, :int(ref.lengths[0])]) if t != tok.eot_id])
 
 

@@ -129,6 +129,7 @@ class JaxGPTLM(TemplateLM):
 
     def _generate(self, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
         from jaxgpt.decode.generate import generate
+        from jaxgpt.decode.options import DecodeOptions
 
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode(self.eot_token_id))
@@ -139,8 +140,9 @@ class JaxGPTLM(TemplateLM):
                              f"{self.max_length}; ask for fewer tokens")
         temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
         prompts = [self.tok_encode(c)[-keep:] or [self.eot_token_id] for c in contexts]
-        gen = generate(self.params, self.model_cfg, prompts, n_new, rng=self.seed, temperature=temperature,
-                       top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"), eos_id=self.eot_token_id)
+        options = DecodeOptions(temperature=temperature, top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
+                                seed=self.seed, eos_id=self.eot_token_id)
+        gen = generate(self.params, self.model_cfg, prompts, n_new, options)
         tokens, lengths = gen.tokens.tolist(), gen.lengths.tolist()
         texts = [self.tok_decode([t for t in row[:n] if t != self.eot_token_id]) for row, n in zip(tokens, lengths)]
         return [postprocess_generated_text(t, until, None) for t in texts]
