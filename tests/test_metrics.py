@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import time
+
+import pytest
 
 from jaxgpt.train import metrics
 
@@ -45,3 +50,89 @@ def test_data_wait_is_the_share_of_time_spent_waiting_for_batches():
     assert 0 < m.data_wait() <= 0.01 / 0.04
     m.restart()
     assert m.data_wait() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched writes: StepMetrics -> writers.Writers -> MetricsLog
+
+
+def _step_metrics(log, log_interval: int = 1) -> metrics.StepMetrics:
+    meter = metrics.Throughput(tokens_per_step=10, flops_per_token=6.0, peak_flops=None)
+    return metrics.StepMetrics(log, meter, log_interval, None,
+                               lambda step, loss, g: FloatingPointError(f"loss is {loss} at step {step}"))
+
+
+def _device_metrics(loss: float) -> dict:
+    import numpy as np
+
+    return {"loss": np.float32(loss), "grad_norm": np.float32(1.5), "finite": np.bool_(np.isfinite(loss))}
+
+
+def test_records_batched_between_flushes_all_reach_metrics_jsonl_in_order_after_a_close(tmp_path):
+    from jaxgpt.train import writers
+
+    path = tmp_path / "metrics.jsonl"
+    log = writers.Writers([metrics.MetricsLog(path)], every=1000, max_delay_s=1e9)
+    sm = _step_metrics(log)
+    log.write({"kind": "event", "event": "resume", "step": 0, "time": 0.0})
+    for step in range(10):
+        sm.add(step, _device_metrics(3.0 - 0.125 * step))
+        sm.flush(keep=1)  # the loop's log hook at log_interval=1
+    log.write({"kind": "eval", "step": 9, "val_loss": 2.0, "time": 0.0})
+    assert not path.exists() or path.read_text() == ""  # all still kept in memory: no write per step
+    log.close()  # the loop's `finally`: the newest step (kept pending by keep=1) is not fetched, the rest is
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in lines] == [("event", 0), *[("train", s) for s in range(9)], ("eval", 9)]
+    assert [r["loss"] for r in lines[1:-1]] == [3.0 - 0.125 * s for s in range(9)]
+
+
+def test_a_full_flush_writes_the_kept_records_out_before_an_evaluation_or_checkpoint(tmp_path):
+    from jaxgpt.train import writers
+
+    path = tmp_path / "metrics.jsonl"
+    log = writers.Writers([metrics.MetricsLog(path)], every=1000, max_delay_s=1e9)
+    sm = _step_metrics(log)
+    for step in range(5):
+        sm.add(step, _device_metrics(2.0))
+        sm.flush(keep=1)
+    sm.flush()  # keep=0: what the loop calls before it evaluates or saves
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+    sm.flush()  # nothing pending, nothing kept: no write, no error
+    assert len(path.read_text().splitlines()) == 5
+
+
+def test_a_non_finite_step_writes_the_steps_before_it_and_its_event_before_raising(tmp_path):
+    """The crash path: the run stops at the non-finite step with the records of every step before it and the
+    event in metrics.jsonl, in order, even when nobody closes the log afterwards."""
+    from jaxgpt.train import writers
+
+    path = tmp_path / "metrics.jsonl"
+    log = writers.Writers([metrics.MetricsLog(path)], every=1000, max_delay_s=1e9)
+    sm = _step_metrics(log)
+    for step, loss in enumerate([2.0, 1.5, float("nan"), 1.0]):
+        sm.add(step, _device_metrics(loss))
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        sm.flush(keep=1)
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in lines] == [("train", 0), ("train", 1), ("event", 2)]
+    assert lines[-1]["event"] == "non-finite" and lines[-1]["loss"] == "nan"
+
+
+def test_write_many_appends_whole_lines_or_cuts_back_to_them(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    log = metrics.MetricsLog(path)
+    log.write_many([{"kind": "train", "step": s, "loss": 1.0 / (s + 1)} for s in range(3)])
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 40:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics.os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        log.write_many([{"kind": "train", "step": s, "loss": 0.5} for s in range(3, 6)])
+    monkeypatch.setattr(metrics.os, "write", real_write)
+    assert [r["step"] for r in metrics.read_metrics(path)] == [0, 1, 2] and path.read_text().endswith("\n")
+    log.write_many([])
+    assert [r["step"] for r in metrics.read_metrics(path)] == [0, 1, 2]

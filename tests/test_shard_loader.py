@@ -160,6 +160,30 @@ def test_prefetcher_runs_ahead_in_order_and_raises(shard_dir):
         next(pf)
 
 
+def test_the_prefetcher_refills_in_bursts_waking_once_per_half_queue():
+    """depth 8: the thread fills 8, then sleeps until the caller has taken 4, and builds those 4 in one burst;
+    so it wakes at most once every 4 steps (later under load: bigger bursts, fewer wake-ups), never builds
+    more than depth ahead, and the caller gets every step in order."""
+    taken, calls = [0], []
+
+    def fn(step):
+        calls.append((step, taken[0]))
+        return step * 10
+
+    with loader.Prefetcher(fn, start=0, depth=8) as pf:
+        time.sleep(0.1)
+        assert len(calls) == 8  # filled, then asleep
+        for want in range(40):
+            step, value = next(pf)
+            taken[0] += 1
+            assert (step, value) == (want, want * 10)
+            time.sleep(0.002)
+    assert all(step < seen + 8 + 1 for step, seen in calls)  # at most depth ready, plus the one being built
+    later = [seen for step, seen in calls if step >= 8]
+    bursts = len(set(later))  # the calls of one burst see the same count taken (a burst takes microseconds)
+    assert bursts <= len(later) / 2, calls  # 1/4 when nothing delays the thread; one wake-up a step would be 1
+
+
 def test_vocab_and_file_errors(tmp_path, shard_dir):
     d = tmp_path / "v"
     d.mkdir()

@@ -132,3 +132,95 @@ def test_tensorboard_writer_leaves_torch_unimported(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "True"] and list(tmp_path.glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching
+
+
+class ListWriter:
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[dict]] = []
+        self.closed, self.fail = False, fail
+
+    def write_many(self, records) -> None:
+        self.batches.append(list(records))
+        if self.fail:
+            raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class OneByOne:
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write(self, record) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+def test_writers_hand_out_records_in_order_every_n_records_and_the_rest_at_close():
+    a, b = ListWriter(), OneByOne()
+    w = writers.Writers([a, b], every=4, max_delay_s=1e9)
+    recs = [{"kind": "train", "step": s, "loss": float(s)} for s in range(10)]
+    for r in recs[:3]:
+        w.write(r)
+    assert a.batches == [] and b.records == []  # kept
+    for r in recs[3:]:
+        w.write(r)
+    assert a.batches == [recs[0:4], recs[4:8]] and b.records == recs[:8]
+    w.close()
+    assert a.batches == [recs[0:4], recs[4:8], recs[8:]] and b.records == recs and a.closed
+
+
+def test_writers_flush_at_once_and_after_max_delay():
+    a = ListWriter()
+    w = writers.Writers([a], every=1000, max_delay_s=0.05)
+    w.write({"kind": "train", "step": 0})
+    w.flush()
+    assert a.batches == [[{"kind": "train", "step": 0}]]
+    w.flush()  # nothing kept: no empty batch
+    w.write({"kind": "train", "step": 1})
+    time.sleep(0.06)
+    w.write({"kind": "train", "step": 2})  # the oldest kept one waited past max_delay_s: both go
+    assert a.batches[1:] == [[{"kind": "train", "step": 1}, {"kind": "train", "step": 2}]]
+    one = ListWriter()
+    w1 = writers.Writers([one], every=1)
+    w1.write({"kind": "train", "step": 5})
+    assert one.batches == [[{"kind": "train", "step": 5}]]
+
+
+def test_a_failing_writer_raises_but_the_others_get_the_batch_and_every_writer_is_closed():
+    bad, good = ListWriter(fail=True), ListWriter()
+    w = writers.Writers([bad, good], every=2, max_delay_s=1e9)
+    w.write({"kind": "train", "step": 0})
+    with pytest.raises(OSError, match="No space left"):
+        w.write({"kind": "train", "step": 1})
+    assert good.batches == [[{"kind": "train", "step": 0}, {"kind": "train", "step": 1}]]
+    w.write({"kind": "train", "step": 2})
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+    assert bad.closed and good.closed and good.batches[-1] == [{"kind": "train", "step": 2}]
+
+
+def test_tensorboard_writes_one_event_per_record_at_the_records_time(tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    w = writers.TensorBoardWriter(tmp_path / "tb")
+    recs = records(3)
+    w.write_many(recs)
+    w.close()
+    w.close()  # twice: no error
+    (path,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    events = list(EventFileLoader(str(path)).Load())
+    assert events[0].file_version == "brain.Event:2"
+    scalar_recs = [r for r in recs if r["kind"] != "event"]
+    assert len(events) == 1 + len(scalar_recs)
+    for e, r in zip(events[1:], scalar_recs):
+        assert e.step == r["step"] and len(e.summary.value) == len(writers.scalars(r))
+        if "time" in r:
+            assert e.wall_time == r["time"]

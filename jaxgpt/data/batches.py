@@ -1,5 +1,5 @@
-"""What the training loop feeds its steps: the [A, B, T] batch of each step on the step's devices, built one
-step ahead in a background thread, and the fixed evaluation batches.
+"""What the training loop feeds its steps: the [A, B, T] batch of each step on the step's devices, built a few
+steps ahead in a background thread, and the fixed evaluation batches.
 
 Two kinds of prepared data: a small corpus (`train.bin` / `val.bin` memmaps, `jaxgpt.data`), where every
 process draws the whole global batch, or a directory of llm.c shards (`jaxgpt.data.shard_loader`), where each process
@@ -16,6 +16,9 @@ import numpy as np
 
 from jaxgpt import sharding as sh
 from jaxgpt.data import memmap, shard_loader
+
+
+PREFETCH_DEPTH = 8  # host batches built ahead; 8 x 3.9 MB (x and y, int32) for configs/gpt2_124m.py (40 x 12 x 1024)
 
 
 def place_fn(shardings: Any) -> Callable[[Any, Any], Any]:
@@ -66,5 +69,6 @@ class TrainBatches:
         return place_fn(self.sharding)(host, (self.sharding,) * 2)
 
     def prefetch(self, start: int) -> shard_loader.Prefetcher:
-        """(step, host batch) for start, start + 1, ... built one step ahead in a background thread."""
-        return shard_loader.Prefetcher(self.host, start)
+        """(step, host batch) for start, start + 1, ... built ahead in a background thread: up to PREFETCH_DEPTH
+        batches wait, and the thread refills them half at a time (one wake-up every PREFETCH_DEPTH // 2 steps)."""
+        return shard_loader.Prefetcher(self.host, start, depth=PREFETCH_DEPTH)

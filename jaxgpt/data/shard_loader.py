@@ -5,12 +5,12 @@ inside one shard, from an RNG seeded by (seed, split, step, stream) as `jaxgpt.d
 process draws the same window starts for the whole global batch (a few integers) but reads only the rows of
 its own devices (`local_rows`); `global_batch` assembles them with `jax.make_array_from_process_local_data`.
 The batch of a step depends on nothing else, so one process and several give the same global batch and a
-resumed run sees the batches an uninterrupted one would. `Prefetcher` builds step n+1 while step n runs.
+resumed run sees the batches an uninterrupted one would. `Prefetcher` builds steps n+1 ... while step n runs.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -123,28 +123,37 @@ def global_batch(sharding: Any, global_shape: Sequence[int], local: Sequence[np.
 class Prefetcher:
     """Iterate `(step, fn(step))` for step = start, start + 1, ... with fn run ahead in a background thread.
 
-    At most `depth` results wait in a bounded queue, so step n+1 is prepared while the caller runs step n.
-    An exception in fn is raised by the `next` that reaches its step. Use as a context manager or call close().
+    At most `depth` results wait, so steps n+1 ... are prepared while the caller runs step n. The thread works
+    in bursts: it fills up to `depth`, then sleeps until the caller has taken them down to `refill_at`
+    (default depth // 2), so it wakes once every depth - refill_at steps rather than at every step, out of the
+    way of the threads that run the steps. An exception in fn is raised by the `next` that reaches its step.
+    Use as a context manager or call close().
     """
 
-    def __init__(self, fn: Callable[[int], Any], start: int = 0, depth: int = 2) -> None:
-        self.fn, self.q = fn, queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._fill, args=(start,), daemon=True)
+    def __init__(self, fn: Callable[[int], Any], start: int = 0, depth: int = 2, refill_at: int | None = None) -> None:
+        self.fn, self.depth = fn, max(1, int(depth))
+        self.refill_at = min(self.depth - 1, max(0, self.depth // 2 if refill_at is None else int(refill_at)))
+        self.ready: collections.deque[tuple[int, Any, BaseException | None]] = collections.deque()
+        self.cv = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._fill, args=(start,), daemon=True, name="prefetch")
         self.thread.start()
 
     def _fill(self, step: int) -> None:
-        while not self.stop.is_set():
+        while True:
+            with self.cv:
+                if len(self.ready) >= self.depth:  # full: sleep until the caller drains it to refill_at
+                    while not self.closed and len(self.ready) > self.refill_at:
+                        self.cv.wait()
+                if self.closed:
+                    return
             try:
                 item = (step, self.fn(step), None)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 item = (step, None, e)
-            while not self.stop.is_set():
-                try:
-                    self.q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            with self.cv:
+                self.ready.append(item)
+                self.cv.notify_all()  # a caller waiting on an empty queue
             if item[2] is not None:
                 return
             step += 1
@@ -153,14 +162,23 @@ class Prefetcher:
         return self
 
     def __next__(self) -> tuple[int, Any]:
-        step, value, err = self.q.get()
+        with self.cv:
+            while not self.ready:
+                if self.closed:
+                    raise StopIteration
+                self.cv.wait()
+            step, value, err = self.ready.popleft()
+            if len(self.ready) == self.refill_at:
+                self.cv.notify_all()  # the producer sleeps until now
         if err is not None:
             self.close()
             raise err
         return step, value
 
     def close(self) -> None:
-        self.stop.set()
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
         self.thread.join(timeout=10)
 
     def __enter__(self) -> "Prefetcher":

@@ -1,8 +1,10 @@
 """Run metrics: the metrics.jsonl log, throughput and MFU, and the check that stops a run at a non-finite step.
 
-`MetricsLog` appends one JSON object per line (flushed per line, so a killed run keeps what it logged);
+`MetricsLog` appends JSON objects, one per line and whole lines only (a killed run keeps every line it wrote);
 `read_metrics` reads it back (the plot, tests). `StepMetrics` holds the device metrics of dispatched steps
-until the host fetches them, so the host never blocks on the step it has just queued.
+until the host fetches them, so the host never blocks on the step it has just queued. The loop writes through
+`jaxgpt.train.writers.Writers`, which hands records to the files in batches; `StepMetrics.flush()` (keep=0:
+before every evaluation and checkpoint, and at the end) writes them all out.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class Writer(Protocol):
 
 
 class MetricsLog:
-    """Append-only JSON lines (flushed per line, so a killed run keeps what it logged)."""
+    """Append-only JSON lines, written whole (a killed run keeps every line it wrote)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -42,7 +44,14 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         """Append one line whole or not at all: a failed write (a full disk) is cut back to the last complete
         line before the error is raised, so readers never meet a partial record."""
-        data = memoryview((json.dumps(record) + "\n").encode())
+        self.write_many([record])
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Append one line per record with one open and (usually) one write; a failed write is cut back to the
+        lines that were complete before it, as `write` does."""
+        if not records:
+            return
+        data = memoryview("".join(json.dumps(r) + "\n" for r in records).encode())
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             end = os.lseek(fd, 0, os.SEEK_END)
@@ -68,6 +77,12 @@ class NoLog:
 
     def write(self, record: dict[str, Any]) -> None:
         del record
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        del records
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -162,7 +177,8 @@ class StepMetrics:
     """Device metrics of dispatched steps, fetched in batches; logs them and stops at a non-finite step.
 
     `flush(keep=1)` leaves the newest step pending: the host then waits on step N-1 while step N is queued,
-    so the device never idles on logging.
+    so the device never idles on logging. The records go to `log.write`; a batching log (`writers.Writers`)
+    keeps them until `flush()` (keep=0), which also flushes the log, or until a non-finite step stops the run.
     """
 
     def __init__(self, log: Writer, meter: Throughput, log_interval: int, lr_fn: Callable | None,
@@ -177,12 +193,22 @@ class StepMetrics:
         self.meter.dispatched_one()
 
     def flush(self, keep: int = 0) -> None:
+        """Fetch and log every pending step but the newest `keep`; keep=0 also writes out the log's batch."""
+        done = self.pending[:len(self.pending) - keep]
+        if done:
+            self._fetch(done)
+        if not keep:
+            self._flush_log()
+
+    def _flush_log(self) -> None:
+        flush = getattr(self.log, "flush", None)
+        if flush is not None:
+            flush()
+
+    def _fetch(self, done: list[tuple[int, Any]]) -> None:
         import jax
         import numpy as np
 
-        done = self.pending[:len(self.pending) - keep]
-        if not done:
-            return
         values = jax.device_get([m for _, m in done])
         del self.pending[:len(done)]
         steps = [step for step, _ in done]
@@ -193,6 +219,7 @@ class StepMetrics:
                 self.log.write({"kind": "event", "event": "non-finite", "step": step, "loss": str(float(m["loss"])),
                                 "time": time.time()})
                 self.pending.clear()
+                self._flush_log()  # the steps before it and the event reach the files before the run stops
                 raise self.on_non_finite(step, float(m["loss"]), float(m["grad_norm"]))
             if step % self.log_interval == 0 or step == steps[-1]:
                 self.log.write({"kind": "train", "step": step, "loss": float(m["loss"]),
