@@ -43,6 +43,8 @@ from jax import lax
 from tqdm import tqdm
 
 from jaxgpt.decode import generate as G
+from jaxgpt.decode.cache_kinds import new_cache
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig, param_count
 from jaxgpt.nn.model import GPT
 
@@ -175,7 +177,7 @@ def prefill_attempt(cfg, params, prompt_len, rounds) -> list[dict]:
 
     @partial(jax.jit, static_argnames="sliced")
     def prefill(params: Any, tokens: jax.Array, sliced: bool) -> Any:
-        cache = G.new_cache(cfg, 1, prompt_len)
+        cache = new_cache("dense", cfg, 1, prompt_len)
         if sliced:
             return model.apply({"params": params}, tokens, cache=cache, logits_at=at)
         logits, cache = model.apply({"params": params}, tokens, cache=cache)
@@ -223,15 +225,15 @@ def int8_head_attempt(params, rounds, steps=8) -> list[dict]:
 
 def cached_runs(cfg, params, prompts, variant, new_tokens, rounds) -> list[dict]:
     out = []
+    options = DecodeOptions(temperature=0, cache_kind=variant.cache_kind)
     for n in new_tokens:
-        kw = dict(temperature=0, cache_kind=variant.cache_kind)
         t = time.perf_counter()
-        compiled = G.lower_generate(params, cfg, prompts, n, **kw).compile()
+        compiled = G.lower_generate(params, cfg, prompts, n, options).compile()
         compile_s = time.perf_counter() - t
         res = {}
 
         def run() -> jax.Array:
-            res["g"] = G.generate(params, cfg, prompts, n, **kw)
+            res["g"] = G.generate(params, cfg, prompts, n, options)
             return res["g"].tokens
 
         times = [timed(run) for _ in range(rounds)]
@@ -260,7 +262,7 @@ def cached_step_times(cfg, params, batch, variant, positions, max_len, reps, ste
         return lax.scan(step, (tok, cache), None, length=steps)[0]
 
     def at(p: int) -> Any:  # a fresh cache holding p tokens (allocated before the clock starts)
-        return jax.block_until_ready(G.new_cache(cfg, batch, max_len, variant.cache_kind).replace(
+        return jax.block_until_ready(new_cache(variant.cache_kind, cfg, batch, max_len).replace(
             lengths=jnp.full((batch,), p, jnp.int32)))
 
     tok = jnp.ones((batch, 1), jnp.int32)
@@ -276,9 +278,10 @@ def cached_step_times(cfg, params, batch, variant, positions, max_len, reps, ste
 def uncached_step_times(cfg, params, batch, positions, reps, rng) -> list[dict]:
     """`generate_uncached` for one new token after a p-token context: one full forward over p tokens."""
     out = []
+    greedy = DecodeOptions(temperature=0)
     for p in positions:
         prompts = rng.integers(0, cfg.vocab_size, (batch, p)).tolist()
-        run = lambda: G.generate_uncached(params, cfg, prompts, 1, temperature=0, bucket=p).tokens  # noqa: E731
+        run = lambda: G.generate_uncached(params, cfg, prompts, 1, greedy, bucket=p).tokens  # noqa: E731
         timed(run)  # compile
         t = min(timed(run) for _ in range(reps))
         out.append(dict(kind="per_token", path="uncached", variant=VARIANTS[0].name, batch=batch, position=p,
@@ -320,7 +323,7 @@ def cache_bytes_rows(context: int) -> list[dict]:
         weights = param_count(cfg)["total"]
         for kind, dtype in (("dense", "float32"), ("dense", "bfloat16")):
             def nbytes(s: int) -> int:
-                shapes = jax.eval_shape(lambda: G.new_cache(cfg, 1, s, kind, dtype))
+                shapes = jax.eval_shape(lambda: new_cache(kind, cfg, 1, s, dtype))
                 return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes.layers))
 
             full = nbytes(context)

@@ -1,7 +1,7 @@
 """KV-cache memory: compressed caches vs bfloat16 for GPT-2 124M and 1.5B shapes at 1024 context.
 
 Bytes are those of the cache pytree's real arrays (shapes and dtypes from `jax.eval_shape` of
-`init_compressed_cache`, so nothing big is allocated): packed indices, norms, scales, QJL signs, channel
+`new_cache`, so nothing big is allocated): packed indices, norms, scales, QJL signs, channel
 orders, rotations, QJL matrices and the lengths vector, everything `KVCache.nbytes` would count. For the
 124M shape the caches are also allocated for real and `.nbytes` checked against those numbers and against
 `compressed_cache_bytes`.
@@ -17,20 +17,17 @@ import math
 
 import jax
 
-from jaxgpt.decode.kv_compress import (
-    bits_per_value,
-    compressed_cache_bytes,
-    init_compressed_cache,
-)
+from jaxgpt.decode.cache_kinds import new_cache
+from jaxgpt.decode.kv_compress import bits_per_value, compressed_cache_bytes
 from jaxgpt.nn.config import GPTConfig
 
 KINDS = ["bfloat16", "int8", "turbo4", "turbo3.5", "turbo3", "turbo3-prod", "turbo2.5", "turbo2", "uniform3"]
 MODELS = {"GPT-2 124M": "gpt2", "GPT-2 1.5B": "gpt2-xl"}
 
 
-def shaped_bytes(config: GPTConfig, batch: int, context: int, kind: str) -> int:
+def shaped_bytes(model_cfg: GPTConfig, batch: int, context: int, kind: str) -> int:
     """Bytes of every array of the cache, from abstract shapes and dtypes."""
-    tree = jax.eval_shape(lambda: init_compressed_cache(config, batch, context, kind))
+    tree = jax.eval_shape(lambda: new_cache(kind, model_cfg, batch, context))
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
@@ -53,7 +50,7 @@ def main() -> None:
             assert nbytes == compressed_cache_bytes(cfg, args.batch, args.context, kind), kind
             real = "-"
             if preset == "gpt2":  # allocate for real: .nbytes of the actual arrays
-                cache = init_compressed_cache(cfg, args.batch, args.context, kind)
+                cache = new_cache(kind, cfg, args.batch, args.context)
                 real = "equal" if cache.nbytes == nbytes else f"DIFFERS: {cache.nbytes}"
                 del cache
             bits = bits_per_value(cfg, kind)

@@ -29,7 +29,7 @@ import numpy as np
 from jax import lax
 from tqdm import tqdm
 
-from jaxgpt.decode.kv_cache import init_cache
+from jaxgpt.decode.cache_kinds import new_cache
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT, init_params
 from jaxgpt.quantize import (
@@ -130,7 +130,7 @@ def main() -> None:
     for key in args.variants.split(","):  # build and compile everything first
         name, build = builders[key]
         p = build()
-        cache = init_cache(cfg, 1, args.prompt + args.steps)
+        cache = new_cache("float32", cfg, 1, args.prompt + args.steps)
         tok, cache = prefill(p, prompt, cache)
         compiled = decode.lower(p, tok, cache).compile()
         bufs = [(s, in_loop) for _, s, in_loop in hlo_float_buffers(compiled.as_text()) if s in shapes]

@@ -40,7 +40,8 @@ import numpy as np
 
 from experiments import common
 from jaxgpt.decode import generate as gen
-from jaxgpt.decode.kv_cache import init_cache
+from jaxgpt.decode.cache_kinds import new_cache
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT, init_params
 
@@ -140,7 +141,7 @@ def measure(s: KVStudy, progress: bool = True) -> dict[str, Any]:
     inputs = {}
     for n in s.lengths:
         tokens = jnp.asarray(rng.integers(0, s.vocab_size, (1, n)), jnp.int32)  # [1, n]
-        cache = init_cache(cfg, 1, n).replace(lengths=jnp.full((1,), n - 1, jnp.int32))  # n-1 tokens held
+        cache = new_cache("float32", cfg, 1, n).replace(lengths=jnp.full((1,), n - 1, jnp.int32))  # n-1 tokens held
         # compiled once, outside the timing; XLA's FLOP count comes from the same executables
         c_step = cached.lower(params, tokens[:, -1:], cache).compile()
         c_full = uncached.lower(params, tokens).compile()
@@ -165,10 +166,11 @@ def measure(s: KVStudy, progress: bool = True) -> dict[str, Any]:
     # end to end: the library's two decoding paths, greedy, one prompt (second call: compiled)
     prompt = [int(t) for t in rng.integers(0, s.vocab_size, s.e2e_prompt)]
     e2e = {"prompt": s.e2e_prompt, "new_tokens": s.e2e_new}
+    greedy = DecodeOptions(temperature=0.0)
     for name, fn in (("generate", gen.generate), ("generate_uncached", gen.generate_uncached)):
-        jax.block_until_ready(fn(params, cfg, [prompt], s.e2e_new, temperature=0.0).tokens)
+        jax.block_until_ready(fn(params, cfg, [prompt], s.e2e_new, greedy).tokens)
         t = time.perf_counter()
-        toks = jax.block_until_ready(fn(params, cfg, [prompt], s.e2e_new, temperature=0.0).tokens)
+        toks = jax.block_until_ready(fn(params, cfg, [prompt], s.e2e_new, greedy).tokens)
         e2e[name] = {"s": time.perf_counter() - t, "tokens": np.asarray(toks)[0].tolist()}
         e2e[name]["ms_per_token"] = 1e3 * e2e[name]["s"] / s.e2e_new
     e2e["same_tokens"] = e2e["generate"]["tokens"] == e2e["generate_uncached"]["tokens"]

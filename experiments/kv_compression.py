@@ -13,8 +13,9 @@ which hides cache errors. On held-out windows of the validation split, for every
                     jitted lax.scan, accumulating the next-token NLL. Reported over the token-by-token positions
                     (and over the whole window). The dense cache must reproduce the full forward's NLL: checked.
   logit RMSE        root-mean-square difference of the logits from the dense cache's, same positions.
-  greedy agreement  `generate(..., temperature=0, cache_kind=kind)` from several prompts: the fraction of the N
-                    new tokens identical to the dense cache's tokens, and the first position where they differ.
+  greedy agreement  `generate(..., DecodeOptions(temperature=0, cache_kind=kind))` from several prompts: the
+                    fraction of the N new tokens identical to the dense cache's tokens, and the first position
+                    where they differ.
   decode tokens/s   the same greedy `generate` (prefill + lax.scan, compiled apart) timed on this machine.
   bits / bytes      `kv_compress.bits_per_value` (indices + norms/scales per token) and bytes per token of
                     `compressed_cache_bytes` for this model and for the GPT-2 124M shape at 1024 context.
@@ -41,7 +42,9 @@ from tqdm import tqdm
 from experiments import common
 from jaxgpt.decode import generate as gen
 from jaxgpt.decode import kv_compress
+from jaxgpt.decode.cache_kinds import new_cache, parse_kind
 from jaxgpt.decode.kv_cache import KVCache
+from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig, param_count
 from jaxgpt.nn.model import GPT
 
@@ -87,7 +90,7 @@ def _check(s: KVStudy, kinds: Sequence[str]) -> None:
     if DENSE not in kinds:
         raise ValueError(f"kinds must include the dense reference {DENSE!r}; got {tuple(kinds)}")
     for k in kinds:
-        kv_compress.parse_kind(k)  # ValueError naming the bad kind and the valid ones
+        parse_kind(k)  # ValueError naming the bad kind and the valid ones
     if not 0 < s.prefix < s.block_size:
         raise ValueError(f"prefix={s.prefix} must lie in 1 .. block_size-1={s.block_size - 1}")
     if s.prompt_len + s.new_tokens > s.block_size:
@@ -97,11 +100,6 @@ def _check(s: KVStudy, kinds: Sequence[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Measurements
-
-
-def make_cache(cfg: GPTConfig, batch: int, max_len: int, kind: str, seed: int) -> KVCache:
-    """An empty cache of `kind` ("float32" is the dense reference)."""
-    return kv_compress.init_compressed_cache(cfg, batch, max_len, kind, seed=seed)
 
 
 def _nll(logits: jax.Array, y: jax.Array) -> jax.Array:
@@ -121,7 +119,7 @@ def teacher_forced(params: Any, x: jax.Array, y: jax.Array, *, cfg: GPTConfig, k
     """
     B, T = x.shape
     model = GPT(cfg)
-    cache = make_cache(cfg, B, T, kind, seed)
+    cache = new_cache(kind, cfg, B, T, seed=seed)  # "float32" is the dense reference
     logits0, cache = model.apply({"params": params}, x[:, :prefix], cache=cache)  # [B, prefix, V]
 
     def step(cache: KVCache, tok: jax.Array) -> tuple[KVCache, jax.Array]:
@@ -144,14 +142,14 @@ def greedy_timed(params: Any, cfg: GPTConfig, prompts: np.ndarray, n_new: int, k
                  repeats: int) -> tuple[np.ndarray, dict[str, float]]:
     """Greedy continuation [B, n_new] of prompts [B, P] with a `kind` cache (`jaxgpt.decode.generate`: prefill +
     lax.scan), and its speed: new tokens per second, best of `repeats` calls after the compiling one."""
-    kw = dict(temperature=0.0, cache_kind=kind)
+    options = DecodeOptions(temperature=0.0, cache_kind=kind)
     t0 = time.perf_counter()
-    toks = np.asarray(gen.generate(params, cfg, prompts, n_new, **kw).tokens)
+    toks = np.asarray(gen.generate(params, cfg, prompts, n_new, options).tokens)
     first_s = time.perf_counter() - t0  # compile + one run
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(gen.generate(params, cfg, prompts, n_new, **kw).tokens)
+        jax.block_until_ready(gen.generate(params, cfg, prompts, n_new, options).tokens)
         best = min(best, time.perf_counter() - t0)
     speed = {"tokens_per_s": prompts.shape[0] * n_new / best, "seconds": best, "first_call_s": first_s}
     return toks, speed if repeats > 0 else {}
