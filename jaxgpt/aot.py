@@ -140,7 +140,7 @@ def _out_of_memory(e: Exception, step: str, chips: int, bpc: int, hbm: int | Non
     return Report(step, chips, bpc, 0, 0, 0, 0, 0, hbm, None, seconds, used=used)
 
 
-def train_program(config: Any, devices: list, batch_per_chip: int) -> Any:
+def train_program(train_cfg: Any, devices: list, batch_per_chip: int) -> Any:
     """The trainer's program (`jaxgpt.train.program.build_program`) for `devices` at `batch_per_chip` rows a
     chip (x grad_accum micro-batches), its state in the trainer's layout; lower its step inside
     `sharding.activation_mesh(program.mesh)` with `program.abstract_args()`."""
@@ -148,21 +148,21 @@ def train_program(config: Any, devices: list, batch_per_chip: int) -> Any:
     from jaxgpt.train.program import build_program
     from jaxgpt.train.run import model_config
 
-    p = train_config.parts(config)
+    p = train_config.parts(train_cfg)
     model_cfg = model_config(p.model, p.start.mixed_precision)
     return build_program(model_cfg, p.optim, p.mesh, grad_accum=p.loop.grad_accum,
                          batch_rows=batch_per_chip * len(devices), devices=devices)
 
 
-def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
+def compile_train(train_cfg: Any, devices: list, batch_per_chip: int) -> Report:
     """Compile the trainer's step for `devices` at `batch_per_chip` rows a chip (x grad_accum micro-batches)."""
     import jax
 
     from jaxgpt import sharding as sh
     from jaxgpt.train.metrics import flops_per_token
 
-    program = train_program(config, devices, batch_per_chip)
-    cfg = program.model_cfg
+    program = train_program(train_cfg, devices, batch_per_chip)
+    model_cfg = program.model_cfg
     t0 = time.perf_counter()
     hbm = hbm_bytes(devices)
     try:
@@ -171,14 +171,15 @@ def compile_train(config: Any, devices: list, batch_per_chip: int) -> Report:
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program that cannot fit: report it, as not fitting
         r = _out_of_memory(e, "train", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
     else:
-        r = _report("train", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0, cfg.scan_layers)
+        r = _report("train", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0,
+                    model_cfg.scan_layers)
     n_params = sum(x.size for x in jax.tree.leaves(program.state.params))
-    tokens = int(config.grad_accum) * batch_per_chip * len(devices) * cfg.block_size
-    per_token = flops_per_token(cfg.n_layer, cfg.block_size, cfg.n_embd, n_params)
+    tokens = int(train_cfg.grad_accum) * batch_per_chip * len(devices) * model_cfg.block_size
+    per_token = flops_per_token(model_cfg.n_layer, model_cfg.block_size, model_cfg.n_embd, n_params)
     return dataclasses.replace(r, model_flops=per_token * tokens)
 
 
-def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
+def compile_decode(train_cfg: Any, devices: list, batch_per_chip: int) -> Report:
     """Compile one cached decode step (one new token a row, a cache of block_size) with fsdp-split weights."""
     import jax
     import jax.numpy as jnp
@@ -189,17 +190,17 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
     from jaxgpt.train import config as train_config
     from jaxgpt.train.run import model_config
 
-    p = train_config.parts(config)
-    cfg = model_config(p.model, p.start.mixed_precision)
+    p = train_config.parts(train_cfg)
+    model_cfg = model_config(p.model, p.start.mixed_precision)
     rows = batch_per_chip * len(devices)
     mesh = sh.make_mesh(p.mesh.data, p.mesh.fsdp, devices=devices)
-    params = jax.eval_shape(lambda: init_params(cfg, 0))
-    cache = jax.eval_shape(lambda: init_cache(cfg, rows, cfg.block_size, cfg.compute_dtype))
+    params = jax.eval_shape(lambda: init_params(model_cfg, 0))
+    cache = jax.eval_shape(lambda: init_cache(model_cfg, rows, model_cfg.block_size, model_cfg.compute_dtype))
     cache_sharding = jax.tree.map(lambda _: sh.batch_sharding(mesh), cache)
     tokens = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=sh.batch_sharding(mesh))
 
     def decode(params: Any, tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-        logits, cache = GPT(cfg).apply({"params": params}, tokens, cache=cache)
+        logits, cache = GPT(model_cfg).apply({"params": params}, tokens, cache=cache)
         return jnp.argmax(logits[:, -1], axis=-1), cache
 
     p_sh = sh.param_shardings(params, mesh, p.mesh.min_shard_size)
@@ -211,10 +212,11 @@ def compile_decode(config: Any, devices: list, batch_per_chip: int) -> Report:
             compiled = fn.lower(sh.abstract_on(params, p_sh), tokens, sh.abstract_on(cache, cache_sharding)).compile()
     except Exception as e:  # noqa: BLE001 - see compile_train
         return _out_of_memory(e, "decode", len(devices), batch_per_chip, hbm, time.perf_counter() - t0)
-    return _report("decode", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0, cfg.scan_layers)
+    return _report("decode", compiled, len(devices), batch_per_chip, hbm, time.perf_counter() - t0,
+                   model_cfg.scan_layers)
 
 
-def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096,
+def max_batch(train_cfg: Any, devices: list, start: int = 1, limit: int = 4096,
               near: bool = False) -> tuple[int, list[Report]]:
     """The largest per-chip batch whose train step fits (0: none). Bytes grow about linearly with the batch: a
     line through two compiles gives the next batch to try, then the line through the largest batch that fits
@@ -222,7 +224,7 @@ def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096,
     neighbours. The second compile is at twice `start` when it fits, else at one row (if that does not fit
     either: 0). `near`: `start` is a guess of the answer, so the second compile is its neighbour (start + 1 if
     it fits, else start - 1), and a right guess takes two compiles."""
-    first = compile_train(config, devices, start)
+    first = compile_train(train_cfg, devices, start)
     if first.hbm is None:
         raise SystemExit("aot: the chip's HBM is unknown; --max_batch needs it")
     if not first.fits and start == 1:
@@ -231,7 +233,7 @@ def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096,
         second = start + 1 if first.fits else start - 1
     else:
         second = 2 * start if first.fits else 1
-    reports = [first, compile_train(config, devices, second)]
+    reports = [first, compile_train(train_cfg, devices, second)]
     if not reports[1].fits and reports[1].batch_per_chip == 1:
         return 0, reports
     tried = {r.batch_per_chip: r for r in reports}
@@ -246,15 +248,15 @@ def max_batch(config: Any, devices: list, start: int = 1, limit: int = 4096,
         per_row = max((b.total - a.total) / (b.batch_per_chip - a.batch_per_chip), 1.0)
         guess = a.batch_per_chip + math.floor((a.hbm - a.total) / per_row)
         mid = min(max(guess, lo + 1), hi - 1)
-        r = tried[mid] = compile_train(config, devices, mid)
+        r = tried[mid] = compile_train(train_cfg, devices, mid)
         reports.append(r)
         lo, hi = (mid, hi) if r.fits else (lo, mid)
     return lo, reports
 
 
-def advice(config: Any, r: Report) -> str:
+def advice(train_cfg: Any, r: Report) -> str:
     need, have = r.total / GIB, (r.hbm or 0) / GIB
-    fsdp, remat = int(config.mesh.fsdp), config.model.remat
+    fsdp, remat = int(train_cfg.mesh.fsdp), train_cfg.model.remat
     tips = [f"lower the batch ({r.batch_per_chip} a chip; try --max_batch)"]
     if fsdp < r.chips:
         tips.append(f"raise --config.mesh.fsdp (now {fsdp}, up to {r.chips}) with --config.mesh.data=-1")
@@ -266,44 +268,44 @@ def advice(config: Any, r: Report) -> str:
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    config = flags.FLAGS["config"].value
+    train_cfg = flags.FLAGS["config"].value
     devices = topology_devices(flags.FLAGS["topology"].value)
     n = len(devices)
     bpc = flags.FLAGS["batch_per_chip"].value
     if bpc is None:
-        if int(config.batch_size) % n:
-            raise SystemExit(f"aot: config.batch_size={config.batch_size} does not split over {n} chips; "
+        if int(train_cfg.batch_size) % n:
+            raise SystemExit(f"aot: config.batch_size={train_cfg.batch_size} does not split over {n} chips; "
                              "pass --batch_per_chip N")
-        bpc = int(config.batch_size) // n
+        bpc = int(train_cfg.batch_size) // n
     from jaxgpt.train.run import model_config
 
-    cfg = model_config(config.model.to_dict(), config.mixed_precision)
-    print(f"aot: {n} x {devices[0].device_kind}, mesh data={config.mesh.data} fsdp={config.mesh.fsdp}, "
-          f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} T={cfg.block_size} dtype={cfg.dtype} remat={cfg.remat} "
-          f"scan_layers={cfg.scan_layers} grad_accum={config.grad_accum}", flush=True)
+    model_cfg = model_config(train_cfg.model.to_dict(), train_cfg.mixed_precision)
+    print(f"aot: {n} x {devices[0].device_kind}, mesh data={train_cfg.mesh.data} fsdp={train_cfg.mesh.fsdp}, "
+          f"n_layer={model_cfg.n_layer} n_embd={model_cfg.n_embd} T={model_cfg.block_size} dtype={model_cfg.dtype} "
+          f"remat={model_cfg.remat} scan_layers={model_cfg.scan_layers} grad_accum={train_cfg.grad_accum}", flush=True)
     reports = []
     if flags.FLAGS["max_batch"].value:
-        best, tried = max_batch(config, devices, start=max(1, bpc), near=flags.FLAGS["near"].value)
+        best, tried = max_batch(train_cfg, devices, start=max(1, bpc), near=flags.FLAGS["near"].value)
         reports += tried
         for r in tried:
             print(r.line(), flush=True)
         print(f"aot: largest batch per chip that fits: {best}", flush=True)
     else:
-        reports.append(compile_train(config, devices, bpc))
+        reports.append(compile_train(train_cfg, devices, bpc))
         print(reports[-1].line(), flush=True)
     if flags.FLAGS["decode"].value:
-        reports.append(compile_decode(config, devices, bpc))
+        reports.append(compile_decode(train_cfg, devices, bpc))
         print(reports[-1].line(), flush=True)
     out = flags.FLAGS["json"].value
     if out:
         from jaxgpt.io import atomic
 
         rows = [{**dataclasses.asdict(r), "total": r.total, "fits": r.fits} for r in reports]
-        atomic.write_json(out, {"topology": flags.FLAGS["topology"].value, "model": cfg.to_dict(),
-                                "mesh": config.mesh.to_dict(), "reports": rows})
+        atomic.write_json(out, {"topology": flags.FLAGS["topology"].value, "model": model_cfg.to_dict(),
+                                "mesh": train_cfg.mesh.to_dict(), "reports": rows})
     bad = next((r for r in reports if r.fits is False and not flags.FLAGS["max_batch"].value), None)
     if bad is not None:
-        print(advice(config, bad), file=sys.stderr)
+        print(advice(train_cfg, bad), file=sys.stderr)
         raise SystemExit(1)
 
 

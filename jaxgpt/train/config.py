@@ -21,70 +21,70 @@ COMPILATION_CACHE_MIN_SECS = 0.5  # JAX's own default is 1 s; 0.5 s also catches
 
 def base_config() -> ml_collections.ConfigDict:
     """Every training setting with its default (nanoGPT's names); configs/*.py start here and change a few."""
-    c = ml_collections.ConfigDict()
+    train_cfg = ml_collections.ConfigDict()
 
     # model: GPTConfig fields; vocab_size 0 takes the vocabulary size of the data
-    c.model = ml_collections.ConfigDict(GPTConfig().to_dict())
-    c.model.vocab_size = 0
-    c.mixed_precision = False  # True: bfloat16 compute, float32 master weights
+    train_cfg.model = ml_collections.ConfigDict(GPTConfig().to_dict())
+    train_cfg.model.vocab_size = 0
+    train_cfg.mixed_precision = False  # True: bfloat16 compute, float32 master weights
 
     # starting point: "scratch", "hf" (a Hugging Face GPT-2 directory or Hub name) or "run" (a jaxgpt workdir)
-    c.init_from = "scratch"
-    c.init_path = ""
-    c.init_which = "latest"  # for init_from="run": "latest", "best" or a step number
+    train_cfg.init_from = "scratch"
+    train_cfg.init_path = ""
+    train_cfg.init_which = "latest"  # for init_from="run": "latest", "best" or a step number
 
-    c.lora = lora_config()
-    c.mesh = mesh_config()
-    c.data = data_config()
+    train_cfg.lora = lora_config()
+    train_cfg.mesh = mesh_config()
+    train_cfg.data = data_config()
 
     # optimisation (nanoGPT's names and defaults)
-    c.seed = 1337
-    c.batch_size = 12  # micro-batch
-    c.grad_accum = 1  # micro-batches per step
-    c.max_iters = 2000
-    c.learning_rate = 1e-3
-    c.decay_lr = True
-    c.warmup_iters = 100
-    c.lr_decay_iters = 2000
-    c.min_lr = 1e-4
-    c.weight_decay = 0.1
-    c.beta1 = 0.9
-    c.beta2 = 0.99
-    c.eps = 1e-8
-    c.grad_clip = 1.0  # 0 disables clipping
+    train_cfg.seed = 1337
+    train_cfg.batch_size = 12  # micro-batch
+    train_cfg.grad_accum = 1  # micro-batches per step
+    train_cfg.max_iters = 2000
+    train_cfg.learning_rate = 1e-3
+    train_cfg.decay_lr = True
+    train_cfg.warmup_iters = 100
+    train_cfg.lr_decay_iters = 2000
+    train_cfg.min_lr = 1e-4
+    train_cfg.weight_decay = 0.1
+    train_cfg.beta1 = 0.9
+    train_cfg.beta2 = 0.99
+    train_cfg.eps = 1e-8
+    train_cfg.grad_clip = 1.0  # 0 disables clipping
 
     # evaluation, logging, checkpoints
-    c.eval_interval = 250
-    c.eval_iters = 20
-    c.eval_at_start = False
-    c.eval_hellaswag_every = 0  # > 0: HellaSwag accuracy beside val loss every N steps (jaxgpt.eval.hellaswag)
-    c.hellaswag_path = ""  # the validation jsonl; empty: downloaded once (online) to the cache
-    c.hellaswag_limit = 0  # > 0: the first N examples only (a faster, noisier estimate)
-    c.log_interval = 10
-    c.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard beside metrics.jsonl
-    c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name=""))  # W&B when project is set
-    c.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in <workdir>/profile
-    c.ckpt_interval = 250
-    c.keep_checkpoints = 3  # the last k; the best by val loss is kept as well when keep_best
-    c.keep_best = True
-    c.async_checkpointing = False
-    c.progress = True
+    train_cfg.eval_interval = 250
+    train_cfg.eval_iters = 20
+    train_cfg.eval_at_start = False
+    train_cfg.eval_hellaswag_every = 0  # > 0: HellaSwag accuracy beside val loss every N steps (jaxgpt.eval.hellaswag)
+    train_cfg.hellaswag_path = ""  # the validation jsonl; empty: downloaded once (online) to the cache
+    train_cfg.hellaswag_limit = 0  # > 0: the first N examples only (a faster, noisier estimate)
+    train_cfg.log_interval = 10
+    train_cfg.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard beside metrics.jsonl
+    train_cfg.wandb = ml_collections.ConfigDict(dict(project="", entity="", name=""))  # W&B when project is set
+    train_cfg.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in <workdir>/profile
+    train_cfg.ckpt_interval = 250
+    train_cfg.keep_checkpoints = 3  # the last k; the best by val loss is kept as well when keep_best
+    train_cfg.keep_best = True
+    train_cfg.async_checkpointing = False
+    train_cfg.progress = True
     # keep freed host memory in the process (jaxgpt.train.host_memory): XLA:CPU's per-step buffers stop
     # page-faulting; the process keeps its peak host memory until exit
-    c.retain_host_memory = True
+    train_cfg.retain_host_memory = True
     # JAX's persistent compilation cache (jaxgpt.train.compilation_cache), set by train.py: a rerun, resume or new seed
     # of the same shapes loads its compiled steps instead of compiling them ('' = off). On by default on
     # accelerators; on CPU only with compilation_cache_on_cpu (some hosts reject XLA:CPU's cached executables)
-    c.compilation_cache_dir = COMPILATION_CACHE_DIR
-    c.compilation_cache_min_secs = COMPILATION_CACHE_MIN_SECS
-    c.compilation_cache_on_cpu = False
+    train_cfg.compilation_cache_dir = COMPILATION_CACHE_DIR
+    train_cfg.compilation_cache_min_secs = COMPILATION_CACHE_MIN_SECS
+    train_cfg.compilation_cache_on_cpu = False
 
     # the sample written at the end (jaxgpt.decode.generate; the context slides past block_size)
-    c.sample_tokens = 500
-    c.sample_prompt = ""
-    c.temperature = 0.8
-    c.top_k = 200
-    return c
+    train_cfg.sample_tokens = 500
+    train_cfg.sample_prompt = ""
+    train_cfg.temperature = 0.8
+    train_cfg.top_k = 200
+    return train_cfg
 
 
 def lora_config() -> ml_collections.ConfigDict:
@@ -120,18 +120,19 @@ def data_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(train_cfg: ml_collections.ConfigDict) -> None:
     """One-line errors for training settings that cannot work."""
     for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
                  "ckpt_interval", "keep_checkpoints"):
-        v = config[name]
+        v = train_cfg[name]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"config.{name}={v!r} is not valid; use a positive integer")
-    if not float(config.learning_rate) > 0:
-        raise ValueError(f"config.learning_rate={config.learning_rate} is not valid; use a value > 0")
-    if not 0.0 <= float(config.beta1) < 1.0 or not 0.0 <= float(config.beta2) < 1.0:
-        raise ValueError(f"config.beta1={config.beta1} / beta2={config.beta2} are not valid; use values in [0, 1)")
-    profile = tuple(config.profile_steps or ())
+    if not float(train_cfg.learning_rate) > 0:
+        raise ValueError(f"config.learning_rate={train_cfg.learning_rate} is not valid; use a value > 0")
+    if not 0.0 <= float(train_cfg.beta1) < 1.0 or not 0.0 <= float(train_cfg.beta2) < 1.0:
+        raise ValueError(f"config.beta1={train_cfg.beta1} / beta2={train_cfg.beta2} are not valid; "
+                         "use values in [0, 1)")
+    profile = tuple(train_cfg.profile_steps or ())
     if profile and (len(profile) != 2 or not 0 <= profile[0] <= profile[1]):
         raise ValueError(f"config.profile_steps={profile} is not valid; use (first, last) steps, e.g. (10, 12)")
 
@@ -270,19 +271,19 @@ def parts(train_cfg: ml_collections.ConfigDict) -> Parts:
                  data=DataConfig.of(train_cfg.data), sample=SampleConfig.of(train_cfg))
 
 
-def config_keys(config: Any, prefix: str = "") -> list[str]:
+def config_keys(cfg_dict: Any, prefix: str = "") -> list[str]:
     """Every dotted key of a (nested) ConfigDict: ["model.n_layer", "lora.rank", ...]."""
     keys = []
-    for k, v in config.items():
+    for k, v in cfg_dict.items():
         keys.append(prefix + k)
         if isinstance(v, ml_collections.ConfigDict):
             keys.extend(config_keys(v, prefix + k + "."))
     return keys
 
 
-def check_override_keys(config: ml_collections.ConfigDict, argv: list[str], flag: str = "config") -> None:
+def check_override_keys(train_cfg: ml_collections.ConfigDict, argv: list[str], flag: str = "config") -> None:
     """Refuse `--config.<key>=...` overrides of keys the config does not have, naming the nearest known ones."""
-    known = config_keys(config)
+    known = config_keys(train_cfg)
     for arg in argv:
         if not arg.startswith(f"--{flag}."):
             continue

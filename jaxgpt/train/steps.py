@@ -98,9 +98,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def make_loss_fn(cfg: GPTConfig, combine: Callable[[Params, Params], Params] = identity_combine):
+def make_loss_fn(model_cfg: GPTConfig, combine: Callable[[Params, Params], Params] = identity_combine):
     """loss(trainable, frozen, x [B, T], y [B, T], rng, deterministic) -> scalar float32."""
-    model = GPT(cfg)
+    model = GPT(model_cfg)
 
     def loss_fn(trainable: Params, frozen: Params, x: jax.Array, y: jax.Array, rng: jax.Array,
                 deterministic: bool = False) -> jax.Array:
@@ -111,7 +111,7 @@ def make_loss_fn(cfg: GPTConfig, combine: Callable[[Params, Params], Params] = i
     return loss_fn
 
 
-def make_train_step(cfg: GPTConfig, tx: optax.GradientTransformation,
+def make_train_step(model_cfg: GPTConfig, tx: optax.GradientTransformation,
                     combine: Callable[[Params, Params], Params] = identity_combine,
                     shardings: StepShardings | None = None, donate: bool = True):
     """The jitted `train_step(state, batch, rng, frozen=None) -> (state, metrics)`.
@@ -121,9 +121,9 @@ def make_train_step(cfg: GPTConfig, tx: optax.GradientTransformation,
     step number only. metrics: loss (mean over micro-batches), grad_norm (before clipping) and `finite`
     (loss, gradient and the new params are all finite).
     """
-    loss_fn = make_loss_fn(cfg, combine)
+    loss_fn = make_loss_fn(model_cfg, combine)
     grad_fn = jax.value_and_grad(loss_fn)
-    deterministic = cfg.dropout == 0.0
+    deterministic = model_cfg.dropout == 0.0
 
     def step_fn(state: TrainState, batch: Batch, rng: jax.Array, frozen: Params = None):
         x, y = batch  # [A, B, T]
@@ -159,9 +159,9 @@ def make_train_step(cfg: GPTConfig, tx: optax.GradientTransformation,
     return jax.jit(step_fn, **kwargs)
 
 
-def make_eval_step(cfg: GPTConfig, combine: Callable[[Params, Params], Params] = identity_combine):
+def make_eval_step(model_cfg: GPTConfig, combine: Callable[[Params, Params], Params] = identity_combine):
     """The jitted `eval_step(trainable, x [B, T], y [B, T], frozen=None) -> loss` (no dropout)."""
-    loss_fn = make_loss_fn(cfg, combine)
+    loss_fn = make_loss_fn(model_cfg, combine)
 
     def eval_fn(trainable: Params, x: jax.Array, y: jax.Array, frozen: Params = None) -> jax.Array:
         return loss_fn(trainable, frozen, x, y, jax.random.PRNGKey(0), True)
@@ -190,9 +190,9 @@ class StateLayout:
     stacked: bool = False
 
     @classmethod
-    def of(cls, cfg: GPTConfig, combine: Callable[[Params, Params], Params], params: Params) -> "StateLayout":
-        blocks = [params.get(f"h_{i}") for i in range(cfg.n_layer)] if isinstance(params, dict) else []
-        return cls(cfg.scan_layers and combine is identity_combine and stacking.same_structure(blocks))
+    def of(cls, model_cfg: GPTConfig, combine: Callable[[Params, Params], Params], params: Params) -> "StateLayout":
+        blocks = [params.get(f"h_{i}") for i in range(model_cfg.n_layer)] if isinstance(params, dict) else []
+        return cls(model_cfg.scan_layers and combine is identity_combine and stacking.same_structure(blocks))
 
     def inward(self, state: Any) -> Any:
         """Unrolled -> the loop's layout (pure: jit it with the loop's shardings)."""
