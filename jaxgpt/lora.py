@@ -630,7 +630,7 @@ def save_peft(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, base_m
             alpha_pattern[name] = scale * (math.sqrt(a.shape[1]) if cfg.rank_stabilized else a.shape[1])
         tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a.T)  # [n r, in]
         tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b.T)  # [out, n r]
-    config = {
+    peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": int(cfg.rank), "lora_alpha": float(cfg.alpha), "use_rslora": cfg.rank_stabilized,
         "target_modules": sorted(_hf_name(m) for m in _group(adapters)), "rank_pattern": rank_pattern,
@@ -641,7 +641,7 @@ def save_peft(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, base_m
         with atomic.directory(path, force=force) as tmp:
             meta = {"format": "pt", "jaxgpt_lora": json.dumps(cfg.to_dict())}  # peft reads "format" only
             save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata=meta)
-            (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+            (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     return path
 
 

@@ -81,7 +81,7 @@ def load_hf_gpt2(path_or_name: str | os.PathLike, **config_overrides: Any) -> tu
         hf_cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON ({e}); re-download or re-export the checkpoint") from e
-    config = config_from_hf(hf_cfg, **config_overrides)
+    model_cfg = config_from_hf(hf_cfg, **config_overrides)
     try:
         raw = load_file(str(weights))
     except Exception as e:  # noqa: BLE001
@@ -94,15 +94,15 @@ def load_hf_gpt2(path_or_name: str | os.PathLike, **config_overrides: Any) -> tu
         x = sd[key]
         if tuple(x.shape) != shape:
             raise ValueError(f"{weights}: {key} has shape {tuple(x.shape)}, config.json implies {shape}")
-        return np.asarray(x, dtype=config.params_dtype)
+        return np.asarray(x, dtype=model_cfg.params_dtype)
 
-    C, V = config.n_embd, config.vocab_size
+    C, V = model_cfg.n_embd, model_cfg.vocab_size
     params: dict[str, Any] = {
         "wte": {"embedding": get("wte.weight", (V, C))},
-        "wpe": {"embedding": get("wpe.weight", (config.block_size, C))},
+        "wpe": {"embedding": get("wpe.weight", (model_cfg.block_size, C))},
         "ln_f": {"scale": get("ln_f.weight", (C,)), "bias": get("ln_f.bias", (C,))},
     }
-    for i in range(config.n_layer):
+    for i in range(model_cfg.n_layer):
         p = f"h.{i}."
         params[f"h_{i}"] = {
             "ln_1": {"scale": get(p + "ln_1.weight", (C,)), "bias": get(p + "ln_1.bias", (C,))},
@@ -116,15 +116,15 @@ def load_hf_gpt2(path_or_name: str | os.PathLike, **config_overrides: Any) -> tu
                 "c_proj": {"kernel": get(p + "mlp.c_proj.weight", (4 * C, C)), "bias": get(p + "mlp.c_proj.bias", (C,))},
             },
         }
-    if not config.tie_embeddings:
+    if not model_cfg.tie_embeddings:
         head = raw.get("lm_head.weight")
         if head is None:
             raise KeyError(f"{weights} has no lm_head.weight but config.json says the embeddings are untied")
-        params["lm_head"] = {"kernel": np.ascontiguousarray(np.asarray(head, config.params_dtype).T)}
-    return config, jax.tree.map(jax.numpy.asarray, params)
+        params["lm_head"] = {"kernel": np.ascontiguousarray(np.asarray(head, model_cfg.params_dtype).T)}
+    return model_cfg, jax.tree.map(jax.numpy.asarray, params)
 
 
-def export_hf_gpt2(config: GPTConfig, params: Any, out_dir: str | os.PathLike) -> Path:
+def export_hf_gpt2(model_cfg: GPTConfig, params: Any, out_dir: str | os.PathLike) -> Path:
     """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained` loads.
 
     Files are written under temporary names and renamed, so an interrupted export never leaves a half
@@ -133,13 +133,13 @@ def export_hf_gpt2(config: GPTConfig, params: Any, out_dir: str | os.PathLike) -
     from safetensors.numpy import save_file
 
     problems = []
-    if config.pos_embedding != "learned":
-        problems.append(f"pos_embedding={config.pos_embedding!r} (GPT-2 has learned positions)")
-    if config.norm != "layernorm":
-        problems.append(f"norm={config.norm!r} (GPT-2 has LayerNorm)")
-    if config.norm_position != "pre":
-        problems.append(f"norm_position={config.norm_position!r} (GPT-2 is pre-LN)")
-    if not config.bias:
+    if model_cfg.pos_embedding != "learned":
+        problems.append(f"pos_embedding={model_cfg.pos_embedding!r} (GPT-2 has learned positions)")
+    if model_cfg.norm != "layernorm":
+        problems.append(f"norm={model_cfg.norm!r} (GPT-2 has LayerNorm)")
+    if model_cfg.norm_position != "pre":
+        problems.append(f"norm_position={model_cfg.norm_position!r} (GPT-2 is pre-LN)")
+    if not model_cfg.bias:
         problems.append("bias=False (GPT-2 has biases)")
     if problems:
         raise ValueError("cannot export to Hugging Face GPT-2: " + "; ".join(problems))
@@ -153,7 +153,7 @@ def export_hf_gpt2(config: GPTConfig, params: Any, out_dir: str | os.PathLike) -
         "transformer.ln_f.weight": f32(params["ln_f"]["scale"]),
         "transformer.ln_f.bias": f32(params["ln_f"]["bias"]),
     }
-    for i in range(config.n_layer):
+    for i in range(model_cfg.n_layer):
         h, p = params[f"h_{i}"], f"transformer.h.{i}."
         for ln in ("ln_1", "ln_2"):
             sd[p + ln + ".weight"] = f32(h[ln]["scale"])
@@ -161,15 +161,15 @@ def export_hf_gpt2(config: GPTConfig, params: Any, out_dir: str | os.PathLike) -
         for mod, lin in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
             sd[f"{p}{mod}.{lin}.weight"] = f32(h[mod][lin]["kernel"])
             sd[f"{p}{mod}.{lin}.bias"] = f32(h[mod][lin]["bias"])
-    if not config.tie_embeddings:
+    if not model_cfg.tie_embeddings:
         sd["lm_head.weight"] = np.ascontiguousarray(f32(params["lm_head"]["kernel"]).T)
 
     hf_cfg = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
-        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "layer_norm_epsilon": config.layer_norm_eps, "tie_word_embeddings": config.tie_embeddings,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "vocab_size": model_cfg.vocab_size, "n_positions": model_cfg.block_size, "n_ctx": model_cfg.block_size,
+        "n_embd": model_cfg.n_embd, "n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head, "n_inner": None,
+        "layer_norm_epsilon": model_cfg.layer_norm_eps, "tie_word_embeddings": model_cfg.tie_embeddings,
+        "resid_pdrop": model_cfg.dropout, "embd_pdrop": model_cfg.dropout, "attn_pdrop": model_cfg.dropout,
         "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
         "scale_attn_weights": True, "use_cache": True,
     }
