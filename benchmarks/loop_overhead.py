@@ -22,6 +22,7 @@ so load from other processes hits both; it prints the median and the range of ea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -72,7 +73,7 @@ class CpuClock:
 
     def cpu_at(self, t: float) -> float:
         s = self.samples
-        for (t0, c0), (t1, c1) in zip(s, s[1:]):
+        for (t0, c0), (t1, c1) in itertools.pairwise(s):
             if t0 <= t <= t1:
                 return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c0
         raise ValueError(f"time {t} is outside the sampled span")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(data_dir, ignore_errors=True)
     load_after = os.getloadavg()
     s = summarize(rounds)
-    fmt = lambda d: f"{d['median']:8.2f}  [{d['min']:.2f} .. {d['max']:.2f}]"  # noqa: E731
+    fmt = lambda d: f"{d['median']:8.2f}  [{d['min']:.2f} .. {d['max']:.2f}]"
     steps_total = args.steps
     print(f"\nloop overhead: {Path(args.config).name}, {steps_total} steps after {args.warmup} warm-up, "
           f"{args.repeats} rounds (median [min .. max])")

@@ -73,7 +73,7 @@ class TensorBoardWriter:
         Path(logdir).mkdir(parents=True, exist_ok=True)
         now = time.time()
         self.path = Path(logdir) / f"events.out.tfevents.{str(now)[:10]}.{socket.gethostname()}"
-        self._file = open(self.path, "ab")
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held open until close()
         self._file.write(self._frame(self._Event(wall_time=now, file_version="brain.Event:2")))
         self._file.flush()
 
