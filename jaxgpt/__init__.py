@@ -8,11 +8,12 @@ Names that load JAX are imported on first use, so that configs import jaxgpt wit
 from jaxgpt import _lazy
 from jaxgpt.nn.config import GPTConfig, param_count
 
-__all__ = ["GPT", "GPTConfig", "Workdir", "generate", "init_params", "load_hf_gpt2", "load_model", "lora",
-           "param_count", "quantize", "stream"]
+__all__ = ["DecodeOptions", "GPT", "GPTConfig", "Workdir", "generate", "init_params", "load_hf_gpt2",
+           "load_model", "lora", "param_count", "quantize", "stream"]
 __version__ = "0.1.0"
 __getattr__ = _lazy.attributes(__name__, {
     "GPT": "jaxgpt.nn.model", "init_params": "jaxgpt.nn.model",
     "generate": "jaxgpt.decode.generate", "stream": "jaxgpt.decode.generate",
+    "DecodeOptions": "jaxgpt.decode.options",
     "load_hf_gpt2": "jaxgpt.io.hf", "Workdir": "jaxgpt.io.workdir", "load_model": "jaxgpt.io.workdir",
     "lora": None, "quantize": None})
