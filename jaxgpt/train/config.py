@@ -148,8 +148,8 @@ class _Part:
     """A frozen part whose field names are config keys."""
 
     @classmethod
-    def of(cls: type[P], c: ml_collections.ConfigDict) -> P:
-        return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+    def of(cls: type[P], cfg_dict: ml_collections.ConfigDict) -> P:
+        return cls(**{f.name: cfg_dict[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
