@@ -1,5 +1,5 @@
-"""jaxgpt.data.shard_loader: batches against windows enumerated one by one, determinism, per-process rows, two JAX processes
-(gloo) giving the one-process global batch, the prefetcher, vocabulary and file errors."""
+"""jaxgpt.data.shard_loader: batches against windows enumerated one by one, determinism, per-process rows, two JAX
+processes (gloo) giving the one-process global batch, the prefetcher, vocabulary and file errors."""
 
 from __future__ import annotations
 
