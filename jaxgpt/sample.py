@@ -20,13 +20,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Sequence, TextIO
 
 import numpy as np
 
-from jaxgpt.data.tokenizer import BPE_ENV, Tokenizer, from_meta, gpt2_tokenizer
+from jaxgpt.data.tokenizer import BPE_ENV, Tokenizer
 from jaxgpt.decode.options import DecodeOptions
-from jaxgpt.nn.config import GPTConfig
+from jaxgpt.io.workdir import load_model, transform_params
 
 SEPARATOR = "\n---------------\n"
 
@@ -61,24 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def transform_params(params: Any, adapters: str | None, quantize: str) -> Any:
-    """Base params -> merged with LoRA adapters (if any) -> quantized (if asked), in that order."""
-    if adapters:
-        from jaxgpt import lora
-
-        ad, lcfg = lora.load_adapters(adapters, params)
-        params = lora.merge(params, ad, lcfg)
-    if quantize != "none":
-        from jaxgpt.quantize import QuantConfig
-        from jaxgpt.quantize import quantize as quantize_params
-
-        # the embeddings too: the tied head reads all of wte every token, the largest matrix at GPT-2 sizes
-        qcfg = (QuantConfig(bits=8, embeddings=True, lm_head=True) if quantize == "int8" else
-                QuantConfig(bits=4, granularity="group", group_size=128, embeddings=True, lm_head=True))
-        params = quantize_params(params, qcfg)
-    return params
-
-
 def check_args(args: argparse.Namespace) -> None:
     """One clear error per bad value, before anything is loaded."""
     for name, low in (("num_samples", 1), ("max_new_tokens", 1), ("chunk_size", 1), ("top_k", 0)):
@@ -90,29 +72,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-p={args.top_p} is not valid; use a value in (0, 1]")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
         raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist; pass a UTF-8 text file")
-
-
-def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def load_model(init_from: str, bpe_file: str | None = None) -> tuple[GPTConfig, Any, Tokenizer]:
-    """(config, params, tokenizer) from a Hugging Face GPT-2 directory / name or a jaxgpt training workdir."""
-    from jaxgpt.io import checkpoint, hf
-
-    path = Path(init_from)
-    if (path / "lora_run.json").is_file() and not is_hf_dir(path):
-        raise ValueError(f"{path} is a LoRA run (its checkpoints hold adapters only); pass its merged export "
-                         f"--init-from {path / 'hf'}, or the base with --adapters {path / 'lora'}")
-    if path.is_dir() and not is_hf_dir(path):
-        load_run = getattr(checkpoint, "load_run", None)
-        if load_run is None:
-            raise ValueError(f"{path} is not a Hugging Face GPT-2 directory (config.json + model.safetensors) "
-                             "and this jaxgpt cannot read training workdirs; pass a Hugging Face directory")
-        config, params, meta = load_run(path)
-        return config, params, from_meta(meta, bpe_file)
-    config, params = hf.load_hf_gpt2(init_from)
-    return config, params, gpt2_tokenizer(bpe_file)
 
 
 def decode_options(args: argparse.Namespace, eos_id: int | None) -> DecodeOptions:

@@ -27,7 +27,7 @@ from jaxgpt.eval.__main__ import main
 from jaxgpt.eval.perplexity import perplexity, windows
 from jaxgpt.eval.scoring import score
 from jaxgpt.io.hf import load_hf_gpt2
-from jaxgpt.sample import transform_params
+from jaxgpt.io.workdir import transform_params
 
 BLOCK = 64
 

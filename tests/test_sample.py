@@ -15,6 +15,7 @@ from jaxgpt.data.tokenizer import CharTokenizer, gpt2_tokenizer
 from jaxgpt.decode import generate as G
 from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.io import checkpoint
+from jaxgpt.io.workdir import Workdir
 from jaxgpt.io.hf import export_hf_gpt2
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.sample import SEPARATOR, TextStream, build_parser, main, run
@@ -102,8 +103,6 @@ CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 def char_run(path: Path, **overrides):
     """A jaxgpt workdir (config.json, tokenizer.json, orbax checkpoints) of a random char model."""
-    if not hasattr(checkpoint, "load_run"):
-        pytest.skip("jaxgpt.io.checkpoint.load_run (training workdirs) is not available")
     import orbax.checkpoint as ocp
 
     tok = CharTokenizer(CHARS)
@@ -111,7 +110,7 @@ def char_run(path: Path, **overrides):
     params = random_params(cfg, 1)
     (path / "config.json").write_text(json.dumps(cfg.to_dict()))
     (path / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": CHARS}))
-    mngr = checkpoint.run_checkpoint_manager(path)
+    mngr = checkpoint.run_checkpoint_manager(Workdir(path).checkpoints)
     mngr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave({"step": 5})))
     mngr.wait_until_finished()
     mngr.close()

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from jaxgpt.sample import load_model, transform_params
+    from jaxgpt.io.workdir import load_model, transform_params
 
     model_cfg, params, tokenizer = load_model(args.init_from, args.bpe_file)
     return model_cfg, transform_params(params, args.adapters, args.quantize), tokenizer

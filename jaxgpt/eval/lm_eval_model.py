@@ -52,7 +52,7 @@ class JaxGPTLM(TemplateLM):
                  **unused: Any) -> None:
         super().__init__()
         if init_from is not None:
-            from jaxgpt.sample import load_model, transform_params
+            from jaxgpt.io.workdir import load_model, transform_params
 
             model_cfg, params, tokenizer = load_model(str(init_from), bpe_file)
             params = transform_params(params, adapters, quantize)
