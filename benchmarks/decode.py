@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 from tqdm import tqdm
 
-from jaxgpt.decode import generate as G
+from jaxgpt.decode import generation as G
 from jaxgpt.decode.cache_kinds import new_cache
 from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig, param_count

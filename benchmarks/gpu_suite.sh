@@ -22,11 +22,13 @@ from jaxgpt.train import metrics
 from jaxgpt.train import steps
 from jaxgpt.io.atomic import write_json, write_text
 from jaxgpt.nn.config import GPTConfig
-from jaxgpt.decode.generate import generate
+from jaxgpt.decode import DecodeOptions, generate
 from jaxgpt.decode.kv_cache import cache_bytes
 from jaxgpt.nn.model import count_params, init_params
 from jaxgpt.quantize import QuantConfig, quantize
-from jaxgpt.train.config import base_config
+from jaxgpt.sharding import activation_mesh
+from jaxgpt.train.config import base_config, parts
+from jaxgpt.train.program import build_program
 
 smoke = os.environ["SMOKE"] == "1"
 out = os.environ["OUT"]
@@ -67,18 +69,19 @@ def best_of(fn, n):
 
 def train_row(attention, remat):
     cfg = base.replace(attention=attention, remat=remat, scan_layers=True)
-    c = base_config()
-    tx = steps.make_optimizer(c)
+    p = parts(base_config())
+    program = build_program(cfg, p.optim, p.mesh, grad_accum=1, batch_rows=B_train)  # the trainer's program
     params = init_params(cfg, 0)
     n_params = count_params(params)
-    layout = steps.StateLayout.of(cfg, steps.identity_combine, params)  # the trainer's: stacked blocks
-    state = [layout.inward(steps.init_state(params, tx))]
-    step = steps.make_train_step(cfg, tx)
+    inward = jax.jit(program.layout.inward, out_shardings=program.shardings.state)  # stacked blocks
+    state = [inward(steps.init_state(params, program.tx))]
     x = jax.random.randint(jax.random.PRNGKey(0), (1, B_train, cfg.block_size), 0, cfg.vocab_size)
+    x = jax.device_put(x, program.shardings.batch)
     rng = jax.random.PRNGKey(1)
 
     def one():
-        state[0], m = step(state[0], (x, x), rng)
+        with activation_mesh(program.mesh):
+            state[0], m = program.train_step(state[0], (x, x), rng, None)
         return m["loss"]
 
     dt = timed(one, iters)
@@ -95,7 +98,7 @@ def decode_row(batch, weights):
     if weights == "int8":
         params = quantize(params, QuantConfig(bits=8))
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).astype(np.int32)
-    run = lambda n: generate(params, cfg, prompts, n, temperature=0.0).tokens  # noqa: E731
+    run = lambda n: generate(params, cfg, prompts, n, DecodeOptions(temperature=0.0)).tokens  # noqa: E731
     t_short = best_of(lambda: run(1), 5)  # prefill (and one token): subtracted below
     t_long = best_of(lambda: run(new_tokens + 1), 5)
     if t_long <= t_short:

@@ -11,7 +11,7 @@ at context length n (its query sees n keys, itself included) costs, per layer, 2
   without, dense      F_u(n) = L (24 n C^2 + 4 n^2 C) + 2 n C V = n F_c(n)
   without, causal     F_u'(n) = L (24 n C^2 + 2 n (n + 1) C) + 2 n C V
 
-"Without" re-runs the whole n-token prefix (`jaxgpt.decode.generate.generate_uncached`). `dense` is what XLA
+"Without" re-runs the whole n-token prefix (`jaxgpt.decode.generation.generate_uncached`). `dense` is what XLA
 computes (all n^2 scores, then the causal mask), so the ratio is exactly n: 15x at 15 tokens, 1024x at 1024.
 Counting only the unmasked scores (`causal`) gives slightly less. Summed over a whole generation of N
 tokens from an empty context, the cached total is ~N F_c and the uncached ~N^2/2 F_c. The cache in
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from jaxgpt.decode import generate as gen
+from jaxgpt.decode import generation as gen
 from jaxgpt.decode.cache_kinds import new_cache
 from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig

@@ -40,7 +40,7 @@ from jax import lax
 from tqdm import tqdm
 
 from experiments import common
-from jaxgpt.decode import generate as gen
+from jaxgpt.decode import generation as gen
 from jaxgpt.decode import kv_compress
 from jaxgpt.decode.cache_kinds import new_cache, parse_kind
 from jaxgpt.decode.kv_cache import KVCache
@@ -140,7 +140,7 @@ def full_forward(params: Any, x: jax.Array, y: jax.Array, *, cfg: GPTConfig) -> 
 
 def greedy_timed(params: Any, cfg: GPTConfig, prompts: np.ndarray, n_new: int, kind: str,
                  repeats: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Greedy continuation [B, n_new] of prompts [B, P] with a `kind` cache (`jaxgpt.decode.generate`: prefill +
+    """Greedy continuation [B, n_new] of prompts [B, P] with a `kind` cache (`jaxgpt.decode.generation`: prefill +
     lax.scan), and its speed: new tokens per second, best of `repeats` calls after the compiling one."""
     options = DecodeOptions(temperature=0.0, cache_kind=kind)
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ __all__ = ["DecodeOptions", "GPT", "GPTConfig", "Workdir", "generate", "init_par
 __version__ = "0.1.0"
 __getattr__ = _lazy.attributes(__name__, {
     "GPT": "jaxgpt.nn.model", "init_params": "jaxgpt.nn.model",
-    "generate": "jaxgpt.decode.generate", "stream": "jaxgpt.decode.generate",
+    "generate": "jaxgpt.decode.generation", "stream": "jaxgpt.decode.generation",
     "DecodeOptions": "jaxgpt.decode.options",
     "load_hf_gpt2": "jaxgpt.io.hf", "Workdir": "jaxgpt.io.workdir", "load_model": "jaxgpt.io.workdir",
     "lora": None, "quantize": None})

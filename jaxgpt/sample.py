@@ -8,7 +8,7 @@ when online), or a jaxgpt training workdir (config.json, tokenizer.json, checkpo
 loads offline from --bpe-file or $JAXGPT_GPT2_BPE.
 
 The command is a few small steps in `run`: check arguments -> `load_model` (config, params, tokenizer) ->
-`read_prompt` -> decode with `jaxgpt.decode.generate.stream` (past block_size the context slides: --window) -> print.
+`read_prompt` -> decode with `jaxgpt.decode.generation.stream` (past block_size the context slides: --window) -> print.
 An option that changes the weights (quantization, LoRA adapters) is one more step on (config, params) after
 `load_model`; the cache layout is --kv-cache. Text goes to stdout as it is produced (one sample: every
 --chunk-size tokens); the speed goes to stderr.
@@ -118,7 +118,7 @@ class TextStream:
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> list[str]:
     """Load, decode, print; returns the generated texts (without the prompt)."""
-    from jaxgpt.decode.generate import stream
+    from jaxgpt.decode.generation import stream
 
     check_args(args)
     config, params, tokenizer = load_model(args.init_from, args.bpe_file)

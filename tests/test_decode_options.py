@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import random_params
 
-from jaxgpt.decode import generate as G
+from jaxgpt.decode import generation as G
 from jaxgpt.decode import kv_compress as kc
 from jaxgpt.decode.cache_kinds import KIND_HELP, CacheKind, new_cache, parse_kind
 from jaxgpt.decode.kv_cache import LayerKV

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import random_params as shared_random_params
 
-from jaxgpt.decode import generate as G
+from jaxgpt.decode import generation as G
 from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT

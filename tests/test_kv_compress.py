@@ -192,7 +192,7 @@ def test_outlier_channels_come_from_each_rows_own_tokens():
 
 def test_ragged_batch_row_equals_row_alone_with_mixed_cache():
     """Through `generate`: a row's turbo2.5 output is the same alone and beside a longer row (junk padding)."""
-    from jaxgpt.decode import generate as G
+    from jaxgpt.decode import generation as G
     from jaxgpt.decode.options import DecodeOptions
 
     cfg = GPTConfig.preset("tiny", n_embd=32, n_layer=1)  # head_dim 16

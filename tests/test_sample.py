@@ -12,7 +12,7 @@ from helpers import SHARED
 from helpers import random_params as shared_random_params
 
 from jaxgpt.data.tokenizer import CharTokenizer, gpt2_tokenizer
-from jaxgpt.decode import generate as G
+from jaxgpt.decode import generation as G
 from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.io import checkpoint
 from jaxgpt.io.workdir import Workdir

@@ -11,7 +11,7 @@ from helpers import SHARED
 
 from jaxgpt import lora
 from jaxgpt.data.tokenizer import gpt2_tokenizer
-from jaxgpt.decode import generate as G
+from jaxgpt.decode import generation as G
 from jaxgpt.decode.options import DecodeOptions
 from jaxgpt.io.hf import export_hf_gpt2
 from jaxgpt.nn.config import GPTConfig

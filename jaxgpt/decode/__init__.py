@@ -7,4 +7,4 @@ from jaxgpt import _lazy
 __all__ = ["DecodeOptions", "generate", "generate_uncached", "new_cache", "sample_text", "stream"]
 __getattr__ = _lazy.attributes(__name__, {
     "DecodeOptions": "jaxgpt.decode.options", "new_cache": "jaxgpt.decode.cache_kinds",
-    **{n: "jaxgpt.decode.generate" for n in ("generate", "generate_uncached", "sample_text", "stream")}})
+    **{n: "jaxgpt.decode.generation" for n in ("generate", "generate_uncached", "sample_text", "stream")}})

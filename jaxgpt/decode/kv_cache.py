@@ -12,7 +12,7 @@ A layer entry is any pytree with two methods, which is how compressed caches plu
 ones in the same KVCache; `jaxgpt.decode.cache_kinds.new_cache` builds either from a kind string.
 
 Writes past the end of the buffer cannot raise inside jit (lax.dynamic_update_slice clamps the offset), so
-callers size the buffer for the whole sequence up front: `jaxgpt.decode.generate` uses prompt + new tokens.
+callers size the buffer for the whole sequence up front: `jaxgpt.decode.generation` uses prompt + new tokens.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ It tokenizes like lm-eval's `hf` model (context and continuation encoded togethe
 context becomes <|endoftext|>), truncates from the left the same way, and windows long documents with
 lm-eval's own rolling-window helpers, so on the same weights both give the same log-likelihoods.
 Scoring is batched by `jaxgpt.eval.scoring` (choices that share a context run it once);
-`generate_until` decodes with the KV cache of `jaxgpt.decode.generate.generate`, one batch per set of
+`generate_until` decodes with the KV cache of `jaxgpt.decode.generation.generate`, one batch per set of
 generation settings, and cuts the text at the first stop sequence.
 """
 
@@ -128,7 +128,7 @@ class JaxGPTLM(TemplateLM):
         return out
 
     def _generate(self, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
-        from jaxgpt.decode.generate import generate
+        from jaxgpt.decode.generation import generate
         from jaxgpt.decode.options import DecodeOptions
 
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)

@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     train_cfg.compilation_cache_min_secs = COMPILATION_CACHE_MIN_SECS
     train_cfg.compilation_cache_on_cpu = False
 
-    # the sample written at the end (jaxgpt.decode.generate; the context slides past block_size)
+    # the sample written at the end (jaxgpt.decode.sample_text; the context slides past block_size)
     train_cfg.sample_tokens = 500
     train_cfg.sample_prompt = ""
     train_cfg.temperature = 0.8

@@ -408,9 +408,10 @@ def finish_lora(run: Run, state: TrainState, main: bool = True) -> dict[str, Any
 
 def sample_text(run: Run, params: Params) -> str:
     """config.sample_tokens tokens after config.sample_prompt (default: a newline, or <|endoftext|> for BPE),
-    by `jaxgpt.decode.generate` with the context sliding past block_size."""
+    by `jaxgpt.decode.sample_text` with the context sliding past block_size."""
     from jaxgpt.data.tokenizer import from_meta
-    from jaxgpt.decode import DecodeOptions, generate
+    from jaxgpt.decode import DecodeOptions
+    from jaxgpt.decode import sample_text as decode_text
 
     sample, tok_meta = run.parts.sample, run.tok_meta
     tok = from_meta(tok_meta, run.parts.data.bpe_path or None)
@@ -422,4 +423,4 @@ def sample_text(run: Run, params: Params) -> str:
     else:
         ids = tok.encode("\n") if "\n" in tok_meta.get("chars", "") else [0]
     options = DecodeOptions(temperature=sample.temperature, top_k=sample.top_k or None, seed=run.parts.loop.seed)
-    return prompt + generate.sample_text(params, run.model_cfg, tok, ids, sample.sample_tokens, options)
+    return prompt + decode_text(params, run.model_cfg, tok, ids, sample.sample_tokens, options)
