@@ -31,7 +31,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "shakespeare_char_cpu.py"
@@ -52,38 +54,84 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class CpuClock:
-    """(wall time.time(), process CPU seconds) every `every_s`, so the CPU time at any wall instant inside the
-    sampled span can be read off (linear between samples)."""
+GROUPS = ("xla", "main", "threads")  # XLA's compute threads; the loop's main thread; every other thread
 
-    def __init__(self, every_s: float = 0.05) -> None:
-        self.every_s, self.samples = every_s, [(time.time(), time.process_time())]
+
+class CpuClock:
+    """Samples, every `every_s`, the wall time (time.time()), the process's CPU seconds, and every
+    `threads_every` samples the CPU seconds of each group of threads (GROUPS, from /proc/self/task/*/schedstat,
+    this sampler's own thread left out), so the CPU time at any wall instant inside the sampled span can be read
+    off (linear between samples)."""
+
+    def __init__(self, every_s: float = 0.05, threads_every: int = 5) -> None:
+        self.every_s, self.threads_every = every_s, threads_every
         self.stop = threading.Event()
+        self.main_tid = threading.main_thread().native_id
+        self.samples: list[tuple[float, float]] = []
+        self.groups: list[tuple[float, dict[str, float]]] = []
         self.thread = threading.Thread(target=self._run, daemon=True, name="cpu-clock")
+        self._sample(with_threads=True)
         self.thread.start()
 
+    def _group_cpu(self) -> dict[str, float]:
+        own = self.thread.native_id if hasattr(self, "thread") else None  # the sampler's own thread
+        out = dict.fromkeys(GROUPS, 0.0)
+        for tid in os.listdir("/proc/self/task"):
+            if own is not None and int(tid) == own:
+                continue
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat") as f:
+                    ns = int(f.read().split()[0])
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    comm = f.read().strip()
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that ended meanwhile
+            group = "main" if int(tid) == self.main_tid else "xla" if comm.startswith("tf_") else "threads"
+            out[group] += ns / 1e9
+        return out
+
+    def _sample(self, with_threads: bool = False) -> None:
+        t = time.time()
+        self.samples.append((t, time.process_time()))
+        if with_threads:
+            self.groups.append((t, self._group_cpu()))
+
     def _run(self) -> None:
+        n = 0
         while not self.stop.wait(self.every_s):
-            self.samples.append((time.time(), time.process_time()))
+            n += 1
+            self._sample(with_threads=n % self.threads_every == 0)
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.samples.append((time.time(), time.process_time()))
+        if not self.stop.is_set():
+            self.stop.set()
+            self.thread.join()
+            self._sample(with_threads=True)
+
+    @staticmethod
+    def _at(series: list, t: float, value: Callable[[Any], float]) -> float:
+        for (t0, v0), (t1, v1) in itertools.pairwise(series):
+            if t0 <= t <= t1:
+                a, b = value(v0), value(v1)
+                return a + (b - a) * (t - t0) / (t1 - t0) if t1 > t0 else a
+        raise ValueError(f"time {t} is outside the sampled span")
 
     def cpu_at(self, t: float) -> float:
-        s = self.samples
-        for (t0, c0), (t1, c1) in itertools.pairwise(s):
-            if t0 <= t <= t1:
-                return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c0
-        raise ValueError(f"time {t} is outside the sampled span")
+        return self._at(self.samples, t, lambda v: v)
+
+    def group_at(self, t: float, group: str) -> float:
+        return self._at(self.groups, t, lambda v: v[group])
 
 
 def window(times: dict[int, float], first: int, last: int, clock: CpuClock) -> dict[str, float]:
-    """Wall and CPU ms per step between the end of step `first - 1` and the end of step `last - 1`."""
+    """Wall and CPU ms per step (the process's, and each group of threads') between the end of step
+    `first - 1` and the end of step `last - 1`."""
     t0, t1 = times[first - 1], times[last - 1]
     n = last - first
-    return {"ms_step": 1e3 * (t1 - t0) / n, "cpu_ms_step": 1e3 * (clock.cpu_at(t1) - clock.cpu_at(t0)) / n}
+    out = {"ms_step": 1e3 * (t1 - t0) / n, "cpu_ms_step": 1e3 * (clock.cpu_at(t1) - clock.cpu_at(t0)) / n}
+    for g in GROUPS:
+        out[f"{g}_cpu_ms_step"] = 1e3 * (clock.group_at(t1, g) - clock.group_at(t0, g)) / n
+    return out
 
 
 def recipe_config(args: argparse.Namespace, data_dir: Path, max_iters: int):
@@ -194,7 +242,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, bool]:
 def summarize(rounds: list[dict]) -> dict:
     out = {}
     for side in ("trainer", "bare"):
-        for k in ("ms_step", "cpu_ms_step"):
+        for k in ("ms_step", "cpu_ms_step", *(f"{g}_cpu_ms_step" for g in GROUPS)):
             v = [r[side][k] for r in rounds]
             out[f"{side}_{k}"] = {"median": statistics.median(v), "min": min(v), "max": max(v)}
     for k in ("ms_step", "cpu_ms_step"):
@@ -246,6 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     rw, rc = s["ratio_ms_step"], s["ratio_cpu_ms_step"]
     print(f"{'ratio':10s} {rw['of_medians']:8.3f}  [{rw['min']:.3f} .. {rw['max']:.3f}]{'':8s}"
           f"{rc['of_medians']:8.3f}  [{rc['min']:.3f} .. {rc['max']:.3f}]   (loop / bare; range: per round)")
+    print("CPU ms/step by thread (median): " + "; ".join(
+        f"{side} " + ", ".join(f"{g} {s[f'{side}_{g}_cpu_ms_step']['median']:.2f}" for g in GROUPS)
+        for side in ("trainer", "bare")))
+    host = {side: sum(s[f"{side}_{g}_cpu_ms_step"]["median"] for g in ("main", "threads")) for side in ("trainer", "bare")}
+    print(f"the loop's own CPU (main + other threads, outside XLA's): trainer {host['trainer']:.2f}, bare "
+          f"{host['bare']:.2f} ms/step: {host['trainer'] - host['bare']:+.2f} ms/step, "
+          f"{(host['trainer'] - host['bare']) / s['bare_ms_step']['median']:+.1%} of a bare step's wall time")
     print(f"losses bitwise equal in every round: {all(r['same_losses'] for r in rounds)}")
     print(f"load average (1, 5, 15 min): before {', '.join(f'{x:.2f}' for x in load_before)}; "
           f"after {', '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs")
