@@ -18,6 +18,7 @@ import pytest
 from test_faults import tiny
 
 from jaxgpt.io import lock as wl
+from jaxgpt.io.workdir import Workdir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def write_lock(wd: Path, **holder) -> Path:
     wd.mkdir(parents=True, exist_ok=True)
     me = wl.me()
-    path = wd / wl.LOCK_NAME
+    path = Workdir(wd).lock
     path.write_text(json.dumps({**me, **holder}))
     return path
 
@@ -47,7 +48,7 @@ def test_a_live_holder_is_refused_in_one_line_naming_it(tmp_path):
         assert f"is in use by another training run (host {socket.gethostname()}, PID {os.getpid()}, " \
                f"started {started})" in msg and "use another --workdir" in msg
         assert wl.holder_of(tmp_path)["token"] == held.holder["token"]
-    assert not (tmp_path / wl.LOCK_NAME).exists()  # released
+    assert not Workdir(tmp_path).lock.exists()  # released
     wl.WorkdirLock(tmp_path).acquire().release()  # and free again
 
 
@@ -101,7 +102,7 @@ def test_check_raises_once_another_run_took_the_lock_over(tmp_path):
     with pytest.raises(wl.WorkdirLost, match=r"lost its lock by host node-3, PID 99, .*the other run keeps") as e:
         lock.check()
     assert "\n" not in str(e.value) and isinstance(e.value, wl.WorkdirLocked)
-    (tmp_path / wl.LOCK_NAME).unlink()
+    Workdir(tmp_path).lock.unlink()
     with pytest.raises(wl.WorkdirLost, match="the lock file is gone"):
         lock.check()
     lock.release()
@@ -139,7 +140,7 @@ def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write(tmp_path, py
 
 
 def test_a_foreign_lock_file_is_refused_with_the_fix(tmp_path):
-    (tmp_path / wl.LOCK_NAME).write_text("{not json")
+    Workdir(tmp_path).lock.write_text("{not json")
     with pytest.raises(wl.WorkdirLocked, match=r"is not a jaxgpt lock file; if no run uses .* delete it"):
         wl.WorkdirLock(tmp_path).acquire()
 
@@ -167,7 +168,7 @@ def test_racing_starters_get_exactly_one_holder(tmp_path):
                               text=True, cwd=REPO) for _ in range(4)]
     outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outs == ["holder", "refused", "refused", "refused"], outs
-    assert not (tmp_path / wl.LOCK_NAME).exists()
+    assert not Workdir(tmp_path).lock.exists()
 
 
 def test_the_lock_of_a_sigkilled_run_is_taken_over(tmp_path):
@@ -231,4 +232,4 @@ def test_train_and_train_py_refuse_a_held_workdir_before_writing(tmp_path, pydoc
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith("train.py: ") and f"PID {os.getpid()}" in last and "Traceback" not in p.stderr, \
             p.stderr[-2000:]
-        assert sorted(f.name for f in wd.iterdir()) == [wl.LOCK_NAME, wl.LOCK_NAME + ".guard"]  # nothing written
+        assert sorted(f.name for f in wd.iterdir()) == [Workdir(wd).lock.name, Workdir(wd).lock_guard.name]  # nothing written

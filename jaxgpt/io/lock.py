@@ -32,7 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-LOCK_NAME = ".lock"
+from jaxgpt.io.workdir import Workdir
+
 HEARTBEAT_S = 30.0  # the holder touches the lock file this often
 STALE_AFTER_S = 300.0  # a lock of another host untouched this long is stale (its holder is presumed dead)
 
@@ -108,7 +109,7 @@ class WorkdirLock:
     def __init__(self, workdir: str | os.PathLike, heartbeat_s: float = HEARTBEAT_S,
                  stale_after_s: float = STALE_AFTER_S) -> None:
         self.workdir = Path(workdir)
-        self.path = self.workdir / LOCK_NAME
+        self.path, self.guard_path = Workdir(self.workdir).lock, Workdir(self.workdir).lock_guard
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.holder: dict[str, Any] | None = None
         self.taken_over: str | None = None
@@ -118,7 +119,7 @@ class WorkdirLock:
     @contextlib.contextmanager
     def _guard(self):
         """Exclusive among processes that check or replace the lock (released by the kernel if one dies)."""
-        with open(self.workdir / (LOCK_NAME + ".guard"), "a") as f:
+        with open(self.guard_path, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -152,7 +153,7 @@ class WorkdirLock:
                         f"end or stop it, or use another --workdir (if that run is gone, delete {self.path})")
                 self.taken_over = f"took over the lock of {describe(found[0])}: {reason}"
             holder = me()
-            tmp = self.path.with_name(f"{LOCK_NAME}.{holder['token']}")
+            tmp = self.path.with_name(f"{self.path.name}.{holder['token']}")
             tmp.write_text(json.dumps(holder))
             os.replace(tmp, self.path)
             self.holder = holder
@@ -215,6 +216,6 @@ class WorkdirLock:
 def holder_of(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """The recorded holder of a workdir's lock (live or stale), or None; for tools that report on a run."""
     try:
-        return json.loads((Path(workdir) / LOCK_NAME).read_text())
+        return json.loads(Workdir(workdir).lock.read_text())
     except (OSError, ValueError):
         return None
