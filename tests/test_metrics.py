@@ -136,3 +136,29 @@ def test_write_many_appends_whole_lines_or_cuts_back_to_them(tmp_path, monkeypat
     assert [r["step"] for r in metrics.read_metrics(path)] == [0, 1, 2] and path.read_text().endswith("\n")
     log.write_many([])
     assert [r["step"] for r in metrics.read_metrics(path)] == [0, 1, 2]
+
+
+def test_learning_rates_looked_up_in_blocks_equal_one_lookup_per_step_bitwise():
+    """The logged lr comes from one jitted schedule call per LR_BLOCK steps (not one a step); the schedule is
+    elementwise, so every step's value is bitwise the one a call for that step alone gives."""
+    import jax
+    import numpy as np
+
+    from jaxgpt.train import steps
+    from jaxgpt.train.config import OptimConfig
+
+    optim = OptimConfig(learning_rate=1e-3, decay_lr=True, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4,
+                        weight_decay=0.1, beta1=0.9, beta2=0.99, eps=1e-8, grad_clip=1.0)
+    schedule = jax.jit(steps.lr_schedule(optim))
+    calls = []
+
+    def lr_fn(s):
+        calls.append(len(s))
+        return schedule(s)
+
+    sm = metrics.StepMetrics(metrics.NoLog(), metrics.Throughput(1, 1.0, None), 1, lr_fn, lambda *a: None)
+    got = np.asarray(sm.lrs(list(range(0, 2100))), np.float32)
+    one = np.asarray([np.asarray(schedule(np.asarray([s], np.int32)))[0] for s in range(2100)], np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), one.view(np.uint32))
+    assert calls == [sm.LR_BLOCK] * -(-2100 // sm.LR_BLOCK)
+    assert sm.lrs([5, 6]) and len(calls) == 9 + 1  # an early block again: recomputed (only a few are kept)

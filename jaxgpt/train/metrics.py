@@ -181,12 +181,33 @@ class StepMetrics:
     keeps them until `flush()` (keep=0), which also flushes the log, or until a non-finite step stops the run.
     """
 
+    LR_BLOCK = 256  # learning rates are looked up for this many steps at a time
+
     def __init__(self, log: Writer, meter: Throughput, log_interval: int, lr_fn: Callable | None,
                  on_non_finite: Callable[[int, float, float], Exception]) -> None:
         self.log, self.meter, self.log_interval, self.lr_fn = log, meter, log_interval, lr_fn
         self.on_non_finite = on_non_finite
         self.pending: list[tuple[int, Any]] = []
         self.latest: dict[str, Any] = {}  # loss, tokens_per_s, mfu of the newest fetched step
+        self._lr_blocks: dict[int, Any] = {}  # first step of a block -> lr_fn of its LR_BLOCK steps
+
+    def lrs(self, steps: list[int]) -> list[Any]:
+        """lr_fn at these steps, from blocks of LR_BLOCK steps computed once each: one small device program
+        every LR_BLOCK steps instead of one a step (each wakes the device's threads, which on a CPU are the
+        threads running the train step). lr_fn is elementwise, so a block holds what a call per step gives."""
+        import numpy as np
+
+        out = []
+        for step in steps:
+            first = step - step % self.LR_BLOCK
+            block = self._lr_blocks.get(first)
+            if block is None:
+                if len(self._lr_blocks) >= 4:  # steps only grow (a resume starts a new run): keep a few
+                    self._lr_blocks.pop(min(self._lr_blocks))
+                block = self._lr_blocks[first] = np.asarray(
+                    self.lr_fn(np.arange(first, first + self.LR_BLOCK, dtype=np.int32)))
+            out.append(block[step - first])
+        return out
 
     def add(self, step: int, metrics: Any) -> None:
         self.pending.append((step, metrics))
@@ -207,12 +228,11 @@ class StepMetrics:
 
     def _fetch(self, done: list[tuple[int, Any]]) -> None:
         import jax
-        import numpy as np
 
         values = jax.device_get([m for _, m in done])
         del self.pending[:len(done)]
         steps = [step for step, _ in done]
-        lrs = np.asarray(self.lr_fn(np.asarray(steps, np.int32))) if self.lr_fn else None
+        lrs = self.lrs(steps) if self.lr_fn else None
         tps, mfu = self.meter.finished_some(len(done))
         for i, (step, m) in enumerate(zip(steps, values)):
             if not bool(m["finite"]):
