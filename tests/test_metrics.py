@@ -53,7 +53,7 @@ def test_data_wait_is_the_share_of_time_spent_waiting_for_batches():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Batched writes: StepMetrics -> writers.Writers -> MetricsLog
+# Batched writes: StepMetrics -> writers.Writers -> MetricsLog (at once) and a batched writer (TensorBoard's way)
 
 
 def _step_metrics(log, log_interval: int = 1) -> metrics.StepMetrics:
@@ -68,53 +68,74 @@ def _device_metrics(loss: float) -> dict:
     return {"loss": np.float32(loss), "grad_norm": np.float32(1.5), "finite": np.bool_(np.isfinite(loss))}
 
 
-def test_records_batched_between_flushes_all_reach_metrics_jsonl_in_order_after_a_close(tmp_path):
+class Batched:
+    """A writer that `Writers` hands records in batches, as it does TensorBoard's and W&B's."""
+
+    batched = True
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write_many(self, records) -> None:
+        self.records.extend(records)
+
+    def close(self) -> None:
+        pass
+
+
+def _log(tmp_path):
     from jaxgpt.train import writers
 
-    path = tmp_path / "metrics.jsonl"
-    log = writers.Writers([metrics.MetricsLog(path)], every=1000, max_delay_s=1e9)
+    path, tb = tmp_path / "metrics.jsonl", Batched()
+    return path, tb, writers.Writers([metrics.MetricsLog(path), tb], every=1000, max_delay_s=1e9)
+
+
+def _kinds_steps(records) -> list[tuple[str, int]]:
+    return [(r["kind"], r["step"]) for r in records]
+
+
+def test_metrics_jsonl_gets_each_record_at_once_and_the_batched_writers_all_of_them_in_order_after_a_close(tmp_path):
+    path, tb, log = _log(tmp_path)
     sm = _step_metrics(log)
     log.write({"kind": "event", "event": "resume", "step": 0, "time": 0.0})
     for step in range(10):
         sm.add(step, _device_metrics(3.0 - 0.125 * step))
         sm.flush(keep=1)  # the loop's log hook at log_interval=1
     log.write({"kind": "eval", "step": 9, "val_loss": 2.0, "time": 0.0})
-    assert not path.exists() or path.read_text() == ""  # all still kept in memory: no write per step
-    log.close()  # the loop's `finally`: the newest step (kept pending by keep=1) is not fetched, the rest is
+    want = [("event", 0), *[("train", s) for s in range(9)], ("eval", 9)]  # step 9 is still pending (keep=1)
     lines = [json.loads(ln) for ln in path.read_text().splitlines()]
-    assert [(r["kind"], r["step"]) for r in lines] == [("event", 0), *[("train", s) for s in range(9)], ("eval", 9)]
+    assert _kinds_steps(lines) == want  # a killed run keeps every record it logged
+    assert tb.records == []  # kept in memory: no TensorBoard write per step
+    log.close()  # the loop's `finally`
+    assert _kinds_steps(tb.records) == want and tb.records == lines
     assert [r["loss"] for r in lines[1:-1]] == [3.0 - 0.125 * s for s in range(9)]
 
 
-def test_a_full_flush_writes_the_kept_records_out_before_an_evaluation_or_checkpoint(tmp_path):
-    from jaxgpt.train import writers
-
-    path = tmp_path / "metrics.jsonl"
-    log = writers.Writers([metrics.MetricsLog(path)], every=1000, max_delay_s=1e9)
+def test_a_full_flush_hands_the_kept_records_out_before_an_evaluation_or_checkpoint(tmp_path):
+    path, tb, log = _log(tmp_path)
     sm = _step_metrics(log)
     for step in range(5):
         sm.add(step, _device_metrics(2.0))
         sm.flush(keep=1)
+    assert tb.records == []
     sm.flush()  # keep=0: what the loop calls before it evaluates or saves
+    assert _kinds_steps(tb.records) == [("train", s) for s in range(5)]
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
     sm.flush()  # nothing pending, nothing kept: no write, no error
-    assert len(path.read_text().splitlines()) == 5
+    assert len(tb.records) == 5 and len(path.read_text().splitlines()) == 5
 
 
-def test_a_non_finite_step_writes_the_steps_before_it_and_its_event_before_raising(tmp_path):
+def test_a_non_finite_step_hands_out_the_steps_before_it_and_its_event_before_raising(tmp_path):
     """The crash path: the run stops at the non-finite step with the records of every step before it and the
-    event in metrics.jsonl, in order, even when nobody closes the log afterwards."""
-    from jaxgpt.train import writers
-
-    path = tmp_path / "metrics.jsonl"
-    log = writers.Writers([metrics.MetricsLog(path)], every=1000, max_delay_s=1e9)
+    event in every writer, in order, even when nobody closes the log afterwards."""
+    path, tb, log = _log(tmp_path)
     sm = _step_metrics(log)
     for step, loss in enumerate([2.0, 1.5, float("nan"), 1.0]):
         sm.add(step, _device_metrics(loss))
     with pytest.raises(FloatingPointError, match="at step 2"):
         sm.flush(keep=1)
     lines = [json.loads(ln) for ln in path.read_text().splitlines()]
-    assert [(r["kind"], r["step"]) for r in lines] == [("train", 0), ("train", 1), ("event", 2)]
+    assert _kinds_steps(lines) == _kinds_steps(tb.records) == [("train", 0), ("train", 1), ("event", 2)]
     assert lines[-1]["event"] == "non-finite" and lines[-1]["loss"] == "nan"
 
 
@@ -157,7 +178,7 @@ def test_learning_rates_looked_up_in_blocks_equal_one_lookup_per_step_bitwise():
         return schedule(s)
 
     sm = metrics.StepMetrics(metrics.NoLog(), metrics.Throughput(1, 1.0, None), 1, lr_fn, lambda *a: None)
-    got = np.asarray(sm.lrs(list(range(0, 2100))), np.float32)
+    got = np.asarray(sm.lrs(list(range(2100))), np.float32)
     one = np.asarray([np.asarray(schedule(np.asarray([s], np.int32)))[0] for s in range(2100)], np.float32)
     np.testing.assert_array_equal(got.view(np.uint32), one.view(np.uint32))
     assert calls == [sm.LR_BLOCK] * -(-2100 // sm.LR_BLOCK)

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxgpt.train import writers
+from jaxgpt.train import metrics, writers
 
 
 def records(seed: int = 0) -> list[dict]:
@@ -139,6 +139,8 @@ def test_tensorboard_writer_leaves_torch_unimported(tmp_path):
 
 
 class ListWriter:
+    batched = True  # like TensorBoardWriter and WandbWriter
+
     def __init__(self, fail: bool = False) -> None:
         self.batches: list[list[dict]] = []
         self.closed, self.fail = False, fail
@@ -152,7 +154,7 @@ class ListWriter:
         self.closed = True
 
 
-class OneByOne:
+class OneByOne:  # like MetricsLog: not batched
     def __init__(self) -> None:
         self.records: list[dict] = []
 
@@ -163,18 +165,20 @@ class OneByOne:
         pass
 
 
-def test_writers_hand_out_records_in_order_every_n_records_and_the_rest_at_close():
+def test_batched_writers_get_records_in_order_every_n_records_and_the_rest_at_close_the_others_at_once():
     a, b = ListWriter(), OneByOne()
     w = writers.Writers([a, b], every=4, max_delay_s=1e9)
     recs = [{"kind": "train", "step": s, "loss": float(s)} for s in range(10)]
     for r in recs[:3]:
         w.write(r)
-    assert a.batches == [] and b.records == []  # kept
+    assert a.batches == [] and b.records == recs[:3]  # kept for the batched writer only
     for r in recs[3:]:
         w.write(r)
-    assert a.batches == [recs[0:4], recs[4:8]] and b.records == recs[:8]
+    assert a.batches == [recs[0:4], recs[4:8]] and b.records == recs
     w.close()
-    assert a.batches == [recs[0:4], recs[4:8], recs[8:]] and b.records == recs and a.closed
+    assert a.batches == [recs[0:4], recs[4:8], recs[8:]] and a.closed
+    assert writers.TensorBoardWriter.batched and writers.WandbWriter.batched
+    assert not getattr(metrics.MetricsLog, "batched", False)  # metrics.jsonl: every record at once
 
 
 def test_writers_flush_at_once_and_after_max_delay():
@@ -195,12 +199,12 @@ def test_writers_flush_at_once_and_after_max_delay():
 
 
 def test_a_failing_writer_raises_but_the_others_get_the_batch_and_every_writer_is_closed():
-    bad, good = ListWriter(fail=True), ListWriter()
-    w = writers.Writers([bad, good], every=2, max_delay_s=1e9)
+    bad, good, now = ListWriter(fail=True), ListWriter(), OneByOne()
+    w = writers.Writers([bad, good, now], every=2, max_delay_s=1e9)
     w.write({"kind": "train", "step": 0})
     with pytest.raises(OSError, match="No space left"):
         w.write({"kind": "train", "step": 1})
-    assert good.batches == [[{"kind": "train", "step": 0}, {"kind": "train", "step": 1}]]
+    assert good.batches == [[{"kind": "train", "step": 0}, {"kind": "train", "step": 1}]] and len(now.records) == 2
     w.write({"kind": "train", "step": 2})
     with pytest.raises(OSError, match="No space left"):
         w.close()

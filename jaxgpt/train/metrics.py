@@ -3,8 +3,9 @@
 `MetricsLog` appends JSON objects, one per line and whole lines only (a killed run keeps every line it wrote);
 `read_metrics` reads it back (the plot, tests). `StepMetrics` holds the device metrics of dispatched steps
 until the host fetches them, so the host never blocks on the step it has just queued. The loop writes through
-`jaxgpt.train.writers.Writers`, which hands records to the files in batches; `StepMetrics.flush()` (keep=0:
-before every evaluation and checkpoint, and at the end) writes them all out.
+`jaxgpt.train.writers.Writers`, which appends each record to metrics.jsonl at once and hands TensorBoard and
+W&B theirs in batches; `StepMetrics.flush()` (keep=0: before every evaluation and checkpoint, and at the end)
+writes those out too.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ class StepMetrics:
     """Device metrics of dispatched steps, fetched in batches; logs them and stops at a non-finite step.
 
     `flush(keep=1)` leaves the newest step pending: the host then waits on step N-1 while step N is queued,
-    so the device never idles on logging. The records go to `log.write`; a batching log (`writers.Writers`)
-    keeps them until `flush()` (keep=0), which also flushes the log, or until a non-finite step stops the run.
+    so the device never idles on logging. The records go to `log.write`; a log that batches (`writers.Writers`
+    for TensorBoard and W&B) is flushed by `flush()` (keep=0) and before a non-finite step stops the run.
     """
 
     LR_BLOCK = 256  # learning rates are looked up for this many steps at a time

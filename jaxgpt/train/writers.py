@@ -7,9 +7,11 @@ Each has the interface of the training loop's `MetricsLog`: `write(record)` with
 ("time", strings) are skipped. TensorBoard events are written with tensorboardX's protobufs and checksum (NumPy +
 protobuf: no TensorFlow or PyTorch); wandb is imported only when a project is set.
 
-`Writers` fans records out to several writers and batches them: records wait in order in memory and go out
-together every `every` records, after `max_delay_s`, at `flush()` (the loop flushes before every evaluation and
-checkpoint and at its end) and at `close()`, so a step with log_interval=1 costs no file write of its own.
+`Writers` fans records out to several writers. Writers marked `batched` (TensorBoard, W&B) get them in batches:
+records wait in order in memory and go out together every `every` records, after `max_delay_s`, at `flush()`
+(the loop flushes before every evaluation and checkpoint, at its end, and before a non-finite step stops it) and
+at `close()`. The others (metrics.jsonl: one append, ~15 us) get each record at once, so a killed run keeps
+every record it logged.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class TensorBoardWriter:
     thread and its per-scalar inter-process queue. `close` fsyncs the file.
     """
 
+    batched = True  # `Writers` hands it records in batches
+
     def __init__(self, logdir: str | os.PathLike) -> None:
         tbx = _tensorboardx()
         self._Event, self._Summary = tbx.proto.event_pb2.Event, tbx.proto.summary_pb2.Summary
@@ -118,6 +122,8 @@ class WandbWriter:
     a resumed run logs the steps after its checkpoint again).
     """
 
+    batched = True
+
     def __init__(self, project: str, dir: str | os.PathLike, name: str | None = None,
                  config: dict[str, Any] | None = None, entity: str | None = None) -> None:
         try:
@@ -149,11 +155,12 @@ class WandbWriter:
 
 
 class Writers:
-    """Several writers as one, batched: `write` keeps the record (in order) and hands the kept records to every
-    writer at once (`write_many` where a writer has it) when `every` are kept, when the oldest has waited
-    `max_delay_s` (checked at the next `write`), at `flush()` and at `close()`. every=1 writes each record at
-    once. A writer's error (a full disk) is raised by the write or flush that hands it the batch; the batch then
-    counts as handed out, so `close` does not write it a second time."""
+    """Several writers as one. `write` hands the record at once to every writer not marked `batched`, and keeps
+    it (in order) for the batched ones, which get the kept records together (`write_many` where a writer has
+    it) when `every` are kept, when the oldest has waited `max_delay_s` (checked at the next `write`), at
+    `flush()` and at `close()`; every=1 hands each record at once to all. A writer's error (a full disk) is
+    raised by the write or flush that hands it the record or batch, after the other writers got theirs; a
+    batch then counts as handed out, so `close` does not write it a second time."""
 
     EVERY = 64  # records per batch: about 4 s of nanoGPT's CPU recipe at log_interval=1
     MAX_DELAY_S = 5.0
@@ -161,48 +168,48 @@ class Writers:
     def __init__(self, writers: Iterable[Any], every: int = EVERY, max_delay_s: float = MAX_DELAY_S) -> None:
         self.writers = list(writers)
         self.every, self.max_delay_s = max(1, int(every)), float(max_delay_s)
+        self.now = [w for w in self.writers if not getattr(w, "batched", False)]
+        self.batched = [w for w in self.writers if getattr(w, "batched", False)]
         self.kept: list[dict[str, Any]] = []
         self.first_kept = 0.0  # time.monotonic() of the oldest kept record
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.kept:
-            self.first_kept = time.monotonic()
-        self.kept.append(record)
-        if len(self.kept) >= self.every or time.monotonic() - self.first_kept >= self.max_delay_s:
-            self.flush()
+        errors = _each(self.now, lambda w: w.write(record))
+        if self.batched:
+            if not self.kept:
+                self.first_kept = time.monotonic()
+            self.kept.append(record)
+            if len(self.kept) >= self.every or time.monotonic() - self.first_kept >= self.max_delay_s:
+                errors += _each([self], Writers.flush)
+        if errors:
+            raise errors[0]
 
     def flush(self) -> None:
-        """Hand every kept record to every writer, in order."""
+        """Hand every kept record to every batched writer, in order."""
         batch, self.kept = self.kept, []
         if not batch:
             return
-        errors = []
-        for w in self.writers:
-            try:
-                if hasattr(w, "write_many"):
-                    w.write_many(batch)
-                else:
-                    for r in batch:
-                        w.write(r)
-            except Exception as e:  # noqa: BLE001 - the other writers still get the batch; the first error is raised
-                errors.append(e)
+        errors = _each(self.batched, lambda w: w.write_many(batch) if hasattr(w, "write_many")
+                       else [w.write(r) for r in batch])
         if errors:
             raise errors[0]
 
     def close(self) -> None:
         """Flush, then close every writer (each one even when the flush or another close fails)."""
-        errors = []
-        try:
-            self.flush()
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-        for w in self.writers:
-            try:
-                w.close()
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
+        errors = _each([self], Writers.flush) + _each(self.writers, lambda w: w.close())
         if errors:
             raise errors[0]
+
+
+def _each(items: list[Any], fn: Any) -> list[Exception]:
+    """fn(item) for every item; the errors, in order (so one failing writer does not starve the others)."""
+    errors = []
+    for item in items:
+        try:
+            fn(item)
+        except Exception as e:  # noqa: BLE001 - raised by the caller after the others had their turn
+            errors.append(e)
+    return errors
 
 
 def from_config(config: Any, workdir: str | os.PathLike) -> Writers:
