@@ -88,8 +88,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", **overrides: 
     theta = _rope(hf, where)
     try:
         C, H = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        fields = dict(vocab_size=int(hf["vocab_size"]), n_layer=int(hf["num_hidden_layers"]), n_head=H, n_embd=C,
-                      mlp_hidden=int(hf["intermediate_size"]))
+        fields = {"vocab_size": int(hf["vocab_size"]), "n_layer": int(hf["num_hidden_layers"]), "n_head": H,
+                  "n_embd": C, "mlp_hidden": int(hf["intermediate_size"])}
     except KeyError as e:
         raise KeyError(f"{where} has no {e.args[0]!r}; is it a {family} config.json?") from None
     kv = int(hf.get("num_key_value_heads") or H)
@@ -113,8 +113,7 @@ def family_of(model_cfg: GPTConfig) -> str:
         (model_cfg.bias, "bias=True (they have no biases but Qwen2's q/k/v)"),
         (model_cfg.mlp != "swiglu", f"mlp={model_cfg.mlp!r} (they use swiglu)"),
         (float(model_cfg.logit_softcap) != 0.0, f"logit_softcap={model_cfg.logit_softcap} (they have none)"),
-        (model_cfg.qk_norm and model_cfg.qkv_bias, "qk_norm with qkv_bias (Qwen3's attention_bias biases o_proj "
-                                                   "too)"),
+        (model_cfg.qk_norm and model_cfg.qkv_bias, "qk_norm with qkv_bias (Qwen3's attention_bias adds o_proj's)"),
     ) if bad]
     if problems:
         raise ValueError("cannot export as Llama / Qwen2 / Qwen3: " + "; ".join(problems))
