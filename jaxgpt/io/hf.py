@@ -179,3 +179,43 @@ def export_hf_gpt2(model_cfg: GPTConfig, params: Any, out_dir: str | os.PathLike
         save_file(sd, str(tmp), metadata={"format": "pt"})
     atomic.write_text(out / "config.json", json.dumps(hf_cfg, indent=2))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any supported family, chosen by config.json's model_type (Llama, Qwen2, Qwen3: jaxgpt.io.hf_families)
+
+
+def read_hf_config(d: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face model folder, parsed; one line naming the file when it is missing or bad."""
+    f = d / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing; a Hugging Face model folder holds config.json and its weights")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); re-download or re-export the checkpoint") from e
+
+
+def load_hf(path_or_name: str | os.PathLike, **config_overrides: Any) -> tuple[GPTConfig, dict]:
+    """(GPTConfig, params) of a Hugging Face folder of any supported model_type: gpt2, llama, qwen2, qwen3."""
+    from jaxgpt.io import hf_families
+
+    d = _hf_dir(path_or_name)
+    hf_cfg = read_hf_config(d)
+    model_type = hf_cfg.get("model_type", "gpt2")
+    if model_type == "gpt2":
+        return load_hf_gpt2(d, **config_overrides)
+    if model_type in hf_families.FAMILIES:
+        return hf_families.load(d, hf_cfg, **config_overrides)
+    raise ValueError(f"{d / 'config.json'}: model_type {model_type!r} is not supported; jaxgpt loads gpt2, "
+                     f"{', '.join(hf_families.FAMILIES)}")
+
+
+def export_hf(model_cfg: GPTConfig, params: Any, out_dir: str | os.PathLike) -> Path:
+    """A Hugging Face folder for `model_cfg`: GPT-2 for GPT-2's block (learned positions, LayerNorm), else
+    Llama / Qwen2 / Qwen3 (jaxgpt.io.hf_families.family_of picks the one the switches describe)."""
+    from jaxgpt.io import hf_families
+
+    if model_cfg.pos_embedding == "learned" and model_cfg.norm == "layernorm":
+        return export_hf_gpt2(model_cfg, params, out_dir)
+    return hf_families.export(model_cfg, params, out_dir)
