@@ -583,8 +583,18 @@ _PEFT_KEY = re.compile(r"(?:base_model\.model\.)?transformer\.h\.(\d+)\.(attn|ml
                        r"\.lora_([AB])(?:\.default)?\.weight")
 
 
-def _hf_name(mpath: tuple[str, ...]) -> str:
-    """("h_0", "attn", "c_attn") -> "transformer.h.0.attn.c_attn"; refuses weights peft's GPT-2 lacks."""
+def _hf_name(mpath: tuple[str, ...], family: str = "gpt2") -> str:
+    """("h_0", "attn", "c_attn") -> "transformer.h.0.attn.c_attn"; refuses weights peft's GPT-2 lacks. Another
+    family (llama, qwen2, qwen3) takes its names from jaxgpt.io.hf_families ("model.layers.0.self_attn.q_proj")."""
+    if family != "gpt2":
+        from jaxgpt.io import hf_families
+
+        name = hf_families.peft_module_name(mpath)
+        if name is None:
+            raise ValueError(f"LoRA on {'/'.join(mpath)} has no peft equivalent on a transformers {family} (only "
+                             f"h_i/{', h_i/'.join('/'.join(k) for k in hf_families.PEFT_NAMES)} map); drop it from "
+                             "the targets to export to peft")
+        return name
     m = re.fullmatch(r"h_(\d+)", mpath[0]) if len(mpath) == 3 else None
     if m is None or "/".join(mpath[1:]) not in _HF_BLOCK_KERNELS:
         raise ValueError(f"LoRA on {'/'.join(mpath)} has no peft equivalent on a transformers GPT-2 (its head is "
@@ -606,11 +616,12 @@ def _peft_tensors(mpath: tuple[str, ...], items: list[tuple], cfg: LoraConfig) -
 
 
 def save_peft(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, base_model_name_or_path: str | None = None,
-              force: bool = False) -> Path:
+              force: bool = False, family: str = "gpt2") -> Path:
     """Write adapter_model.safetensors + adapter_config.json that `peft.PeftModel.from_pretrained` loads onto a
     transformers GPT2LMHeadModel (the base exported with jaxgpt.io.hf.export_hf_gpt2) with the same
     logits. Every target maps, q/k/v slices included (see above); an untied lm_head does not and is refused.
-    Multi-host: call on every process; process 0 writes."""
+    Multi-host: call on every process; process 0 writes. family "llama" (or "qwen2", "qwen3": the same
+    names) writes peft's module names on a transformers Llama (q_proj, ..., down_proj) instead."""
     from safetensors.numpy import save_file
 
     path = Path(path).absolute()
@@ -620,7 +631,7 @@ def save_peft(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, base_m
     scale = lora_scale(cfg)
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for mpath, items in _group(adapters).items():
-        name = _hf_name(mpath)
+        name = _hf_name(mpath, family)
         if any(a.shape[1] != cfg.rank for _, a, _ in items):
             raise ValueError(f"adapters of {'/'.join(mpath)} do not have LoraConfig.rank {cfg.rank}; save with the "
                              "config the adapters were made with")
@@ -633,8 +644,8 @@ def save_peft(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, base_m
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": int(cfg.rank), "lora_alpha": float(cfg.alpha), "use_rslora": cfg.rank_stabilized,
-        "target_modules": sorted(_hf_name(m) for m in _group(adapters)), "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern, "fan_in_fan_out": True, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(_hf_name(m, family) for m in _group(adapters)), "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "fan_in_fan_out": family == "gpt2", "lora_dropout": 0.0, "bias": "none",
         "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
     }
     if jax.process_index() == 0:
@@ -672,17 +683,20 @@ def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
 
 
 def _read_peft_modules(path: Path) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
-    """Module path -> (A [in, r], B [r, out]) from adapter_model.safetensors."""
+    """Module path -> (A [in, r], B [r, out]) from adapter_model.safetensors (peft on a GPT-2 or a Llama)."""
     from safetensors.numpy import load_file
+
+    from jaxgpt.io.hf_families import peft_module_path
 
     found: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     for key, t in load_file(str(path / PEFT_WEIGHTS)).items():
-        m = _PEFT_KEY.fullmatch(key)
-        if m is None:
+        m, llama = _PEFT_KEY.fullmatch(key), peft_module_path(key)
+        if m is None and llama is None:
             raise ValueError(f"{path / PEFT_WEIGHTS} holds {key!r}, which is not a LoRA adapter of a GPT-2 block "
-                             "kernel (c_attn, c_proj, c_fc); jaxgpt loads adapters of those only")
-        mpath = (f"h_{m.group(1)}", m.group(2), m.group(3))
-        found.setdefault(mpath, {})[m.group(4)] = np.asarray(t, np.float32).T  # A [in, r], B [r, out]
+                             "kernel (c_attn, c_proj, c_fc) or a Llama one (q/k/v/o_proj, gate/up/down_proj); jaxgpt "
+                             "loads adapters of those only")
+        mpath, ab = ((f"h_{m.group(1)}", m.group(2), m.group(3)), m.group(4)) if m else llama
+        found.setdefault(mpath, {})[ab] = np.asarray(t, np.float32).T  # A [in, r], B [r, out]
     if any(set(ab) != {"A", "B"} for ab in found.values()) or not found:
         raise ValueError(f"{path / PEFT_WEIGHTS} lacks a lora_A or lora_B weight; the adapter file is incomplete")
     return {mpath: (ab["A"], ab["B"]) for mpath, ab in sorted(found.items())}
@@ -720,9 +734,10 @@ def _peft_as_whole(modules: dict, conf: Mapping[str, Any]) -> tuple[dict, LoraCo
     rank = max(a.shape[1] for a, _ in modules.values())
     common = scale_of(rank, alpha)
     adapters: dict = {}
+    family = "llama" if any(m[1:] in _LLAMA_ONLY for m in modules) or _is_llama_peft(conf) else "gpt2"
     for mpath, (a, b) in modules.items():
         r = a.shape[1]
-        own = scale_of(r, float(_pattern_value(conf.get("alpha_pattern") or {}, _hf_name(mpath), alpha)))
+        own = scale_of(r, float(_pattern_value(conf.get("alpha_pattern") or {}, _hf_name(mpath, family), alpha)))
         if own != common:
             b = (b.astype(np.float64) * (own / common)).astype(np.float32)
         a = np.pad(a, ((0, 0), (0, rank - r)))  # [in, R]
@@ -730,6 +745,16 @@ def _peft_as_whole(modules: dict, conf: Mapping[str, Any]) -> tuple[dict, LoraCo
         adapters = _set(adapters, mpath, {"A": jnp.asarray(a), "B": jnp.asarray(b)})
     cfg = LoraConfig(rank=rank, alpha=alpha, targets=tuple("/".join(m) for m in modules), rank_stabilized=rs)
     return adapters, cfg
+
+
+_LLAMA_ONLY = {("attn", "c_q"), ("attn", "c_k"), ("attn", "c_v"), ("mlp", "c_gate")}
+
+
+def _is_llama_peft(conf: Mapping[str, Any]) -> bool:
+    """Whether adapter_config.json names Llama modules (model.layers.i..., or bare q_proj, down_proj, ...)."""
+    names = conf.get("target_modules") or []
+    names = [names] if isinstance(names, str) else names
+    return any(re.search(r"(^|\.)(model\.layers\.|(q|k|v|o|gate|up|down)_proj$)", n) for n in names)
 
 
 def load_peft(path: str | os.PathLike, params: Any) -> tuple[dict, LoraConfig]:
