@@ -145,6 +145,15 @@ def _mlp_hidden(model_cfg: GPTConfig) -> int:
     return model_cfg.mlp_hidden or 4 * model_cfg.n_embd
 
 
+def is_family_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a local folder whose config.json has a model_type of FAMILIES (not GPT-2)."""
+    f = Path(path) / "config.json"
+    try:
+        return f.is_file() and json.loads(f.read_text()).get("model_type") in FAMILIES
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The tensor table
 

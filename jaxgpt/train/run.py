@@ -88,7 +88,11 @@ class Initial(NamedTuple):
 
 
 def initial_model(start: StartConfig, model: dict[str, Any], data_meta: dict[str, Any]) -> Initial:
-    """Model config, starting params and tokenizer meta: from scratch, a Hugging Face GPT-2 dir, or a jaxgpt run."""
+    """Model config, starting params and tokenizer meta: from scratch, a Hugging Face dir (GPT-2, Llama, Qwen2,
+    Qwen3), or a jaxgpt run."""
+    from jaxgpt.data.tokenizer import hf_tokenizer
+    from jaxgpt.io import hf_families
+
     src = start.init_from
     if src == "scratch":
         model_cfg = model_config(model, start.mixed_precision, data_meta["vocab_size"])
@@ -98,9 +102,10 @@ def initial_model(start: StartConfig, model: dict[str, Any], data_meta: dict[str
         raise ValueError(f"config.init_from={src!r} is not valid; use 'scratch', 'hf' or 'run'")
     if not start.init_path:
         raise ValueError(f"config.init_from={src!r} needs config.init_path (a directory or a model name)")
-    if src == "hf":
-        model_cfg, params = hf.load_hf_gpt2(start.init_path)
-        tok = {"kind": "gpt2", "vocab_size": 50257}
+    if src == "hf":  # GPT-2, Llama, Qwen2 or Qwen3 (config.json's model_type); the latter with their tokenizer.json
+        model_cfg, params = hf.load_hf(start.init_path)
+        tok = (hf_tokenizer(start.init_path).meta() if hf_families.is_family_dir(start.init_path)
+               else {"kind": "gpt2", "vocab_size": 50257})
     else:
         model_cfg, params, tok = Workdir(start.init_path).load(start.init_which)
     if data_meta.get("kind") != tok.get("kind") or data_meta.get("chars") != tok.get("chars"):
@@ -402,7 +407,7 @@ def finish_lora(run: Run, state: TrainState, main: bool = True) -> dict[str, Any
     out["adapters"] = str(lora.save_adapters(run.workdir.adapters, adapters, lora_cfg, force=True))
     if merged is not None:
         export_dir = run.parts.lora.export_dir or run.workdir.hf_export
-        out["export"] = str(hf.export_hf_gpt2(run.model_cfg, merged, export_dir))
+        out["export"] = str(hf.export_hf(run.model_cfg, merged, export_dir))
     return out
 
 
