@@ -359,8 +359,8 @@ PEFT_NAMES = {("attn", "c_q"): "self_attn.q_proj", ("attn", "c_k"): "self_attn.k
               ("attn", "c_v"): "self_attn.v_proj", ("attn", "c_proj"): "self_attn.o_proj",
               ("mlp", "c_gate"): "mlp.gate_proj", ("mlp", "c_fc"): "mlp.up_proj", ("mlp", "c_proj"): "mlp.down_proj"}
 _PEFT_PATHS = {v: k for k, v in PEFT_NAMES.items()}
-PEFT_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-                      r"\.lora_([AB])(?:\.default)?\.weight")
+PEFT_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\."
+                      r"(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.lora_([AB])(?:\.default)?\.weight")
 
 
 def peft_module_name(mpath: tuple[str, ...]) -> str | None:
