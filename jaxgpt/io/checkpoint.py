@@ -1,24 +1,32 @@
-"""Checkpoints on disk: plain orbax pytree save/restore (params, adapters, quantized params) and a
-training run's orbax CheckpointManager (read back by `jaxgpt.io.workdir.Workdir.load`)."""
+"""Checkpoints on disk or in a bucket: plain orbax pytree save/restore (params, adapters, quantized params) and a
+training run's orbax CheckpointManager (read back by `jaxgpt.io.workdir.Workdir.load`). Paths are
+`jaxgpt.io.paths.as_path` paths, so gs:// URLs work wherever a local folder does."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxgpt.io import paths
+
 # ---------------------------------------------------------------------------------------------------------
 # Plain orbax save / restore of a pytree (params, adapters, quantized params)
 
 
-def save_pytree(path: str | os.PathLike, tree: Any, *, force: bool = False) -> Path:
+def _absolute(path: str | os.PathLike) -> Any:
+    """An epath path orbax accepts: a local path made absolute, a bucket URL as it is."""
+    p = paths.as_path(path)
+    return p if paths.is_url(p) else p.absolute()
+
+
+def save_pytree(path: str | os.PathLike, tree: Any, *, force: bool = False) -> Any:
     """Save a pytree with orbax (atomic: written to a temporary folder, then renamed)."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    path = _absolute(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pick a new path or pass force=True to replace it")
     with ocp.StandardCheckpointer() as ckptr:
@@ -31,7 +39,7 @@ def restore_pytree(path: str | os.PathLike, target: Any | None = None) -> Any:
     """Restore a pytree saved by `save_pytree`; `target` (arrays or ShapeDtypeStructs) fixes structure and dtypes."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    path = _absolute(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path")
     try:
@@ -46,7 +54,7 @@ def restore_pytree(path: str | os.PathLike, target: Any | None = None) -> Any:
 
 def pytree_bytes_on_disk(path: str | os.PathLike) -> int:
     """Total size in bytes of the files under a checkpoint folder."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return sum(f.stat().length for f in paths.as_path(path).rglob("*") if f.is_file())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,7 +86,7 @@ def run_checkpoint_manager(directory: str | os.PathLike, keep: int = 3, keep_bes
         best_fn=lambda m: m["val_loss"], best_mode="min",
         create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)  # leftovers of a killed save are incomplete by definition
-    return ocp.CheckpointManager(Path(directory).absolute(), item_names=RUN_ITEMS, options=options)
+    return ocp.CheckpointManager(_absolute(directory), item_names=RUN_ITEMS, options=options)
 
 
 def run_best_step(mngr) -> int | None:
@@ -93,7 +101,7 @@ def run_best_step(mngr) -> int | None:
 
 def check_run_checkpoints(directory: str | os.PathLike, steps: list[int]) -> None:
     """Refuse a checkpoint folder holding entries orbax does not list (a damaged step): never start over it."""
-    d = Path(directory)
+    d = paths.as_path(directory)
     if not d.is_dir():
         return
     known = {str(s) for s in steps}
@@ -120,7 +128,7 @@ def restore_run_step(mngr, step: int, *, params: Any, optimizer: Any | None = No
     """
     import orbax.checkpoint as ocp
 
-    where = Path(mngr.directory) / str(step)
+    where = paths.as_path(mngr.directory) / str(step)
     items = {"params": ocp.args.StandardRestore(_run_abstract(params)), "meta": ocp.args.JsonRestore()}
     if optimizer is not None:
         items["optimizer"] = ocp.args.StandardRestore(_run_abstract(optimizer))

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxgpt.io import atomic
+from jaxgpt.io import atomic, paths
 from jaxgpt.nn import weights
 from jaxgpt.nn.config import GPTConfig
 
@@ -25,11 +25,13 @@ HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 # Hugging Face GPT-2
 
 
-def _hf_dir(path_or_name: str | os.PathLike) -> Path:
-    """A local directory, or a Hub model name downloaded with huggingface_hub (needs the network)."""
-    p = Path(path_or_name)
+def _hf_dir(path_or_name: str | os.PathLike) -> Any:
+    """A local directory or bucket URL, or a Hub model name downloaded with huggingface_hub (needs the network)."""
+    p = paths.as_path(path_or_name)
     if p.is_dir():
         return p
+    if paths.is_url(p):
+        raise FileNotFoundError(f"{p} is not a directory with config.json and model.safetensors")
     name = str(path_or_name)
     if p.exists() or os.sep in name or name.startswith("."):
         raise FileNotFoundError(f"{name} is not a directory with config.json and model.safetensors")
@@ -69,7 +71,7 @@ def load_hf_gpt2(path_or_name: str | os.PathLike, **config_overrides: Any) -> tu
 
     A model name ("gpt2", "gpt2-medium", ...) is downloaded with huggingface_hub when online.
     """
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     d = _hf_dir(path_or_name)
     cfg_file, weights = d / "config.json", d / "model.safetensors"
@@ -83,7 +85,7 @@ def load_hf_gpt2(path_or_name: str | os.PathLike, **config_overrides: Any) -> tu
         raise ValueError(f"{cfg_file} is not valid JSON ({e}); re-download or re-export the checkpoint") from e
     model_cfg = config_from_hf(hf_cfg, **config_overrides)
     try:
-        raw = load_file(str(weights))
+        raw = load(weights.read_bytes()) if paths.is_url(weights) else load_file(str(weights))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{weights} is not a readable safetensors file ({e}); re-download or re-export it") from e
     sd = {k.removeprefix("transformer."): v for k, v in raw.items()}
@@ -124,11 +126,11 @@ def load_hf_gpt2(path_or_name: str | os.PathLike, **config_overrides: Any) -> tu
     return model_cfg, jax.tree.map(jax.numpy.asarray, params)
 
 
-def export_hf_gpt2(model_cfg: GPTConfig, params: Any, out_dir: str | os.PathLike) -> Path:
+def export_hf_gpt2(model_cfg: GPTConfig, params: Any, out_dir: str | os.PathLike) -> Any:
     """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained` loads.
 
     Files are written under temporary names and renamed, so an interrupted export never leaves a half
-    written checkpoint in place of a good one.
+    written checkpoint in place of a good one (in a bucket each object is uploaded whole: `jaxgpt.io.atomic`).
     """
     from safetensors.numpy import save_file
 
@@ -173,8 +175,9 @@ def export_hf_gpt2(model_cfg: GPTConfig, params: Any, out_dir: str | os.PathLike
         "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
         "scale_attn_weights": True, "use_cache": True,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = paths.as_path(out_dir)
+    if not paths.is_url(out):
+        out.mkdir(parents=True, exist_ok=True)
     with atomic.file(out / "model.safetensors") as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})
     atomic.write_text(out / "config.json", json.dumps(hf_cfg, indent=2))

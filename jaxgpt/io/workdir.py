@@ -1,21 +1,31 @@
 """A training run's directory: every file of a run named once (`Workdir`), and a model read back from a run or
 from Hugging Face (`load_model`).
 
+The root is a local path or a bucket URL (gs://bucket/run; also s3://, az://), and every file it names is an
+`etils.epath.Path` (`jaxgpt.io.paths`): code reads and writes them with the same calls wherever they live, and a
+local workdir holds exactly the files it always did.
+
   config.json        the model's GPTConfig (so a run restores without knowing its training config)
   tokenizer.json     tokenizer meta (`jaxgpt.data.tokenizer.from_meta`)
   train_config.json  the full training config
   lora_run.json      LoRA settings and base of a LoRA run (its checkpoints hold the adapters only)
   checkpoints/<step>/{params, optimizer, meta}   orbax CheckpointManager (last k + best by val loss)
-  metrics.jsonl      one JSON object per log / eval / event line
+  metrics.jsonl      one JSON object per log / eval / event line (appended; in a bucket, which cannot append,
+                     metrics.jsonl.parts/ holds one object per flush of the log instead: `read_metrics` reads both)
   tensorboard/       TensorBoard event files
   loss.png           the loss curves (`python -m jaxgpt.plot`)
   sample.txt         the sample drawn at the end of a run
   lora/, hf/         a LoRA run's adapters and its merged Hugging Face export
   profile/           jax.profiler traces (config.profile_steps)
-  data/              the prepared dataset when config.data.dir is empty
-  .lock, .lock.guard held by the run using the workdir (`jaxgpt.io.lock`)
+  data/              the prepared dataset when config.data.dir is empty (memory-mapped, so always on a local
+                     disk: for a bucket workdir a folder of this machine, `paths.local_cache`)
+  .lock, .lock.guard held by the run using the workdir (`jaxgpt.io.lock`; a bucket's lock is the .lock object
+                     alone, guarded by generation preconditions)
 
 Nothing else builds a path inside a workdir: code that reads or writes a run's file asks its `Workdir`.
+
+In a bucket, every object is written whole in one request, so each file above is complete or absent, as the
+atomic renames make it on a disk; orbax commits a checkpoint step once all of its objects are written.
 """
 
 from __future__ import annotations
@@ -23,10 +33,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from jaxgpt.io import atomic
+from jaxgpt.io import atomic, paths
 from jaxgpt.nn.config import GPTConfig
 
 Params = Any
@@ -36,73 +45,92 @@ Params = Any
 class Workdir:
     """The files of one training run under `root`."""
 
-    root: Path
+    root: Any  # etils.epath.Path: a local folder or a bucket URL
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", paths.as_path(self.root))
+
+    @property
+    def in_bucket(self) -> bool:
+        """True for a bucket URL (gs://...), False for a local folder."""
+        return paths.is_url(self.root)
+
+    def create(self) -> None:
+        """Make the root folder (a bucket needs none: an object's name is its whole path; the bucket itself
+        must exist, and the lock's first write says so when it does not)."""
+        if not self.in_bucket:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     # the files, each named once
     @property
-    def model_config(self) -> Path:
+    def model_config(self) -> Any:
         return self.root / "config.json"
 
     @property
-    def tokenizer(self) -> Path:
+    def tokenizer(self) -> Any:
         return self.root / "tokenizer.json"
 
     @property
-    def train_config(self) -> Path:
+    def train_config(self) -> Any:
         return self.root / "train_config.json"
 
     @property
-    def lora_run(self) -> Path:
+    def lora_run(self) -> Any:
         return self.root / "lora_run.json"
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints(self) -> Any:
         return self.root / "checkpoints"
 
-    def checkpoint(self, step: int) -> Path:
+    def checkpoint(self, step: int) -> Any:
         return self.checkpoints / str(step)
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> Any:
         return self.root / "metrics.jsonl"
 
     @property
-    def tensorboard(self) -> Path:
+    def metrics_parts(self) -> Any:
+        """metrics.jsonl's records in a bucket: one object per flush (`jaxgpt.train.metrics.MetricsLog`)."""
+        return paths.parts_of(self.metrics)
+
+    @property
+    def tensorboard(self) -> Any:
         return self.root / "tensorboard"
 
     @property
-    def plot(self) -> Path:
+    def plot(self) -> Any:
         return self.root / "loss.png"
 
     @property
-    def sample(self) -> Path:
+    def sample(self) -> Any:
         return self.root / "sample.txt"
 
     @property
-    def adapters(self) -> Path:
+    def adapters(self) -> Any:
         return self.root / "lora"
 
     @property
-    def hf_export(self) -> Path:
+    def hf_export(self) -> Any:
         return self.root / "hf"
 
     @property
-    def profile(self) -> Path:
+    def profile(self) -> Any:
         return self.root / "profile"
 
     @property
-    def data(self) -> Path:
+    def data(self) -> Any:
+        """The prepared dataset, memory-mapped: under a bucket workdir, this machine's `paths.local_cache`."""
+        if self.in_bucket:
+            return paths.as_path(paths.local_cache(self.root) / "data")
         return self.root / "data"
 
     @property
-    def lock(self) -> Path:
+    def lock(self) -> Any:
         return self.root / ".lock"
 
     @property
-    def lock_guard(self) -> Path:
+    def lock_guard(self) -> Any:
         return self.root / ".lock.guard"
 
     def __str__(self) -> str:
@@ -178,7 +206,7 @@ def _pick_step(mngr: Any, wd: Workdir, which: str | int) -> int:
 # A model for sampling and evaluation: a training workdir or a Hugging Face GPT-2
 
 
-def is_hf_dir(path: Path) -> bool:
+def is_hf_dir(path: Any) -> bool:
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
@@ -187,7 +215,7 @@ def load_model(init_from: str | os.PathLike, bpe_file: str | None = None) -> tup
     from jaxgpt.data.tokenizer import from_meta, gpt2_tokenizer
     from jaxgpt.io import hf
 
-    path = Path(init_from)
+    path = paths.as_path(init_from)
     wd = Workdir(path)
     if wd.is_lora_run() and not is_hf_dir(path):
         raise ValueError(f"{path} is a LoRA run (its checkpoints hold adapters only); pass its merged export "
