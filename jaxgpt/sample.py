@@ -4,7 +4,7 @@
     jaxgpt-sample --init-from runs/shakespeare_char --prompt "ROMEO:" --temperature 0.8 --top-k 200
 
 --init-from is a Hugging Face GPT-2 directory (config.json + model.safetensors) or Hub name (downloaded
-when online), or a jaxgpt training workdir (config.json, tokenizer.json, checkpoints/). The GPT-2 BPE
+when online), a Llama / Qwen2 / Qwen3 folder (config.json, safetensors weights, tokenizer.json), or a jaxgpt training workdir (config.json, tokenizer.json, checkpoints/). The GPT-2 BPE
 loads offline from --bpe-file or $JAXGPT_GPT2_BPE.
 
 The command is a few small steps in `run`: check arguments -> `load_model` (config, params, tokenizer) ->
@@ -83,7 +83,7 @@ def decode_options(args: argparse.Namespace, eos_id: int | None) -> DecodeOption
 
 def read_prompt(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
     text = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
-    ids = tokenizer.encode(text)
+    ids = getattr(tokenizer, "encode_prompt", tokenizer.encode)(text)  # a Hugging Face tokenizer adds its BOS
     if not ids and tokenizer.eot_id is None:
         raise ValueError(f"the prompt is empty and the {tokenizer.kind} tokenizer has no <|endoftext|> to start "
                          "from; pass --prompt with at least one character of its vocabulary")

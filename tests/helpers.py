@@ -49,3 +49,25 @@ def random_params(cfg, seed: int = 0, std: float = 0.02, norm_scales: str = "nor
         return jnp.asarray((offset + std * rng.standard_normal(s.shape)).astype(s.dtype))
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def write_bpe_tokenizer(folder, bos: str = "<s>", eos: str = "</s>", vocab_size: int = 300, lines: int = 400) -> Path:
+    """A byte-level BPE `tokenizer.json` (the `tokenizers` library) trained on the first `lines` lines of
+    tinyshakespeare, BOS and EOS its ids 0 and 1, BOS added before each encoded text (Llama's template), and a
+    tokenizer_config.json naming them: a Hugging Face model folder's tokenizer in miniature."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    folder = Path(folder)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SHAKESPEARE.read_text().splitlines()[:lines], trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}))
+    return folder / "tokenizer.json"
