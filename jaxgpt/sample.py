@@ -5,7 +5,8 @@
 
 --init-from is a Hugging Face GPT-2 directory (config.json + model.safetensors) or Hub name (downloaded
 when online), a Llama / Qwen2 / Qwen3 folder (config.json, safetensors weights, tokenizer.json), or a jaxgpt
-training workdir (config.json, tokenizer.json, checkpoints/). The GPT-2 BPE loads offline from --bpe-file or $JAXGPT_GPT2_BPE.
+training workdir (config.json, tokenizer.json, checkpoints/). The GPT-2 BPE loads offline from --bpe-file or
+$JAXGPT_GPT2_BPE.
 
 The command is a few small steps in `run`: check arguments -> `load_model` (config, params, tokenizer) ->
 `read_prompt` -> decode with `jaxgpt.decode.generation.stream` (past block_size the context slides: --window) -> print.

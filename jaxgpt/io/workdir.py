@@ -207,13 +207,16 @@ def _pick_step(mngr: Any, wd: Workdir, which: str | int) -> int:
 
 
 def is_hf_dir(path: Any) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    """config.json beside model.safetensors or a sharded checkpoint's model.safetensors.index.json."""
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return (path / "config.json").is_file() and weights
 
 
 def load_model(init_from: str | os.PathLike, bpe_file: str | None = None) -> tuple[GPTConfig, Params, Any]:
-    """(model_cfg, params, tokenizer) from a Hugging Face GPT-2 directory / name or a jaxgpt training workdir."""
-    from jaxgpt.data.tokenizer import from_meta, gpt2_tokenizer
-    from jaxgpt.io import hf
+    """(model_cfg, params, tokenizer) from a Hugging Face directory (GPT-2, or Llama / Qwen2 / Qwen3 with its
+    tokenizer.json), a GPT-2 Hub name, or a jaxgpt training workdir."""
+    from jaxgpt.data.tokenizer import from_meta, gpt2_tokenizer, hf_tokenizer
+    from jaxgpt.io import hf, hf_families
 
     path = paths.as_path(init_from)
     wd = Workdir(path)
@@ -223,8 +226,8 @@ def load_model(init_from: str | os.PathLike, bpe_file: str | None = None) -> tup
     if path.is_dir() and not is_hf_dir(path):
         model_cfg, params, meta = wd.load()
         return model_cfg, params, from_meta(meta, bpe_file)
-    model_cfg, params = hf.load_hf_gpt2(init_from)
-    return model_cfg, params, gpt2_tokenizer(bpe_file)
+    model_cfg, params = hf.load_hf(init_from)
+    return model_cfg, params, hf_tokenizer(path) if hf_families.is_family_dir(path) else gpt2_tokenizer(bpe_file)
 
 
 def transform_params(params: Params, adapters: str | None, quantize: str) -> Params:
