@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxgpt.io import atomic
+from jaxgpt.io import atomic, paths
 from jaxgpt.nn.config import GPTConfig
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -146,8 +146,8 @@ def _mlp_hidden(model_cfg: GPTConfig) -> int:
 
 
 def is_family_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` is a local folder whose config.json has a model_type of FAMILIES (not GPT-2)."""
-    f = Path(path) / "config.json"
+    """Whether `path` is a folder (or bucket prefix) whose config.json has a model_type of FAMILIES (not GPT-2)."""
+    f = paths.as_path(path) / "config.json"
     try:
         return f.is_file() and json.loads(f.read_text()).get("model_type") in FAMILIES
     except (json.JSONDecodeError, AttributeError):
@@ -225,16 +225,28 @@ def _np_dtype(name: str, where: Path, key: str) -> np.dtype:
     return np.dtype(_DTYPES[name])
 
 
-def read_safetensors(file: Path) -> dict[str, np.ndarray]:
-    """name -> array (memory-mapped, read-only) of one safetensors file; bfloat16 comes back as ml_dtypes'."""
+def read_safetensors(file: Any) -> dict[str, np.ndarray]:
+    """name -> array (memory-mapped and read-only on a local disk; read whole from a bucket) of one safetensors
+    file; bfloat16 comes back as ml_dtypes'."""
+    raw = file.read_bytes() if paths.is_url(file) else None
     try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+        if raw is None:
+            with open(file, "rb") as f:
+                head = f.read(8)
+                (n,) = struct.unpack("<Q", head)
+                header = json.loads(f.read(n))
+        else:
+            (n,) = struct.unpack("<Q", raw[:8])
+            header = json.loads(raw[8:8 + n])
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download or re-export it") from e
     header.pop("__metadata__", None)
-    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n) if header else np.zeros(0, np.uint8)
+    if raw is not None:
+        data = np.frombuffer(raw, np.uint8, offset=8 + n)
+    elif header and os.path.getsize(file) > 8 + n:
+        data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n)
+    else:
+        data = np.zeros(0, np.uint8)
     out = {}
     for key, info in header.items():
         dtype = _np_dtype(info["dtype"], file, key)
@@ -247,7 +259,7 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def weight_files(d: Path) -> list[Path]:
+def weight_files(d: Any) -> list[Any]:
     """The safetensors files of a folder: model.safetensors, or every shard its index file lists."""
     index = d / INDEX_FILE
     if index.is_file():
@@ -265,7 +277,7 @@ def weight_files(d: Path) -> list[Path]:
     raise FileNotFoundError(f"{d} has neither {SINGLE_FILE} nor {INDEX_FILE}; pass a Hugging Face model folder")
 
 
-def read_state_dict(d: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+def read_state_dict(d: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(name -> array, name -> the file holding it) over every weight file of the folder."""
     tensors, where = {}, {}
     for f in weight_files(d):
@@ -280,7 +292,7 @@ def read_state_dict(d: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
 # Load and export
 
 
-def load(d: Path, hf_cfg: dict[str, Any], **config_overrides: Any) -> tuple[GPTConfig, Params]:
+def load(d: Any, hf_cfg: dict[str, Any], **config_overrides: Any) -> tuple[GPTConfig, Params]:
     """(GPTConfig, params) of a Llama / Qwen2 / Qwen3 folder whose parsed config.json is `hf_cfg`. Every tensor
     is checked (present, shape) before any is converted; extra tensors are refused by name."""
     import jax.numpy as jnp
@@ -325,7 +337,7 @@ def _unfused(model_cfg: GPTConfig, params: Params) -> Params:
     return out
 
 
-def export(model_cfg: GPTConfig, params: Params, out_dir: str | os.PathLike) -> Path:
+def export(model_cfg: GPTConfig, params: Params, out_dir: str | os.PathLike) -> Any:
     """Write config.json + model.safetensors that transformers' {Llama,Qwen2,Qwen3}ForCausalLM.from_pretrained
     loads with jaxgpt's logits; the family follows from the switches (`family_of`). Each file is written under a
     temporary name and renamed, so an interrupted export never replaces a good file with half of one."""
@@ -344,8 +356,9 @@ def export(model_cfg: GPTConfig, params: Params, out_dir: str | os.PathLike) -> 
         if tuple(x.shape) != t.shape:
             raise ValueError(f"param {'/'.join(t.path)} has shape {tuple(x.shape)}, the config implies {t.shape}")
         sd[t.hf_name] = np.ascontiguousarray(x.T if t.transposed else x)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = paths.as_path(out_dir)
+    if not paths.is_url(out):
+        out.mkdir(parents=True, exist_ok=True)
     with atomic.file(out / SINGLE_FILE) as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})
     atomic.write_text(out / "config.json", json.dumps(config_to_hf(model_cfg, family), indent=2))
