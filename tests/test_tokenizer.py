@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2 BPE offline from a ranks file (same ids as tiktoken's gpt2), and the char tokenizer."""
+"""Tokenizers: GPT-2 BPE offline from a ranks file (same ids as tiktoken's gpt2), the char tokenizer, and a
+Hugging Face tokenizer.json (the ids and text of transformers' PreTrainedTokenizerFast)."""
 
 import pytest
 
@@ -61,3 +62,38 @@ def test_char_roundtrip_and_save(tmp_path, shared_dir):
         tok.encode("€")
     with pytest.raises(ValueError, match="non-empty"):
         CharTokenizer.from_text("")
+
+
+def test_hf_tokenizer_json_gives_transformers_ids_and_text(tmp_path, shared_dir):
+    transformers = pytest.importorskip("transformers")
+    from helpers import write_bpe_tokenizer
+
+    from jaxgpt.data.tokenizer import HFTokenizer, hf_tokenizer
+
+    file = write_bpe_tokenizer(tmp_path)
+    ours = hf_tokenizer(tmp_path)
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(file), bos_token="<s>", eos_token="</s>")
+    lines = (shared_dir / "data" / "tinyshakespeare.txt").read_text().splitlines()
+    texts = ["\n".join(lines[1000:1040]), "Rotary embeddings: θ = 10⁴; ünïcödé and  spaces\n\n", "", " x"]
+    for text in texts:  # unseen lines, bytes outside the training text, the empty string
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+        assert ours.encode_prompt(text) == ref.encode(text) and ours.encode_prompt(text)[:1] == [0]
+        ids = ours.encode_prompt(text) + [1]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True) == text
+    assert len(ours.encode(texts[0])) < len(texts[0].encode()) / 2  # BPE merges, not bytes
+    assert (ours.bos_id, ours.eot_id, ours.vocab_size) == (0, 1, len(ref))
+
+    (tmp_path / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": [5, 1]}')
+    assert (hf_tokenizer(tmp_path).bos_id, hf_tokenizer(tmp_path).eot_id) == (1, 5)  # the first of a list
+    again = from_meta(ours.meta())
+    assert isinstance(again, HFTokenizer) and again.encode(texts[0]) == ours.encode(texts[0])
+
+
+def test_hf_tokenizer_bad_folders_are_one_line_errors(tmp_path):
+    from jaxgpt.data.tokenizer import hf_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="tokenizer.json does not exist"):
+        hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a readable tokenizers file"):
+        hf_tokenizer(tmp_path)
