@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from jaxgpt.data.memmap import SPLITS, load_meta  # noqa: F401 (re-exported)
-from jaxgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer
+from jaxgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer, hf_tokenizer
 
 # Named datasets. "pydoc" is built in (the documentation text that ships with every CPython); the others are
 # downloaded from their public URL unless a local copy is passed with --input; "text" needs --input.
@@ -43,7 +43,7 @@ DATASET_URLS = {
 }
 DATASETS = ("pydoc", "text", *DATASET_URLS)
 SHARDED = ("files", "hf")  # streamed into llm.c shards
-TOKENIZERS = ("char", "gpt2")
+TOKENIZERS = ("char", "gpt2", "hf")  # hf: a Hugging Face model folder's tokenizer.json (its path as bpe_path)
 MAX_UINT16_VOCAB = 2**16
 
 
@@ -100,6 +100,10 @@ def make_tokenizer(kind: str, text: str, bpe_path: str | os.PathLike | None = No
         return CharTokenizer.from_text(text)
     if kind == "gpt2":
         return gpt2_tokenizer(bpe_path)
+    if kind == "hf":
+        if not bpe_path:
+            raise ValueError("tokenizer 'hf' needs the model folder holding tokenizer.json as bpe_path (--bpe-path)")
+        return hf_tokenizer(bpe_path)
     raise ValueError(f"unknown tokenizer {kind!r}; use one of {', '.join(TOKENIZERS)}")
 
 
@@ -107,6 +111,8 @@ def tokenizer_meta(tok: Tokenizer) -> dict[str, Any]:
     """The dict `jaxgpt.data.tokenizer.from_meta` rebuilds `tok` from."""
     if tok.kind == "char":
         return {"kind": "char", "chars": tok.chars, "vocab_size": tok.vocab_size}
+    if tok.kind == "hf":
+        return tok.meta()
     return {"kind": tok.kind, "vocab_size": tok.vocab_size}
 
 
