@@ -233,6 +233,42 @@ def test_sample_cli_on_a_llama_folder_prints_transformers_greedy_text(tmp_path, 
     assert capsys.readouterr().out == "ROMEO: what light" + tok.decode(ref) + "\n"
 
 
+@pytest.mark.run
+def test_lora_fine_tune_of_a_llama_folder_exports_the_merged_llama(tmp_path):
+    """A LoRA run (init_from="hf") on a Llama folder, its data tokenized with the folder's tokenizer.json: the
+    loss falls, and transformers' logits of the merged export equal jaxgpt's of merge(base, adapters)."""
+    from helpers import REPO, SHAKESPEARE
+
+    from jaxgpt import data as data_lib
+    from jaxgpt import lora
+    from jaxgpt.train import config as train_config
+    from jaxgpt.train import metrics, trainer
+
+    base = tmp_path / "base"
+    _make("llama", base, seed=12)
+    write_bpe_tokenizer(base)
+    (tmp_path / "slice.txt").write_text(SHAKESPEARE.read_text()[:20000])
+    data_lib.prepare(tmp_path / "data", dataset="text", tokenizer="hf", input_path=tmp_path / "slice.txt",
+                     bpe_path=base)
+    c = train_config.load_config_file(str(REPO / "configs" / "finetune_lora.py"))
+    c.init_path, c.data.dir, c.data.tokenizer, c.data.bpe_path = str(base), str(tmp_path / "data"), "hf", str(base)
+    c.lora.rank, c.lora.alpha, c.lora.targets = 4, 12.0, ("attn/c_q", "attn/c_v", "mlp/c_gate", "mlp/c_proj")
+    c.batch_size, c.grad_accum, c.max_iters, c.eval_iters, c.eval_interval, c.ckpt_interval = 4, 1, 6, 2, 6, 6
+    c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters = 3e-2, 3e-3, 1, 6
+    c.eval_at_start, c.log_interval, c.sample_tokens, c.progress = True, 1, 4, False
+    c.model.block_size = 32
+    summary = trainer.train(c, tmp_path / "run")
+
+    evals = [r for r in metrics.read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 0.05, evals
+    back = transformers.LlamaForCausalLM.from_pretrained(summary["export"]).eval()
+    cfg, params = load_hf(base)
+    adapters, lcfg = lora.load_adapters(tmp_path / "run" / "lora", params)
+    ours = _ours(cfg, lora.merge(params, adapters, lcfg), TOKENS)
+    np.testing.assert_allclose(_hf_logits(back, TOKENS), ours, atol=TOL, rtol=0)
+    assert np.abs(ours - _ours(cfg, params, TOKENS)).max() > 1e-3  # the adapters moved
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What cannot load: one line naming the file and the field
 
