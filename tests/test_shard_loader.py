@@ -4,6 +4,8 @@ processes (gloo) giving the one-process global batch, the prefetcher, vocabulary
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -204,3 +206,26 @@ def test_vocab_and_file_errors(tmp_path, shard_dir):
     with pytest.raises(ValueError, match="v_train_000002.bin has magic 0"):
         loader.ShardLoader(d, "train", 4, 16, 0)
     assert loader.is_shard_dir(d) and not loader.is_shard_dir(tmp_path)
+
+
+def test_a_folder_whose_preparation_is_not_finished_is_refused_in_one_line(tmp_path, shard_dir):
+    """A manifest with `complete: false` (an interrupted `python -m jaxgpt.data`) stops the loader and the run's data
+    step, even when only the val shard is written; a complete manifest, or none (llm.c's shards), loads."""
+    from jaxgpt.train.config import DataConfig
+    from jaxgpt.train.run import ensure_data
+
+    d = tmp_path / "partial"
+    shutil.copytree(shard_dir, d)
+    manifest = {"format": "llm.c uint16 v1", "shards": [], "complete": False, "resume": {"piece": 7, "offset": 3}}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    line = f"preparation of {d} is not finished: rerun the same `python -m jaxgpt.data` command"
+    with pytest.raises(ValueError, match=f"^{re.escape(line)}$"):
+        loader.ShardLoader(d, "train", B, T, SEED)
+    data_cfg = DataConfig(dataset="pydoc", tokenizer="char", input="", bpe_path="", dir=str(d), val_fraction=0.1)
+    for p in d.glob("*_train_*.bin"):  # stopped before the first training shard: not mistaken for an empty folder
+        p.unlink()
+    with pytest.raises(ValueError, match=f"^{re.escape(line)}$"):
+        ensure_data(data_cfg, None)
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "x_val_000000.bin"]  # nothing prepared into it
+    (d / "manifest.json").write_text(json.dumps({**manifest, "complete": True}))
+    assert loader.ShardLoader(d, "val", B, T, SEED).n_tokens == 200

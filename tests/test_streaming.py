@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -232,3 +233,82 @@ def test_command_line(tmp_path, sources, capsys, docs, ref_encoding):
     with pytest.raises(SystemExit, match="drop --tokenizer char"):
         preparation.main(["--dataset", "files", "--input", str(sources["parquet"]), "--tokenizer", "char",
                    "--out", str(tmp_path / "x")])
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def jsonl_preparation(sources, tok):
+    """`run(out)`: the in-process preparation of the jsonl sources into out."""
+    files = corpus.expand_inputs(str(sources["jsonl"]))
+
+    def run(out: Path) -> dict:
+        return corpus.prepare_shards(out, lambda: corpus.iter_files(files, text_field="body"), tok, source={},
+                                     workers=0, **SMALL)
+
+    return run
+
+
+def stopping_after(write, n: int):
+    """`write`, and a KeyboardInterrupt right after its n-th call: the process stopped just after that write."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        write(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+
+    return wrapped
+
+
+def test_a_stop_after_any_write_resumes_to_identical_files(tmp_path, sources, tok, monkeypatch):
+    """Stopped right after each shard file or each manifest write (the first comes before any shard; the last
+    records the last shard and `complete: true` together, so no stop leaves a folder a rerun cannot resume), the
+    rerun writes the files of an uninterrupted preparation, byte for byte, meta.json too."""
+    run = jsonl_preparation(sources, tok)
+    run(tmp_path / "full")
+    want = files_of(tmp_path / "full")
+    full = json.loads(want["manifest.json"])["shards"]
+    n = len(full)
+    assert n >= 4 and "meta.json" in want
+    for module, name, writes in ((shards, "write_shard", n), (corpus, "write_manifest", n + 1)):
+        for k in range(1, writes + 1):  # the manifest is written once before the first shard, then after each
+            out = tmp_path / f"{name}{k}"
+            with monkeypatch.context() as m:
+                m.setattr(module, name, stopping_after(getattr(module, name), k))
+                with pytest.raises(KeyboardInterrupt):
+                    run(out)
+            left = corpus.read_manifest(out)
+            recorded = k - 1  # shards the manifest holds: a shard file is on disk before its manifest write
+            assert left["shards"] == full[:recorded] and left["complete"] == (recorded == n)
+            assert not (out / "meta.json").exists()  # written after the manifest says complete
+            run(out)
+            assert files_of(out) == want, (name, k)
+
+
+def test_a_manifest_stopped_between_its_last_shard_and_completion_is_finished(tmp_path, sources, tok):
+    """The state a stop between recording the last shard and recording completion (two writes in an earlier
+    version) leaves: every shard written, `resume.piece` null, `complete: false`. Training refuses it; the rerun
+    completes it without a TypeError and without rewriting a shard."""
+    from jaxgpt.train import trainer
+    from jaxgpt.train.config import load_config_file
+
+    run = jsonl_preparation(sources, tok)
+    out = tmp_path / "d"
+    run(out)
+    want = files_of(out)
+    m = json.loads(want["manifest.json"])
+    assert m["resume"] == {"piece": None, "offset": 0}
+    corpus.write_manifest(out, {**m, "complete": False})
+    (out / "meta.json").unlink()
+    cfg = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))
+    cfg.data.dir = str(out)
+    line = f"preparation of {out} is not finished: rerun the same `python -m jaxgpt.data` command"
+    with pytest.raises(ValueError, match=f"^{re.escape(line)}$"):
+        trainer.train(cfg, tmp_path / "wd")
+    shard_times = {p.name: p.stat().st_mtime_ns for p in out.glob("*.bin")}
+    run(out)
+    assert files_of(out) == want
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.bin")} == shard_times

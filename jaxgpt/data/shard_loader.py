@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxgpt.data import shards
+from jaxgpt.data import shards, streaming
 from jaxgpt.data.memmap import batch_rng
 
 
@@ -35,6 +35,7 @@ class ShardLoader:
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, seed: int,
                  stream: int = 0, rows: Sequence[int] | None = None, vocab_size: int | None = None) -> None:
+        streaming.check_finished(data_dir)
         self.paths = shards.list_shards(data_dir, split)
         if not self.paths:
             raise FileNotFoundError(f"{data_dir} holds no *_{split}_*.bin shards; prepare them first "

@@ -9,7 +9,9 @@ block and the tokens equal those of the whole file encoded at once.
 The pool tokenizes chunks of pieces with a bounded number in flight (`Pool.imap` would read the whole input
 ahead), collected in submission order, so the shards do not depend on the number of workers. After each shard
 `manifest.json` records where the stream stands (piece index and token offset into it); a rerun of the same
-command skips what is written and continues from the last complete shard, producing the same files.
+command skips what is written and continues from the last complete shard, producing the same files. The last
+shard and `complete: true` are recorded by one write, and `meta.json` follows; training refuses a directory
+whose manifest is not complete (`check_finished`).
 """
 
 from __future__ import annotations
@@ -305,6 +307,25 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     shards.atomic_write_bytes(out / MANIFEST, [json.dumps(manifest, indent=1).encode()])
 
 
+def check_finished(data_dir: str | os.PathLike) -> None:
+    """Refuse a shard directory whose preparation was interrupted (its manifest says `complete: false`).
+
+    A directory without a manifest (shards made by llm.c, modded-nanogpt or by hand) passes."""
+    manifest = read_manifest(Path(data_dir))
+    if manifest is not None and not manifest.get("complete"):
+        raise ValueError(f"preparation of {data_dir} is not finished: rerun the same `python -m jaxgpt.data` command")
+
+
+def write_meta(out: Path, manifest: dict[str, Any]) -> None:
+    """meta.json of a complete preparation (as `jaxgpt.data.prepare` writes), from its manifest alone."""
+    s = manifest["settings"]
+    n_val = manifest["shards"][0]["tokens"]  # shard 0 is the val shard
+    total = sum(sh["tokens"] for sh in manifest["shards"])
+    meta = {**s["tokenizer"], "format": "shards", "train_tokens": total - n_val, "val_tokens": n_val,
+            "source": s["source"]}
+    shards.atomic_write_bytes(out / "meta.json", [json.dumps(meta, indent=1).encode()])
+
+
 def check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The manifest to resume from (None: start afresh); refuses a directory holding other shards."""
     old = read_manifest(out)
@@ -349,12 +370,19 @@ def prepare_shards(out_dir: str | os.PathLike, pieces: Callable[[], Iterable[Pie
                 "chunk_chars": int(chunk_chars)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = check_out_dir(out, settings, overwrite) or {
-        "format": "llm.c uint16 v1", "settings": settings, "shards": [], "complete": False,
-        "resume": {"piece": 0, "offset": 0}}
-    if manifest["complete"]:
-        return manifest
-    _run(out, manifest, pieces, tokenizer, workers, log or (lambda s: None))
+    manifest = check_out_dir(out, settings, overwrite)
+    if manifest is None:  # recorded before the first shard, so a stop after that shard leaves a resumable folder
+        manifest = {"format": "llm.c uint16 v1", "settings": settings, "shards": [], "complete": False,
+                    "resume": {"piece": 0, "offset": 0}}
+        write_manifest(out, manifest)
+    if not manifest["complete"] and manifest["resume"]["piece"] is None:
+        # every shard is written; an earlier version stopped between recording the last one and completion
+        manifest["complete"] = True
+        write_manifest(out, manifest)
+    if not manifest["complete"]:
+        _run(out, manifest, pieces, tokenizer, workers, log or (lambda s: None))
+    if not (out / "meta.json").is_file():  # written last: a stop just before it leaves a complete manifest
+        write_meta(out, manifest)
     return manifest
 
 
@@ -373,6 +401,7 @@ def _run(out: Path, manifest: dict[str, Any], pieces: Callable[[], Iterable[Piec
             resume = {"piece": cur["piece"] + j, "offset": off}
         manifest["shards"].append({"name": path.name, "tokens": n})
         manifest["resume"] = resume
+        manifest["complete"] = consumed is None  # the last shard (from `finish`): one write records both
         write_manifest(out, manifest)
         log(f"{path.name}: {n:,} tokens")
 
@@ -396,10 +425,7 @@ def _run(out: Path, manifest: dict[str, Any], pieces: Callable[[], Iterable[Piec
     if writer.index + (writer.fill > 0) < 2:  # the val shard and at least one training token
         raise ValueError(f"the corpus holds {total:,} tokens, not more than val_tokens={s['val_tokens']:,}, so "
                          "no training shard would be written; pass a smaller --val-tokens")
-    writer.finish()
-    manifest["complete"] = True
-    write_manifest(out, manifest)
-    n_val = manifest["shards"][0]["tokens"]  # shard 0 is the val shard
-    meta = {**s["tokenizer"], "format": "shards", "train_tokens": total - n_val, "val_tokens": n_val,
-            "source": s["source"]}
-    shards.atomic_write_bytes(out / "meta.json", [json.dumps(meta, indent=1).encode()])  # as jaxgpt.data writes
+    writer.finish()  # a partial last shard is recorded with `complete: true` in the same manifest write
+    if not manifest["complete"]:  # the stream ended exactly at a shard boundary: nothing was left to write
+        manifest["complete"] = True
+        write_manifest(out, manifest)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxgpt.data import memmap, preparation
+from jaxgpt.data import memmap, preparation, streaming
 from jaxgpt.data.batches import TrainBatches, place_fn
 from jaxgpt.data.shard_loader import is_shard_dir
 from jaxgpt.io import checkpoint, hf
@@ -46,6 +46,7 @@ def ensure_data(data_cfg: DataConfig, wd: Workdir) -> Path:
     """The prepared dataset directory (data.dir, or the workdir's data/ when it is empty), tokenizing
     data.dataset into it when it is missing (a directory of llm.c shards is used as it is)."""
     d = Path(data_cfg.dir) if data_cfg.dir else wd.data
+    streaming.check_finished(d)  # an interrupted `python -m jaxgpt.data` leaves an incomplete manifest
     if not (d / "meta.json").is_file() and not is_shard_dir(d):
         preparation.prepare(d, dataset=data_cfg.dataset, tokenizer=data_cfg.tokenizer,
                             input_path=data_cfg.input or None, bpe_path=data_cfg.bpe_path or None,
