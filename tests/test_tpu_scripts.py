@@ -69,14 +69,14 @@ def test_install_from_git(tmp_path):
 
 
 def test_train_on_all_hosts(tmp_path):
-    cmds = dry(tmp_path, "train.sh", "--config=configs/gpt2.py", "--config.mesh.fsdp=4")
+    cmds = dry(tmp_path, "train.sh", "--config=configs/gpt2_124m.py", "--config.mesh.fsdp=4")
     assert cmds == [[*SSH, "--worker=all", "--command=cd jaxgpt && JAXGPT_DISTRIBUTED=1 python3 train.py "
-                     "--config=configs/gpt2.py --config.mesh.fsdp=4 --workdir=gs://my-bucket/jaxgpt/runs/pod"]]
+                     "--config=configs/gpt2_124m.py --config.mesh.fsdp=4 --workdir=gs://my-bucket/jaxgpt/runs/pod"]]
     # arguments with spaces and quotes reach train.py intact: split the remote command like the remote shell
-    cmds = dry(tmp_path, "train.sh", "--background", "--config=configs/gpt2.py", "--workdir=gs://b/it's a run")
+    cmds = dry(tmp_path, "train.sh", "--background", "--config=configs/gpt2_124m.py", "--workdir=gs://b/it's a run")
     remote = shlex.split(cmds[0][-1].removeprefix("--command="))
     assert remote[:7] == ["cd", "jaxgpt", "&&", "(nohup", "env", "JAXGPT_DISTRIBUTED=1", "python3"]
-    assert remote[7:10] == ["train.py", "--config=configs/gpt2.py", "--workdir=gs://b/it's a run"]
+    assert remote[7:10] == ["train.py", "--config=configs/gpt2_124m.py", "--workdir=gs://b/it's a run"]
     assert remote[10:] == [">", "train.log", "2>&1", "&)"]
 
 
@@ -135,7 +135,7 @@ def test_real_run_executes_exactly_the_dry_run_commands(tmp_path):
                     'printf "\\n" >> "$GCLOUD_LOG"\n')
     fake.chmod(0o755)
     env = _env(tmp_path, GCLOUD_LOG=str(log), PATH=f"{bin_dir}:{os.environ['PATH']}")
-    cases = [("create.sh",), ("install.sh",), ("train.sh", "--config=configs/gpt2.py"),
+    cases = [("create.sh",), ("install.sh",), ("train.sh", "--config=configs/gpt2_124m.py"),
              ("checkpoints.sh", "push", "runs/a"), ("delete.sh", "--yes")]
     expected = []
     for script, *args in cases:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch train.py on every host of the TPU VM at once (one JAX process per host).
 #
-# Usage: tpu_scripts/train.sh [--dry-run] [--background] --config=configs/X.py [--workdir=gs://...] [flags]
+# Usage: tpu_scripts/train.sh [--dry-run] [--background] --config=configs/<name>.py [--workdir=gs://...] [flags]
 #   Every argument except --dry-run and --background goes to train.py unchanged, e.g. --config.mesh.fsdp=4.
 #   Without --workdir, the run directory is $TPU_BUCKET/runs/$TPU_NAME. Pod slices (several hosts) need a
 #   gs:// workdir: all hosts write parts of the same checkpoint.
