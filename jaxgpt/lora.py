@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.io import atomic
+from jaxgpt.io import atomic, paths
 from jaxgpt.io.checkpoint import restore_pytree
 from jaxgpt.nn import weights
 from jaxgpt.quantize import QuantizedArray
@@ -500,7 +500,7 @@ def save_adapters(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, fo
     process (sharded adapters are gathered); process 0 writes."""
     from safetensors.numpy import save_file
 
-    path = Path(path).absolute()
+    path = paths.absolute(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pick a new path or pass force=True to replace it")
     adapters = host_arrays(adapters)
@@ -624,7 +624,7 @@ def save_peft(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, base_m
     names) writes peft's module names on a transformers Llama (q_proj, ..., down_proj) instead."""
     from safetensors.numpy import save_file
 
-    path = Path(path).absolute()
+    path = paths.absolute(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pick a new path or pass force=True to replace it")
     adapters = host_arrays(adapters)

@@ -50,12 +50,19 @@ def shard_run(tmp_path_factory):
     c.max_iters, c.eval_interval, c.ckpt_interval, c.eval_iters, c.warmup_iters, c.lr_decay_iters = 4, 2, 2, 1, 1, 4
     c.eval_hellaswag_every, c.hellaswag_path = 2, str(root / "hs.jsonl")
     c.profile_steps, c.sample_tokens = (3, 3), 5  # a step with no evaluation in it: a small trace
-    wd = root / "wd"
-    return c, wd, trainer.train(c, wd)
+    c.progress = True
+    wd, bars = root / "wd", []
+    make_bar = trainer.progress_bar
+    trainer.progress_bar = lambda *a: bars.append(make_bar(*a)) or bars[-1]  # keeps the run's bar to read
+    try:
+        summary = trainer.train(c, wd)
+    finally:
+        trainer.progress_bar = make_bar
+    return c, wd, summary, bars
 
 
 def test_first_loss_is_the_loaders_batch_on_the_initial_params(shard_run):
-    c, wd, summary = shard_run
+    c, wd, summary, _ = shard_run
     cfg, _, tok = Workdir(wd).load()
     assert tok["kind"] == "gpt2" and cfg.vocab_size == 50257 and summary["step"] == 4
     x, y = loader.ShardLoader(c.data.dir, "train", c.batch_size, cfg.block_size, c.seed).batch_at(0)
@@ -65,7 +72,7 @@ def test_first_loss_is_the_loaders_batch_on_the_initial_params(shard_run):
 
 
 def test_hellaswag_is_logged_beside_the_val_loss(shard_run):
-    c, wd, _ = shard_run
+    c, wd, _, _ = shard_run
     logged = {r["step"]: r for r in metrics.read_metrics(wd / "metrics.jsonl") if "hellaswag_acc" in r}
     assert sorted(logged) == [2, 4] and all(logged[s]["hellaswag_n"] == 3 for s in logged)
     cfg, params, _ = Workdir(wd).load(2)
@@ -76,7 +83,7 @@ def test_hellaswag_is_logged_beside_the_val_loss(shard_run):
 def test_tensorboard_events_and_the_profile_trace_are_written(shard_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, wd, _ = shard_run
+    _, wd, _, _ = shard_run
     ea = EventAccumulator(str(wd / "tensorboard"))
     ea.Reload()
     logged = [r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"]
@@ -86,3 +93,18 @@ def test_tensorboard_events_and_the_profile_trace_are_written(shard_run):
     assert "eval/val_loss" in ea.Tags()["scalars"]
     assert list((wd / "profile").rglob("*.xplane.pb")), "no profiler trace written"
     assert [r["step"] for r in metrics.read_metrics(wd / "metrics.jsonl") if r.get("event") == "profile"] == [4]
+
+
+def test_the_progress_bar_shows_the_last_logged_loss_and_tokens_per_second(shard_run):
+    _, wd, _, bars = shard_run
+    (bar,) = bars
+    last = [r for r in metrics.read_metrics(wd / "metrics.jsonl") if r["kind"] == "train"][-1]
+    assert bar.n == bar.total == 4 and last["step"] == 3  # the ETA is tqdm's own, from n, total and the rate
+    assert bar.postfix == ", ".join(f"{k}={v}" for k, v in trainer.bar_postfix(last).items()), bar.postfix
+    assert bar.postfix.startswith(f"loss={last['loss']:.4f}, tok/s=")
+
+
+@pytest.mark.parametrize("tps, shown", [(None, None), (950.4, "950"), (12_345.0, "12.3k"), (2.5e6, "2500.0k")])
+def test_bar_postfix_gives_the_loss_to_4_places_and_tokens_per_second(tps, shown):
+    got = trainer.bar_postfix({"loss": 2.718281, "tokens_per_s": tps, "mfu": None})
+    assert got == {"loss": "2.7183", **({"tok/s": shown} if shown else {})}

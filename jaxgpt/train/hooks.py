@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxgpt.io import checkpoint
+from jaxgpt.io import checkpoint, paths
 from jaxgpt.train.steps import TrainState
 
 
@@ -83,7 +83,7 @@ class Checkpointer:
                                      optimizer={"step": state.step, "opt_state": state.opt_state},
                                      meta={"step": step, **self.meta, **metrics}, val_loss=metrics.get("val_loss"))
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for one failed write
-            raise save_error(step, Path(self.mngr.directory), self.kept, e) from e
+            raise save_error(step, paths.as_path(self.mngr.directory), self.kept, e) from e
         self.last_saved = self.in_flight = step
 
     def wait(self) -> None:
@@ -91,7 +91,7 @@ class Checkpointer:
         try:
             self.mngr.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise save_error(self.in_flight, Path(self.mngr.directory), self.kept, e) from e
+            raise save_error(self.in_flight, paths.as_path(self.mngr.directory), self.kept, e) from e
         if self.in_flight is not None:
             self.kept, self.in_flight = self.in_flight, None
 
@@ -114,11 +114,16 @@ def save_error(step: int | None, ckpt_dir: Path, kept: int | None, e: BaseExcept
         cause = cause.__cause__ or cause.__context__
     full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in chain)
     what = "the disk is full" if full else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    kept_msg = f"step {kept} is kept and restorable" if kept is not None else "there is no earlier checkpoint"
+    if paths.is_url(ckpt_dir):  # a bucket has no disk to measure: name it and the error
+        return OSError(getattr(e, "errno", None) or errno.EIO,
+                       f"saving checkpoint step {step} to {ckpt_dir} failed ({what}; bucket "
+                       f"{paths.bucket_and_key(ckpt_dir)[0]}); training stopped. The last complete checkpoint: "
+                       f"{kept_msg}. Check the bucket's quota and permissions, then run the same command to resume")
     try:
         free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    kept_msg = f"step {kept} is kept and restorable" if kept is not None else "there is no earlier checkpoint"
     return OSError(errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO,
                    f"saving checkpoint step {step} to {ckpt_dir} failed ({what}; the disk mounted at "
                    f"{_mount_point(ckpt_dir)} has {free}); training stopped. The last complete checkpoint: "

@@ -20,7 +20,7 @@ import numpy as np
 from jaxgpt.data import memmap, preparation, streaming
 from jaxgpt.data.batches import TrainBatches, place_fn
 from jaxgpt.data.shard_loader import is_shard_dir
-from jaxgpt.io import checkpoint, hf
+from jaxgpt.io import checkpoint, hf, paths
 from jaxgpt.io.workdir import Workdir
 from jaxgpt.nn import weights
 from jaxgpt.nn.config import GPTConfig
@@ -43,9 +43,13 @@ FINETUNE_OVERRIDES = ("dropout", "dtype", "param_dtype", "attention", "block_siz
 
 
 def ensure_data(data_cfg: DataConfig, wd: Workdir) -> Path:
-    """The prepared dataset directory (data.dir, or the workdir's data/ when it is empty), tokenizing
-    data.dataset into it when it is missing (a directory of llm.c shards is used as it is)."""
-    d = Path(data_cfg.dir) if data_cfg.dir else wd.data
+    """The prepared dataset directory (data.dir, or the workdir's data/ when it is empty: a local folder even for
+    a bucket workdir, `Workdir.data`), tokenizing data.dataset into it when it is missing (a directory of llm.c
+    shards is used as it is)."""
+    if paths.is_url(data_cfg.dir):
+        raise ValueError(f"config.data.dir={data_cfg.dir} is a bucket, but the dataset is read from a local disk "
+                         "(memory-mapped): copy it to a local folder and pass that, or leave config.data.dir empty")
+    d = Path(data_cfg.dir) if data_cfg.dir else Path(wd.data)
     streaming.check_finished(d)  # an interrupted `python -m jaxgpt.data` leaves an incomplete manifest
     if not (d / "meta.json").is_file() and not is_shard_dir(d):
         preparation.prepare(d, dataset=data_cfg.dataset, tokenizer=data_cfg.tokenizer,

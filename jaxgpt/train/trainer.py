@@ -49,7 +49,7 @@ def train(train_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     main = jax.process_index() == 0  # only process 0 writes metrics, JSON, the plot, the sample and exports
     lock = WorkdirLock(wd.root) if main else None
     with lock or contextlib.nullcontext():
-        wd.root.mkdir(parents=True, exist_ok=True)
+        wd.create()
         if train_cfg.retain_host_memory:
             host_memory.retain_freed_memory()
         run = open_run(train_cfg, wd, main=main, tx=tx, split=split, combine=combine, shardings_fn=shardings_fn)
@@ -58,12 +58,10 @@ def train(train_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
 def _loop(run: Run, train_cfg: ml_collections.ConfigDict, main: bool, check_lock: Callable[[], None]) -> dict:
     """The steps from run.start to max_iters, with the hooks; then `_finish` (unless a signal stopped it)."""
-    from tqdm.auto import tqdm
-
     loop, wd, program = run.parts.loop, run.workdir, run.program
     state, frozen, start, max_iters = run.state, run.frozen, run.start, loop.max_iters
     meter = metrics.Throughput(run.tokens_per_step, run.flops_per_token, metrics.device_peak_flops())
-    bar = tqdm(total=max_iters, initial=start, disable=not (loop.progress and main), dynamic_ncols=True, desc="train")
+    bar = progress_bar(max_iters, start, loop.progress and main)
     log = writers.Writers([metrics.MetricsLog(wd.metrics), *writers.from_config(train_cfg, wd.root).writers]
                           if main else [metrics.NoLog()])
     step_metrics = metrics.StepMetrics(log, meter, loop.log_interval, program.lr_fn, lambda *a: metrics.non_finite_error(
@@ -73,6 +71,8 @@ def _loop(run: Run, train_cfg: ml_collections.ConfigDict, main: bool, check_lock
     def flush(keep: int = 0) -> None:  # every write of the loop goes through here: stop first if the lock is lost
         check_lock()
         step_metrics.flush(keep=keep)
+        if step_metrics.latest:
+            bar.set_postfix(bar_postfix(step_metrics.latest), refresh=False)
 
     checkpointer = Checkpointer(run.mngr, run.meta, evaluator, flush, start if run.resumed else None, run.unrolled)
     profiler = Profiler(loop.profile_steps, wd.profile, log) if loop.profile_steps else None
@@ -85,7 +85,7 @@ def _loop(run: Run, train_cfg: ml_collections.ConfigDict, main: bool, check_lock
         log.write({"kind": "event", "event": "resume", "step": start, "time": time.time()})
     t_start, step = time.perf_counter(), start
     try:
-        with SignalStop() as stop, run.data.prefetch(start) as feed, sh.activation_mesh(program.mesh):
+        with SignalStop(bar.write) as stop, run.data.prefetch(start) as feed, sh.activation_mesh(program.mesh):
             if start == 0 and loop.eval_at_start and max_iters > 0:
                 _evaluate_while_compiling(run, evaluator)
             while step < max_iters and not stop.signal:
@@ -106,12 +106,10 @@ def _loop(run: Run, train_cfg: ml_collections.ConfigDict, main: bool, check_lock
                     h.fn(step, state)
                 if any(h.pauses_training for h in due):
                     meter.restart()
+                stop.agreed()  # every process after the same step: a signal to any one stops them all
             flush()
             if stop.signal:
-                checkpointer(step, state)
-                log.write({"kind": "event", "event": f"stopped by {stop.signal}", "step": step, "time": time.time()})
-                bar.write(f"{stop.signal}: saved a checkpoint at step {step} in {wd.checkpoints}; run the same "
-                          "command again to resume")
+                _save_on_stop(stop, checkpointer, step, state, log, bar.write, wd)
     finally:
         bar.close()
         if profiler:
@@ -127,8 +125,37 @@ def _loop(run: Run, train_cfg: ml_collections.ConfigDict, main: bool, check_lock
     return {**summary, **_finish(run, state, step, main)}
 
 
+def progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    """The run's tqdm bar: steps done, their rate and tqdm's ETA; `bar_postfix` adds loss and tokens/s."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
+
+
+def bar_postfix(latest: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix from the newest train record: loss and tokens/s (tqdm adds the ETA)."""
+    out = {"loss": f"{latest['loss']:.4f}"}
+    tps = latest.get("tokens_per_s")
+    if tps:
+        out["tok/s"] = f"{tps / 1e3:.1f}k" if tps >= 1e4 else f"{tps:.0f}"
+    return out
+
+
+def _save_on_stop(stop: SignalStop, checkpointer: Checkpointer, step: int, state: steps.TrainState, log: Any,
+                  print_fn: Callable[[str], None], wd: Workdir) -> None:
+    """The checkpoint of a stopped run, written to the end (a second signal meanwhile does not cut it short)."""
+    with stop.saving():
+        checkpointer(step, state)
+        checkpointer.wait()
+    log.write({"kind": "event", "event": f"stopped by {stop.signal.split()[0]}", "by": stop.signal, "step": step,
+               "time": time.time()})
+    print_fn(f"{stop.signal}: saved a checkpoint at step {step} in {wd.checkpoints}; run the same command again "
+             "to resume")
+
+
 def _extra_hooks(run: Run, log: Any) -> list[Hook]:
-    """Optional periodic work: HellaSwag accuracy beside the validation loss (config.eval_hellaswag_every)."""
+    """Optional periodic work: HellaSwag accuracy beside the validation loss (config.eval_hellaswag_every), and
+    `hellaswag_loss`, the mean loss per token of the correct endings (a smooth signal where accuracy is noisy)."""
     loop = run.parts.loop
     if not loop.eval_hellaswag_every:
         return []
@@ -140,9 +167,9 @@ def _extra_hooks(run: Run, log: Any) -> list[Hook]:
 
     def evaluate(step: int, state: steps.TrainState) -> None:
         params = run.trainable.combine(state.params, run.frozen)  # stacked params too: the model scans them
-        r = hellaswag.evaluate(params, run.model_cfg, examples, tokenizer, batch_size=loop.batch_size)
+        r = hellaswag.evaluate(params, run.model_cfg, examples, tokenizer, batch_size=loop.batch_size, details=True)
         log.write({"kind": "eval", "step": step, "hellaswag_acc": r["acc"], "hellaswag_acc_norm": r["acc_norm"],
-                   "hellaswag_n": r["n"], "time": time.time()})
+                   "hellaswag_loss": hellaswag.label_loss(r, examples), "hellaswag_n": r["n"], "time": time.time()})
 
     return [Hook(evaluate, loop.eval_hellaswag_every, pauses_training=True)]
 
