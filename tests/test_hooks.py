@@ -236,6 +236,35 @@ def test_signal_stop_records_the_first_signal_and_leaves_on_the_second():
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are restored
 
 
+def test_a_second_signal_while_the_stop_is_saved_is_reported_and_the_save_goes_on():
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
+    printed = []
+    with hooks.SignalStop(printed.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.agreed() == "SIGINT"  # one process: no vote, the signal itself
+        with stop.saving():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # no KeyboardInterrupt here
+            saved = True
+        assert saved and stop.signal == "SIGINT"
+        assert printed == ["SIGTERM again: the checkpoint is being written; the run exits as soon as it is complete"]
+        with pytest.raises(KeyboardInterrupt):  # after the save, a further signal leaves at once again
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+
+
+def test_the_stop_vote_names_the_first_process_that_got_a_signal():
+    vote = hooks.StopVote.__new__(hooks.StopVote)  # its reading alone: the all-gather needs several processes
+    vote.owner, vote.n_processes = [0, 0, 1, 1, 2, 2], 3  # [D] the process of each device: 3 processes of 2
+    assert vote.read(np.zeros(6, np.int32)) is None
+    term, intr = int(signal.SIGTERM), int(signal.SIGINT)
+    assert vote.read(np.array([0, 0, term, term, 0, 0], np.int32)) == "SIGTERM (process 1 of 3)"
+    assert vote.read(np.array([0, 0, 0, 0, intr, intr], np.int32)) == "SIGINT (process 2 of 3)"
+    assert vote.read(np.array([term, term, 0, 0, intr, intr], np.int32)) == "SIGTERM (process 0 of 3)"
+
+
 def test_signal_stop_outside_the_main_thread_installs_nothing():
     before = signal.getsignal(signal.SIGTERM)
     seen = []

@@ -114,3 +114,9 @@ def evaluate(params: Any, model_cfg: GPTConfig, examples: Sequence[dict[str, Any
     if details:
         out.update(sum_loss=sum_loss, avg_loss=avg_loss, pred=pred, pred_norm=pred_norm)
     return out
+
+
+def label_loss(result: dict[str, Any], examples: Sequence[dict[str, Any]]) -> float:
+    """The mean over examples of the correct ending's mean loss per token (`evaluate(..., details=True)`)."""
+    labels = np.array([ex["label"] for ex in examples])  # [n]
+    return float(np.mean(result["avg_loss"][np.arange(len(labels)), labels]))

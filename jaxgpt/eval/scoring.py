@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from jaxgpt.decode.kv_cache import init_cache
 from jaxgpt.nn.config import GPTConfig
 from jaxgpt.nn.model import GPT
+from jaxgpt.sharding import gather_to_host
 
 
 class Scores(NamedTuple):
@@ -162,8 +163,8 @@ def score(params: Any, model_cfg: GPTConfig, requests: Sequence[tuple[Sequence[i
     with tqdm(total=N, desc=desc, disable=not progress, unit="req") as bar:
         for batch in _batches(groups, batch_size):
             ids, a = _arrays(model_cfg, batch, requests, batch_size)
-            lp, gr = _score_batch(params, **a, model_cfg=model_cfg)
-            logprob[ids], greedy[ids] = np.asarray(lp)[:len(ids)], np.asarray(gr)[:len(ids)]
+            lp, gr = gather_to_host(_score_batch(params, **a, model_cfg=model_cfg))  # [B] each, on every process
+            logprob[ids], greedy[ids] = lp[:len(ids)], gr[:len(ids)]
             bar.update(len(ids))
     n_tokens = np.array([len(c) for _, c in requests], np.int64)
     return Scores(logprob, greedy, n_tokens, truncated)

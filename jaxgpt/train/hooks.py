@@ -8,6 +8,7 @@ A hook is `Hook(fn, every)`: the loop calls `fn(step, state)` after every step w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -16,12 +17,13 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 
 from jaxgpt.io import checkpoint, paths
+from jaxgpt.sharding import gather_to_host
 from jaxgpt.train.steps import TrainState
 
 
@@ -37,7 +39,8 @@ class Hook:
 
 
 class Evaluator:
-    """Mean loss over the fixed evaluation batches of each split; `last` holds the newest result."""
+    """Mean loss over the fixed evaluation batches of each split; `last` holds the newest result. With several
+    processes every one calls it together (a loss split over hosts is all-gathered) and every one gets it."""
 
     def __init__(self, eval_step: Callable, eval_sets: dict[str, list], frozen: Any, log: Any,
                  print_fn: Callable[[str], None] = print) -> None:
@@ -48,7 +51,7 @@ class Evaluator:
     def __call__(self, step: int, state: TrainState) -> dict[str, float]:
         out = {}
         for name, batches in self.eval_sets.items():
-            losses = jax.device_get([self.eval_step(state.params, x, y, self.frozen) for x, y in batches])
+            losses = gather_to_host([self.eval_step(state.params, x, y, self.frozen) for x, y in batches])  # [n]
             out[f"{name}_loss"] = float(np.mean(np.asarray(losses, np.float64)))
         self.log.write({"kind": "eval", "step": step, **out, "time": time.time()})
         self.print(f"step {step}: train loss {out['train_loss']:.4f}, val loss {out['val_loss']:.4f}")
@@ -158,17 +161,53 @@ class Profiler:
 
 
 class SignalStop:
-    """SIGTERM / SIGINT set `signal`; the loop checks it between steps and saves before leaving. A second
-    signal leaves at once. Installed only in the main thread; handlers are restored on exit."""
+    """SIGTERM / SIGINT set `signal`; the loop asks `agreed()` after every step and saves before leaving.
 
-    def __init__(self) -> None:
-        self.signal: str | None = None
+    With several processes a signal reaches one host (a preempted VM) while the others step on: `agreed()` is a
+    vote every process casts after the same step (an all-gather of each one's signal, one int per device), so all
+    of them leave after the same step and write one checkpoint together. The vote of step n is read after step
+    n + 1 is dispatched (the host never waits on the device for it), so a run stops at most one step after the
+    signal. With one process there is no vote: the run stops after the step the signal arrived in.
+
+    A second signal while the stop's checkpoint is being written (`saving()`) is reported and the save finishes
+    first; anywhere else it leaves at once (KeyboardInterrupt). Installed only in the main thread; handlers are
+    restored on exit.
+    """
+
+    def __init__(self, print_fn: Callable[[str], None] = print) -> None:
+        self.signal: str | None = None  # the stop every process agreed on (with one process: this one's signal)
+        self.local: str | None = None  # the signal this process received
+        self.print = print_fn
         self.old: dict[int, Any] = {}
+        self.in_save = False
+        self.vote = StopVote() if jax.process_count() > 1 else None
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.local is None:
+            self.local = name
+            if self.vote is None:
+                self.signal = name
+            return
+        if self.in_save:
+            self.print(f"{name} again: the checkpoint is being written; the run exits as soon as it is complete")
+            return
+        raise KeyboardInterrupt
+
+    def agreed(self) -> str | None:
+        """Called by every process after each step: the stop they all agree on, or None to go on."""
+        if self.vote is not None and self.signal is None:
+            self.signal = self.vote.cast(self.local)
+        return self.signal
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """While the stop's checkpoint is written a second signal does not interrupt it."""
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
 
     def __enter__(self) -> "SignalStop":
         if threading.current_thread() is threading.main_thread():
@@ -179,3 +218,39 @@ class SignalStop:
     def __exit__(self, *exc: Any) -> None:
         for s, h in self.old.items():
             signal.signal(s, h)
+
+
+class StopVote:
+    """Every process's stop signal, all-gathered after each step (several processes only).
+
+    `cast(local)` sends this process's signal (None: go on) and returns the result of the previous cast: None,
+    or "SIGTERM (process 1 of 2)" naming the first process that got one. Every process casts at the same steps,
+    so every process reads the same answer at the same step. Each cast is one tiny jitted all-gather (an int32
+    per device) dispatched without waiting; reading the previous one waits only for the step before the last.
+    """
+
+    def __init__(self) -> None:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = np.asarray(jax.devices(), dtype=object)
+        mesh = Mesh(devices, ("p",))
+        self.owner = [d.process_index for d in devices]  # [D] the process of each device's entry
+        self.n_processes = jax.process_count()
+        self.sharding = NamedSharding(mesh, PartitionSpec("p"))
+        self.gather = jax.jit(lambda codes: codes, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self.n_local = len(jax.local_devices())
+        self.pending: jax.Array | None = None
+
+    def cast(self, local: str | None) -> str | None:
+        code = int(signal.Signals[local]) if local else 0
+        codes = jax.make_array_from_process_local_data(self.sharding, np.full(self.n_local, code, np.int32))
+        previous, self.pending = self.pending, self.gather(codes)  # [D] replicated on every device
+        return None if previous is None else self.read(np.asarray(previous))
+
+    def read(self, codes: np.ndarray) -> str | None:
+        """codes [D]: the signal number each device's process sent (0: none) -> the agreed stop, or None."""
+        hit = np.flatnonzero(codes)
+        if not hit.size:
+            return None
+        process = self.owner[int(hit[0])]
+        return f"{signal.Signals(int(codes[hit[0]])).name} (process {process} of {self.n_processes})"
