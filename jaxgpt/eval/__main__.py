@@ -1,4 +1,5 @@
-"""`python -m jaxgpt.eval {hellaswag,lm-eval,perplexity} --init-from RUN_DIR|HF_NAME|HF_DIR [options]`.
+"""`python -m jaxgpt.eval {hellaswag,lm-eval,perplexity} --init-from RUN_DIR|HF_NAME|HF_DIR [options]`
+(RUN_DIR and HF_DIR may be gs:// URLs).
 
 Every command loads the model like `jaxgpt.sample` (a training workdir, a Hugging Face GPT-2 directory or
 name, plus optional --adapters and --quantize), prints its result as one JSON object on stdout and, with
@@ -15,6 +16,7 @@ from typing import Any, Sequence
 
 from jaxgpt.data.tokenizer import BPE_ENV
 from jaxgpt.io import atomic
+from jaxgpt.io.paths import MissingBackend
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} is not valid; use a positive integer")
         result = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, MissingBackend) as e:
         print(f"jaxgpt.eval {args.command}: error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2, default=str)

@@ -110,7 +110,7 @@ def _local_directory(dest: Any, force: bool) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="jaxgpt-upload-") as d:
         tmp = Path(d)
         yield tmp
-        old = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()} if dest.exists() else set()
+        old = {str(p.relative_to(dest)) for p in paths.files_under(dest)}
         new = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         for name in new:
             (dest / name).write_bytes((tmp / name).read_bytes())

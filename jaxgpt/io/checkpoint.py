@@ -16,17 +16,11 @@ from jaxgpt.io import paths
 # Plain orbax save / restore of a pytree (params, adapters, quantized params)
 
 
-def _absolute(path: str | os.PathLike) -> Any:
-    """An epath path orbax accepts: a local path made absolute, a bucket URL as it is."""
-    p = paths.as_path(path)
-    return p if paths.is_url(p) else p.absolute()
-
-
 def save_pytree(path: str | os.PathLike, tree: Any, *, force: bool = False) -> Any:
     """Save a pytree with orbax (atomic: written to a temporary folder, then renamed)."""
     import orbax.checkpoint as ocp
 
-    path = _absolute(path)
+    path = paths.absolute(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pick a new path or pass force=True to replace it")
     with ocp.StandardCheckpointer() as ckptr:
@@ -39,7 +33,7 @@ def restore_pytree(path: str | os.PathLike, target: Any | None = None) -> Any:
     """Restore a pytree saved by `save_pytree`; `target` (arrays or ShapeDtypeStructs) fixes structure and dtypes."""
     import orbax.checkpoint as ocp
 
-    path = _absolute(path)
+    path = paths.absolute(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path")
     try:
@@ -54,7 +48,7 @@ def restore_pytree(path: str | os.PathLike, target: Any | None = None) -> Any:
 
 def pytree_bytes_on_disk(path: str | os.PathLike) -> int:
     """Total size in bytes of the files under a checkpoint folder."""
-    return sum(f.stat().length for f in paths.as_path(path).rglob("*") if f.is_file())
+    return sum(f.stat().length for f in paths.files_under(paths.as_path(path)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,7 +80,7 @@ def run_checkpoint_manager(directory: str | os.PathLike, keep: int = 3, keep_bes
         best_fn=lambda m: m["val_loss"], best_mode="min",
         create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)  # leftovers of a killed save are incomplete by definition
-    return ocp.CheckpointManager(_absolute(directory), item_names=RUN_ITEMS, options=options)
+    return ocp.CheckpointManager(paths.absolute(directory), item_names=RUN_ITEMS, options=options)
 
 
 def run_best_step(mngr) -> int | None:

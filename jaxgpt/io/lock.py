@@ -17,6 +17,16 @@ A run that stalls past that (a frozen VM) and wakes to find its lock taken over 
 Checking and replacing the lock happens under an exclusive `flock` of `<workdir>/.lock.guard`, so two runs
 starting together cannot both take it; the lock file itself is written to a temporary name and renamed, so
 a reader never sees half of it. This module imports no JAX.
+
+A workdir in a bucket (gs://...) gets `BucketLock` (`WorkdirLock(url)` returns one), with the same
+guarantees and messages and no flock: the .lock object is created only if absent (a generation
+precondition, `if_generation_match=0`), so of two runs creating it one gets "412 Precondition Failed". The
+holder rewrites it every `HEARTBEAT_S` on the precondition that it is still the generation it wrote last; a
+lock whose object is older than `STALE_AFTER_S` (by the bucket's clock against this host's: keep them in sync
+with NTP) and whose holder is not a live process of this host is taken over by replacing that generation, so
+two takers cannot both win. A heartbeat that finds another generation marks the lock lost, and `check`
+raises WorkdirLost; `check` reads the object itself only once the last heartbeat is older than half of
+`stale_after_s` (before that no other run may take it over), so a healthy run pays no request per check.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from jaxgpt.io import paths
 from jaxgpt.io.workdir import Workdir
 
 HEARTBEAT_S = 30.0  # the holder touches the lock file this often
@@ -103,8 +114,13 @@ class WorkdirLock:
     """`with WorkdirLock(workdir):` hold the workdir for one run (see the module docstring).
 
     Raises WorkdirLocked when a live run holds it. `taken_over` tells why a stale lock was replaced (None when
-    there was none).
+    there was none). A bucket URL gets a `BucketLock`.
     """
+
+    def __new__(cls, workdir: str | os.PathLike, *args: Any, **kwargs: Any) -> "WorkdirLock":
+        if cls is WorkdirLock and paths.is_url(workdir):
+            cls = BucketLock
+        return super().__new__(cls)
 
     def __init__(self, workdir: str | os.PathLike, heartbeat_s: float = HEARTBEAT_S,
                  stale_after_s: float = STALE_AFTER_S) -> None:
@@ -137,8 +153,7 @@ class WorkdirLock:
             if not isinstance(holder, dict) or "pid" not in holder:
                 raise ValueError("no holder")
         except ValueError:
-            raise WorkdirLocked(f"{self.path} is not a jaxgpt lock file; if no run uses {self.workdir}, delete it "
-                                "and run again") from None
+            raise _foreign(self.workdir, self.path) from None
         return holder, time.time() - st.st_mtime
 
     def acquire(self) -> "WorkdirLock":
@@ -148,9 +163,7 @@ class WorkdirLock:
             if found is not None:
                 reason = stale_reason(*found, stale_after_s=self.stale_after_s)
                 if reason is None:
-                    raise WorkdirLocked(
-                        f"{self.workdir} is in use by another training run ({describe(found[0])}); wait for it to "
-                        f"end or stop it, or use another --workdir (if that run is gone, delete {self.path})")
+                    raise _refused(self.workdir, found[0], self.path)
                 self.taken_over = f"took over the lock of {describe(found[0])}: {reason}"
             holder = me()
             tmp = self.path.with_name(f"{self.path.name}.{holder['token']}")
@@ -188,11 +201,7 @@ class WorkdirLock:
             return
         if isinstance(now, dict) and now.get("token") == self.holder["token"]:
             return
-        by = (f"by {describe(now)}" if isinstance(now, dict) else
-              "(the lock file is gone)" if now is None else "(the lock file was replaced)")
-        raise WorkdirLost(f"{self.workdir}: this run lost its lock {by} while it was stalled past "
-                          f"{self.stale_after_s:.0f} s; it stops without writing, and the other run keeps the "
-                          "workdir")
+        raise _lost(self.workdir, now, self.stale_after_s)
 
     def release(self) -> None:
         """Remove the lock if this process still holds it (never a lock another run has taken over since)."""
@@ -211,6 +220,165 @@ class WorkdirLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _refused(workdir: Any, holder: dict[str, Any], path: Any) -> WorkdirLocked:
+    return WorkdirLocked(f"{workdir} is in use by another training run ({describe(holder)}); wait for it to end or "
+                         f"stop it, or use another --workdir (if that run is gone, delete {path})")
+
+
+def _foreign(workdir: Any, path: Any) -> WorkdirLocked:
+    return WorkdirLocked(f"{path} is not a jaxgpt lock file; if no run uses {workdir}, delete it and run again")
+
+
+def _lost(workdir: Any, now: Any, stale_after_s: float) -> WorkdirLost:
+    by = (f"by {describe(now)}" if isinstance(now, dict) else
+          "(the lock file is gone)" if now is None else "(the lock file was replaced)")
+    return WorkdirLost(f"{workdir}: this run lost its lock {by} while it was stalled past {stale_after_s:.0f} s; "
+                       "it stops without writing, and the other run keeps the workdir")
+
+
+class BucketLock(WorkdirLock):
+    """The workdir lock in a bucket (gs://): one object, guarded by generation preconditions instead of flock
+    (see the module docstring). Same interface, guarantees and messages as the local lock."""
+
+    ATTEMPTS = 8  # create / take over rounds before giving up (each lost race re-reads the holder)
+
+    def __init__(self, workdir: str | os.PathLike, heartbeat_s: float = HEARTBEAT_S,
+                 stale_after_s: float = STALE_AFTER_S) -> None:
+        self.workdir = paths.as_path(workdir)
+        self.path = Workdir(self.workdir).lock
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self.holder: dict[str, Any] | None = None
+        self.taken_over: str | None = None
+        self.generation: int | None = None  # of the object this run wrote last
+        self.beat_at = 0.0  # time.time() of that write
+        self.lost = False  # a heartbeat found another generation
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._mutex = threading.Lock()  # the heartbeat thread and check/release share generation
+        self._blob_ref = _gcs_blob(self.path)
+
+    def _read(self) -> tuple[dict[str, Any], float, int] | None:
+        """(holder, seconds since its last write, generation), or None when there is no lock object."""
+        from google.api_core import exceptions as gexc
+
+        for _ in range(self.ATTEMPTS):
+            blob = self._blob_ref.bucket.get_blob(self._blob_ref.name)
+            if blob is None:
+                return None
+            try:  # exactly the generation whose time was read
+                text = blob.download_as_bytes(if_generation_match=blob.generation)
+            except (gexc.PreconditionFailed, gexc.NotFound):
+                continue  # rewritten or removed meanwhile: read again
+            try:
+                holder = json.loads(text)
+                if not isinstance(holder, dict) or "pid" not in holder:
+                    raise ValueError("no holder")
+            except ValueError:
+                raise _foreign(self.workdir, self.path) from None
+            return holder, time.time() - blob.updated.timestamp(), int(blob.generation)
+        raise WorkdirLocked(f"{self.path} changes too fast to read; another run is starting there: wait for it or use "
+                            "another --workdir")
+
+    def _write(self, holder: dict[str, Any], generation: int) -> int:
+        """Write the lock object on the precondition that its generation is `generation` (0: absent); its new
+        generation. Raises google.api_core.exceptions.PreconditionFailed when another write came first."""
+        blob = self._blob_ref.bucket.blob(self._blob_ref.name)
+        blob.upload_from_string(json.dumps(holder), content_type="application/json", if_generation_match=generation)
+        return int(blob.generation)
+
+    def acquire(self) -> "BucketLock":
+        from google.api_core import exceptions as gexc
+
+        holder = me()
+        for _ in range(self.ATTEMPTS):
+            found = self._read()
+            if found is not None:
+                reason = stale_reason(found[0], found[1], stale_after_s=self.stale_after_s)
+                if reason is None:
+                    raise _refused(self.workdir, found[0], self.path)
+            try:
+                self.generation = self._write(holder, 0 if found is None else found[2])
+            except gexc.PreconditionFailed:
+                continue  # another run created or took it over first: look at the new holder
+            except gexc.NotFound as e:
+                bucket = paths.bucket_and_key(self.workdir)[0]
+                raise FileNotFoundError(f"{self.workdir}: the bucket {bucket} does not exist or cannot be seen with "
+                                        f"these credentials ({e.code}); create it (gcloud storage buckets create "
+                                        f"gs://{bucket}) or fix --workdir") from None
+            if found is not None:
+                self.taken_over = f"took over the lock of {describe(found[0])}: {reason}"
+            self.holder, self.beat_at, self.lost = holder, time.time(), False
+            break
+        else:
+            raise WorkdirLocked(f"{self.path} changes too fast to take; another run is starting there: wait for it or "
+                                "use another --workdir")
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock-heartbeat")
+        self._beat.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        from google.api_core import exceptions as gexc
+
+        while not self._stop.wait(self.heartbeat_s):
+            with self._mutex:
+                if self.lost or self.holder is None:
+                    return
+                try:
+                    self.generation, self.beat_at = self._write(self.holder, self.generation), time.time()
+                except (gexc.PreconditionFailed, gexc.NotFound):
+                    self.lost = True  # taken over or removed: `check` says by whom
+                    return
+                except Exception:  # noqa: BLE001 - the network for a moment: the next beat tries again
+                    pass
+
+    def check(self) -> None:
+        """Raise WorkdirLost when the lock is no longer this run's (see `WorkdirLock.check`)."""
+        if self.holder is None:
+            return
+        with self._mutex:
+            if not self.lost and time.time() - self.beat_at < self.stale_after_s / 2:
+                return  # no run may take over a lock written this recently
+            try:
+                found = self._read()
+            except WorkdirLocked:  # a foreign object in its place
+                raise _lost(self.workdir, "replaced", self.stale_after_s) from None
+            except Exception:  # noqa: BLE001 - unreadable for a moment: the next write looks again
+                return
+            if found is not None and found[0].get("token") == self.holder["token"]:
+                self.generation, self.lost = found[2], False
+                return
+            self.lost = True
+        raise _lost(self.workdir, None if found is None else found[0], self.stale_after_s)
+
+    def release(self) -> None:
+        """Remove the lock object if it is still the one this run wrote (never one taken over since)."""
+        from google.api_core import exceptions as gexc
+
+        if self.holder is None:
+            return
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        with self._mutex:
+            if not self.lost:
+                with contextlib.suppress(gexc.PreconditionFailed, gexc.NotFound):
+                    self._blob_ref.bucket.blob(self._blob_ref.name).delete(if_generation_match=self.generation)
+            self.holder = None
+
+
+def _gcs_blob(path: Any) -> Any:
+    """The google-cloud-storage Blob of a gs:// path (credentials from the environment, as gcsfs finds them;
+    STORAGE_EMULATOR_HOST points it at an emulator)."""
+    if paths.scheme(path) != "gs":
+        raise ValueError(f"{path}: a workdir lock in a bucket needs gs://; use a local workdir or a gs:// one")
+    paths.require_backend(str(path))
+    from google.cloud import storage
+
+    bucket, key = paths.bucket_and_key(path)
+    return storage.Client(project=None).bucket(bucket).blob(key)
 
 
 def holder_of(workdir: str | os.PathLike) -> dict[str, Any] | None:

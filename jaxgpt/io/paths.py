@@ -47,6 +47,12 @@ def as_path(path: str | os.PathLike) -> Any:
     return epath.Path(s)
 
 
+def absolute(path: str | os.PathLike) -> Any:
+    """`as_path(path)`, made absolute when local (a bucket URL already is)."""
+    p = as_path(path)
+    return p if is_url(p) else p.absolute()
+
+
 def require_backend(url: str) -> None:
     """Raise MissingBackend (one line) unless the package that reads `url`'s scheme imports; for gs:// also turn
     gcsfs's listing cache off (see `_configure_gcs`)."""
@@ -86,6 +92,18 @@ def local_cache(url: str | os.PathLike) -> Path:
     base = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jaxgpt")
     bucket, key = bucket_and_key(url)
     return base / "buckets" / str(scheme(url)) / bucket / key.strip("/")
+
+
+def files_under(folder: Any) -> list[Any]:
+    """Every file below `folder` (an epath path), recursively; [] when it does not exist."""
+    if not folder.is_dir():
+        return []
+    base = os.fspath(folder).split("://", 1)[-1].rstrip("/")
+    out = []
+    for root, _, names in folder.walk():  # fsspec gives a bucket's roots without their scheme
+        rel = os.fspath(root).split("://", 1)[-1][len(base):].strip("/")
+        out += [(folder / rel / name) if rel else folder / name for name in names]
+    return out
 
 
 def parts_of(path: Any) -> Any:

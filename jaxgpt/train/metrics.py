@@ -1,7 +1,8 @@
 """Run metrics: the metrics.jsonl log, throughput and MFU, and the check that stops a run at a non-finite step.
 
 `MetricsLog` appends JSON objects, one per line and whole lines only (a killed run keeps every line it wrote);
-`read_metrics` reads it back (the plot, tests). `StepMetrics` holds the device metrics of dispatched steps
+in a bucket, which cannot append, it writes each batch of records as one new object instead (see `MetricsLog`);
+`read_metrics` reads both back (the plot, tests). `StepMetrics` holds the device metrics of dispatched steps
 until the host fetches them, so the host never blocks on the step it has just queued. The loop writes through
 `jaxgpt.train.writers.Writers`, which appends each record to metrics.jsonl at once and hands TensorBoard and
 W&B theirs in batches; `StepMetrics.flush()` (keep=0: before every evaluation and checkpoint, and at the end)
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from jaxgpt.io import paths
+
 # Peak dense bf16 FLOP/s by device kind (substring match), for the MFU estimate.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
@@ -31,10 +34,27 @@ class Writer(Protocol):
 
 
 class MetricsLog:
-    """Append-only JSON lines, written whole (a killed run keeps every line it wrote)."""
+    """Append-only JSON lines, written whole (a killed run keeps every line it wrote).
+
+    In a bucket (a gs:// path) an object cannot be appended to, and rewriting metrics.jsonl whole at each
+    flush would upload the whole log again every time (quadratic in the run's length). There the log is
+    `batched` (`writers.Writers` hands it records every 64 records, 5 s, before each evaluation and checkpoint
+    and at the end), and each batch becomes one new object `metrics.jsonl.parts/NNNNNNNN.jsonl`, numbered on
+    from the parts already there: each flush uploads only its own records, in one atomic object write. A run
+    killed between flushes loses the records since the last one (never those before a checkpoint). Reading
+    costs one listing and one request per part; `read_metrics` reads metrics.jsonl (a workdir copied into the
+    bucket) and then the parts, in order.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
+        if paths.is_url(path):
+            self.path = paths.as_path(path)
+            self.parts = paths.parts_of(self.path)
+            self.next_part = paths.next_part(self.parts)
+            self.batched = True
+            return
         self.path = Path(path)
+        self.parts = None
         # a writer killed mid-line leaves a partial last line: end it so that new records stay readable
         if self.path.is_file() and self.path.stat().st_size:
             with open(self.path, "rb+") as f:
@@ -52,6 +72,9 @@ class MetricsLog:
         lines that were complete before it, as `write` does."""
         if not records:
             return
+        if self.parts is not None:
+            self._write_part("".join(json.dumps(r) + "\n" for r in records))
+            return
         data = memoryview("".join(json.dumps(r) + "\n" for r in records).encode())
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -68,6 +91,16 @@ class MetricsLog:
                               "kept. Free space on that disk, then run the same command to resume") from e
         finally:
             os.close(fd)
+
+    def _write_part(self, text: str) -> None:
+        """One object holding these lines (in a bucket), written whole or not at all."""
+        part = self.parts / paths.part_name(self.next_part, ".jsonl")
+        try:
+            part.write_text(text)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {part} ({type(e).__name__}: {e}); the records written before "
+                          "are kept. Check the bucket and its permissions, then run the same command to resume") from e
+        self.next_part += 1
 
     def close(self) -> None:
         pass
@@ -95,10 +128,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     last line (a killed writer) is skipped."""
     out: dict[tuple[str, int], dict[str, Any]] = {}
     events = []
-    p = Path(path)
-    if not p.is_file():
-        return []
-    for line in p.read_text().splitlines():
+    for line in _lines(path):
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
@@ -109,6 +139,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         else:
             events.append(r)
     return sorted(out.values(), key=lambda r: (r["step"], r["kind"])) + events
+
+
+def _lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a metrics.jsonl and then, in a bucket, of its parts in write order (`MetricsLog`)."""
+    p = paths.as_path(path)
+    texts = [p.read_text()] if p.is_file() else []
+    if paths.is_url(p):
+        texts += [part.read_text() for part in paths.sorted_parts(paths.parts_of(p))]
+    return [line for text in texts for line in text.splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------------

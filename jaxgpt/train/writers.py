@@ -11,7 +11,8 @@ protobuf: no TensorFlow or PyTorch); wandb is imported only when a project is se
 records wait in order in memory and go out together every `every` records, after `max_delay_s`, at `flush()`
 (the loop flushes before every evaluation and checkpoint, at its end, and before a non-finite step stops it) and
 at `close()`. The others (metrics.jsonl: one append, ~15 us) get each record at once, so a killed run keeps
-every record it logged.
+every record it logged. In a bucket, which cannot append, metrics.jsonl is batched too and the TensorBoard
+writer puts each batch in a new event file (see `TensorBoardWriter`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
+
+from jaxgpt.io import paths
+from jaxgpt.io.workdir import Workdir
 
 SCALAR_KINDS = ("train", "eval")
 SKIP_FIELDS = ("kind", "step", "time")
@@ -66,6 +70,11 @@ class TensorBoardWriter:
     file in the calling thread: `write_many` frames a batch of events (TFRecord: length, masked CRC-32C, data,
     masked CRC-32C) and writes it with one `write` and a flush to the OS, without tensorboardX's writer
     thread and its per-scalar inter-process queue. `close` fsyncs the file.
+
+    In a bucket (a gs:// logdir), where an object cannot be appended to, each batch becomes its own event file
+    `events.out.tfevents.<time>.<host>.NNNNNNNN` (numbered in write order, each an atomic object write holding
+    the version event and the batch's events): TensorBoard reads a folder's event files in name order, so they
+    read as one log, and each flush uploads only its own events.
     """
 
     batched = True  # `Writers` hands it records in batches
@@ -74,12 +83,23 @@ class TensorBoardWriter:
         tbx = _tensorboardx()
         self._Event, self._Summary = tbx.proto.event_pb2.Event, tbx.proto.summary_pb2.Summary
         self._crc = tbx.record_writer.masked_crc32c
-        Path(logdir).mkdir(parents=True, exist_ok=True)
         now = time.time()
-        self.path = Path(logdir) / f"events.out.tfevents.{str(now)[:10]}.{socket.gethostname()}"
+        name = f"events.out.tfevents.{str(now)[:10]}.{socket.gethostname()}"
+        self._version = self._frame(self._Event(wall_time=now, file_version="brain.Event:2"))
+        if paths.is_url(logdir):  # one object per batch, numbered
+            self.path, self._file, self._part = paths.as_path(logdir) / name, None, 0
+            self._put(b"")
+            return
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(logdir) / name
         self._file = open(self.path, "ab")  # noqa: SIM115 - held open until close()
-        self._file.write(self._frame(self._Event(wall_time=now, file_version="brain.Event:2")))
+        self._file.write(self._version)
         self._file.flush()
+
+    def _put(self, frames: bytes) -> None:
+        """The next event file of a bucket logdir: the version event, then `frames`."""
+        self.path.with_name(f"{self.path.name}.{self._part:08d}").write_bytes(self._version + frames)
+        self._part += 1
 
     def _frame(self, event: Any) -> bytes:
         data = event.SerializeToString()
@@ -100,12 +120,14 @@ class TensorBoardWriter:
 
     def write_many(self, records: Iterable[dict[str, Any]]) -> None:
         frames = [self._frame(e) for e in map(self._event, records) if e is not None]
-        if frames:
+        if frames and self._file is None:
+            self._put(b"".join(frames))
+        elif frames:
             self._file.write(b"".join(frames))
             self._file.flush()
 
     def close(self) -> None:
-        if self._file.closed:
+        if self._file is None or self._file.closed:
             return
         try:
             self._file.flush()
@@ -119,7 +141,8 @@ class WandbWriter:
 
     The run id is kept in `dir/wandb_run_id`, so a resumed training run continues the same W&B run. Each
     record is logged with its own `step` field as the x axis (not W&B's internal counter, which must only grow:
-    a resumed run logs the steps after its checkpoint again).
+    a resumed run logs the steps after its checkpoint again). W&B writes its own files on a local disk: for a
+    bucket `dir` (the workdir) they go to this machine's `paths.local_cache` of it; the run id stays in the bucket.
     """
 
     batched = True
@@ -131,11 +154,12 @@ class WandbWriter:
         except ImportError:
             raise ImportError("config.wandb.project is set but wandb is not installed; pip install wandb "
                               "or unset config.wandb.project") from None
-        dir = Path(dir)
-        dir.mkdir(parents=True, exist_ok=True)
+        dir = paths.as_path(dir)
+        local = paths.local_cache(dir) if paths.is_url(dir) else Path(dir)
+        local.mkdir(parents=True, exist_ok=True)
         id_file = dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        self.run = wandb.init(project=project, entity=entity, name=name, config=config, dir=str(dir), id=run_id,
+        self.run = wandb.init(project=project, entity=entity, name=name, config=config, dir=str(local), id=run_id,
                               resume="allow")
         id_file.write_text(run_id)
         self.run.define_metric("step")
@@ -216,14 +240,14 @@ def from_config(config: Any, workdir: str | os.PathLike) -> Writers:
     """The writers a training config asks for: TensorBoard unless `config.tensorboard` is False, W&B when
     `config.wandb.project` is set (also `wandb.entity`, `wandb.name`). Reads the fields defensively, so configs
     without them get TensorBoard only."""
-    workdir = Path(workdir)
+    wd = Workdir(workdir)
     out = []
     if getattr(config, "tensorboard", True):
-        out.append(TensorBoardWriter(workdir / "tensorboard"))
+        out.append(TensorBoardWriter(wd.tensorboard))
     wb = getattr(config, "wandb", None)
     project = getattr(wb, "project", None) if wb is not None else None
     if project:
         cfg = config.to_dict() if hasattr(config, "to_dict") else None
-        out.append(WandbWriter(project, workdir, name=getattr(wb, "name", None) or workdir.name, config=cfg,
+        out.append(WandbWriter(project, wd.root, name=getattr(wb, "name", None) or wd.root.name, config=cfg,
                                entity=getattr(wb, "entity", None) or None))
     return Writers(out)
