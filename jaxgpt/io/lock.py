@@ -125,7 +125,8 @@ class WorkdirLock:
     def __init__(self, workdir: str | os.PathLike, heartbeat_s: float = HEARTBEAT_S,
                  stale_after_s: float = STALE_AFTER_S) -> None:
         self.workdir = Path(workdir)
-        self.path, self.guard_path = Workdir(self.workdir).lock, Workdir(self.workdir).lock_guard
+        wd = Workdir(self.workdir)
+        self.path, self.guard_path = Path(wd.lock), Path(wd.lock_guard)  # a local disk: os calls on plain paths
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.holder: dict[str, Any] | None = None
         self.taken_over: str | None = None
