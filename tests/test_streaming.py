@@ -185,6 +185,9 @@ def test_bad_input_lines(tmp_path, sources, tok):
         corpus.prepare_shards(tmp_path / "v", lambda: iter([]), preparation.make_tokenizer("char", "ab"), source={})
     with pytest.raises(ValueError, match="pass a smaller --val-tokens"):
         corpus.prepare_shards(tmp_path / "v", lambda: iter([("tiny", True)]), tok, source={}, workers=0)
+    m = corpus.prepare_shards(tmp_path / "v", lambda: iter([("tiny", True)]), tok, source={}, workers=0,
+                              val_tokens=1)  # as the error says: nothing was written, so no --overwrite is needed
+    assert m["complete"] and [s["tokens"] for s in m["shards"]] == [1, 1]
 
 
 def test_hf_dataset_that_cannot_be_reached(monkeypatch):

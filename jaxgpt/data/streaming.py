@@ -339,6 +339,8 @@ def check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[
             raise FileExistsError(f"{out} already holds shards ({existing[0].name}, ...) without a {MANIFEST}; "
                                   "choose another --out or pass --overwrite")
         return None
+    if not old.get("shards") and not existing:  # stopped before its first shard: start afresh, any settings
+        return None
     was = old.get("settings", {})
     if was.get("tokenizer") != settings["tokenizer"]:
         raise FileExistsError(f"{out} holds shards of another tokenizer ({was.get('tokenizer')}, not "
