@@ -2,7 +2,12 @@
 
 Each switch is one of the choices that separate GPT-2 from later LLMs:
 positions (learned | sinusoidal | rope | none), norm (layernorm | rmsnorm), norm placement (pre | post),
-weight tying, biases, dropout and dtypes.
+weight tying, biases, dropout and dtypes; and the modern block: the MLP kind (gelu | swiglu | geglu | relu2)
+and width, grouped-query attention (n_kv_head), the head width (head_size), QK-norm, logit soft-capping,
+separate q/k/v projections (fused_qkv=False) and q/k/v biases (qkv_bias). Every one of them is off by default,
+so the defaults are GPT-2 exactly; 0 means "the default" for the integer and float switches, which keeps them
+JSON- and command-line-friendly (--config.model.n_kv_head=2). `GPTConfig.preset("gpt2", style="llama")`
+(or "qwen3") turns on a whole modern recipe at a GPT-2 shape.
 """
 
 from __future__ import annotations
@@ -16,6 +21,23 @@ NORM_POSITIONS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "manual")
 REMATS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+MLPS = ("gelu", "swiglu", "geglu", "relu2")
+GATED_MLPS = ("swiglu", "geglu")  # three matrices: c_gate, c_fc (up), c_proj (down)
+STYLES = ("gpt2", "llama", "qwen3")
+
+
+def llama_mlp_hidden(n_embd: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """Llama's gated-MLP width: int(2 * 4C / 3), times ffn_dim_multiplier, rounded up to a multiple of multiple_of
+    (it keeps a SwiGLU MLP's three matrices at about the parameters of GPT-2's two [C, 4C] ones)."""
+    hidden = int(2 * 4 * n_embd / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is <= limit (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +63,15 @@ class GPTConfig:
     # How the step runs, not what it computes (the numbers are the same; see jaxgpt/nn/model.py):
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable (jax.checkpoint policy)
     scan_layers: bool = False  # the blocks as one lax.scan over stacked params: compile once, not n_layer times
+    # The modern block (each off by default: GPT-2 exactly; see docs/design.md):
+    mlp: str = "gelu"  # gelu (GPT-2: tanh GELU, 2 matrices) | swiglu | geglu (gated, 3 matrices) | relu2 (ReLU^2)
+    mlp_hidden: int = 0  # MLP hidden width; 0 means 4 * n_embd (llama_mlp_hidden gives Llama's rounding)
+    n_kv_head: int = 0  # key/value heads (grouped-query attention; 1 is multi-query); 0 means n_head
+    head_size: int = 0  # per-head width; 0 means n_embd // n_head (q is [C, n_head * head_dim])
+    qk_norm: bool = False  # RMSNorm over head_dim on each head's q and k, before RoPE (Qwen3, modded-nanogpt)
+    logit_softcap: float = 0.0  # 0 means off; else logits = cap * tanh(logits / cap) (Gemma 2)
+    fused_qkv: bool = True  # one attn/c_attn Dense (GPT-2); False: attn/c_q, attn/c_k, attn/c_v
+    qkv_bias: bool = False  # biases on the q/k/v projections even when bias is False (Qwen2)
 
     def __post_init__(self) -> None:
         def choice(field: str, allowed: tuple[str, ...]) -> None:
@@ -48,13 +79,16 @@ class GPTConfig:
             if value not in allowed:
                 raise ValueError(f"GPTConfig.{field}={value!r} is not valid; use one of {', '.join(allowed)}")
 
-        def positive(field: str) -> None:
+        def positive(field: str, zero_ok: bool = False) -> None:
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{field}={value!r} is not valid; use a positive integer")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and not zero_ok):
+                fix = "a positive integer, or 0 for the default" if zero_ok else "a positive integer"
+                raise ValueError(f"GPTConfig.{field}={value!r} is not valid; use {fix}")
 
         for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             positive(f)
+        for f in ("mlp_hidden", "n_kv_head", "head_size"):
+            positive(f, zero_ok=True)
         choice("pos_embedding", POS_EMBEDDINGS)
         choice("norm", NORMS)
         choice("norm_position", NORM_POSITIONS)
@@ -62,13 +96,18 @@ class GPTConfig:
         choice("param_dtype", DTYPES)
         choice("attention", ATTENTION_IMPLS)
         choice("remat", REMATS)
-        if self.n_embd % self.n_head:
+        choice("mlp", MLPS)
+        if self.n_embd % self.n_head and not self.head_size:
             raise ValueError(
                 f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                "pick n_embd as a multiple of n_head"
+                "pick n_embd as a multiple of n_head, or set head_size"
             )
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}; use a "
+                             f"divisor of n_head (1 .. {self.n_head}), or 0 for n_head")
         if self.pos_embedding == "rope" and self.head_dim % 2:
-            raise ValueError(f"GPTConfig: rope needs an even head_dim, got n_embd/n_head={self.head_dim}")
+            raise ValueError(f"GPTConfig: rope needs an even head_dim, got head_dim={self.head_dim}; "
+                             "pick an even head_size (or n_embd / n_head)")
         if self.pos_embedding == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"GPTConfig: sinusoidal positions need an even n_embd, got {self.n_embd}")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -77,13 +116,32 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.layer_norm_eps={self.layer_norm_eps!r} is not valid; use a value > 0")
         if not float(self.rope_theta) > 0:
             raise ValueError(f"GPTConfig.rope_theta={self.rope_theta!r} is not valid; use a value > 0")
-        for f in ("bias", "tie_embeddings", "scan_layers"):
+        cap = self.logit_softcap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= cap < float("inf"):
+            raise ValueError(f"GPTConfig.logit_softcap={cap!r} is not valid; use a cap > 0 (e.g. 30.0), or 0 for off")
+        for f in ("bias", "tie_embeddings", "scan_layers", "qk_norm", "fused_qkv", "qkv_bias"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"GPTConfig.{f}={getattr(self, f)!r} is not valid; use True or False")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        """Per-head width D: head_size, or n_embd // n_head when it is 0."""
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads Hkv: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """MLP hidden width: mlp_hidden, or 4 * n_embd when it is 0."""
+        return self.mlp_hidden or 4 * self.n_embd
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP has a gate matrix (swiglu, geglu)."""
+        return self.mlp in GATED_MLPS
 
     @property
     def compute_dtype(self) -> Any:
@@ -112,11 +170,21 @@ class GPTConfig:
         return cls(**d)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
-        """A named shape ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "nano") plus overrides."""
+    def preset(cls, name: str, style: str = "gpt2", **overrides: Any) -> "GPTConfig":
+        """A named shape ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "nano") in a block style,
+        plus overrides.
+
+        style "gpt2" is GPT-2's block; "llama" (and "qwen3") keep the shape and switch the block to
+        `style_fields`: RoPE, RMSNorm, no biases, SwiGLU at Llama's width, n_head / 4 kv heads, an untied
+        head, separate q/k/v; "qwen3" adds QK-norm and rope_theta 1e6. The names "llama-style" and
+        "qwen3-style" are GPT-2 124M's shape in those styles.
+        """
+        if name in NAMED_STYLES:
+            name, style = NAMED_STYLES[name]
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+            raise ValueError(f"unknown preset {name!r}; use one of {', '.join([*PRESETS, *NAMED_STYLES])}")
+        shape = {**PRESETS[name], **overrides}
+        return cls(**{**shape, **style_fields(style, shape["n_embd"], shape["n_head"]), **overrides})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -129,6 +197,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16),
     "nano": dict(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=64),
 }
+NAMED_STYLES = {"llama-style": ("gpt2", "llama"), "qwen3-style": ("gpt2", "qwen3")}
+
+
+def style_fields(style: str, n_embd: int, n_head: int) -> dict[str, Any]:
+    """The GPTConfig fields of a block style at width n_embd with n_head heads (see GPTConfig.preset)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; use one of {', '.join(STYLES)}")
+    if style == "gpt2":
+        return {}
+    fields = {"pos_embedding": "rope", "norm": "rmsnorm", "bias": False, "tie_embeddings": False, "mlp": "swiglu",
+              "mlp_hidden": llama_mlp_hidden(n_embd, multiple_of=min(256, n_embd)),
+              "n_kv_head": largest_divisor_at_most(n_head, max(1, n_head // 4)), "fused_qkv": False}
+    if style == "qwen3":
+        fields.update(qk_norm=True, rope_theta=1e6)
+    return fields
 
 
 def param_count(model_cfg: GPTConfig) -> dict[str, int]:
@@ -139,6 +222,8 @@ def param_count(model_cfg: GPTConfig) -> dict[str, int]:
     """
     c, v = model_cfg.n_embd, model_cfg.vocab_size
     b = 1 if model_cfg.bias else 0
+    qkv_b = 1 if model_cfg.bias or model_cfg.qkv_bias else 0
+    q, kv, f = model_cfg.n_head * model_cfg.head_dim, model_cfg.kv_heads * model_cfg.head_dim, model_cfg.mlp_width
 
     def norm_params() -> int:
         if model_cfg.norm == "rmsnorm":
@@ -147,10 +232,11 @@ def param_count(model_cfg: GPTConfig) -> dict[str, int]:
 
     per_block = (
         2 * norm_params()
-        + (c * 3 * c + b * 3 * c)  # attn.c_attn
-        + (c * c + b * c)  # attn.c_proj
-        + (c * 4 * c + b * 4 * c)  # mlp.c_fc
-        + (4 * c * c + b * c)  # mlp.c_proj
+        + (c + qkv_b) * (q + 2 * kv)  # attn.c_attn, or attn.c_q, c_k, c_v
+        + (2 * model_cfg.head_dim if model_cfg.qk_norm else 0)  # attn.q_norm, attn.k_norm
+        + (q * c + b * c)  # attn.c_proj
+        + (c * f + b * f) * (2 if model_cfg.gated else 1)  # mlp.c_fc (and mlp.c_gate)
+        + (f * c + b * c)  # mlp.c_proj
     )
     counts = {
         "token_embedding": v * c,

@@ -2,7 +2,12 @@
 
 Parameter names follow GPT-2 (wte, wpe, h_0 ... h_{L-1} with ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, then ln_f, and lm_head only when untied), so Hugging Face checkpoints map one to one.
-Dense kernels are [in, out], exactly GPT-2's Conv1D layout.
+Dense kernels are [in, out], exactly GPT-2's Conv1D layout. The modern switches add short names for new
+roles: attn.c_q, attn.c_k, attn.c_v (fused_qkv=False), attn.q_norm, attn.k_norm (qk_norm: RMSNorm scales
+[head_dim]) and mlp.c_gate (a gated MLP, whose c_fc is the up projection and c_proj the down one).
+
+Shapes: B batch, T tokens, C n_embd, H query heads, Hkv key/value heads (n_kv_head; H = Hkv * G, query head h
+reads kv head h // G), D head_dim, F the MLP width, V vocab_size.
 
 The model knows nothing of LoRA or quantization: it multiplies weights through `jaxgpt.nn.weights` (`matmul`,
 `embed`, `attend`), which hands any non-array weight leaf to that leaf's own method.
@@ -116,18 +121,29 @@ ATTENTION_BLOCK = 128
 
 def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, row0: int, full_shape: tuple,
                        dropout_rate: float, dropout_rng: jax.Array | None) -> jax.Array:
-    """softmax(q k^T / sqrt(D), masked) v for q [B, H, t, D] (rows row0.. of the full [B, H, T, S] scores)."""
-    scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)  # [B, H, t, s]
-    scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
+    """softmax(q k^T / sqrt(D), masked) v for q [B, H, t, D], k/v [B, Hkv, s, D] (rows row0.. of the full
+    [B, H, T, S] scores).
+
+    Grouped-query attention without repeating k and v: the G = H / Hkv query heads of one kv head are laid
+    side by side as G * t rows ([B, Hkv, G * t, D], a free reshape), so both products stay single batched GEMMs.
+    """
+    B, H, t, D = q.shape
+    Hkv, s = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, (H // Hkv) * t, D)  # [B, Hkv, G * t, D]
+    scores = jnp.einsum("bhtd,bhsd->bhts", qg, k, preferred_element_type=jnp.float32)  # [B, Hkv, G * t, s]
+    scores = scores.reshape(B, H, t, s)  # [B, H, t, s]
+    scores = jnp.where(mask, scores / math.sqrt(D), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_rng, start=(0, 0, row0, 0), full_shape=full_shape)
-    return jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), v)  # [B, H, t, D]
+    probs = probs.reshape(B, Hkv, (H // Hkv) * t, s).astype(v.dtype)  # [B, Hkv, G * t, s]
+    return jnp.einsum("bhts,bhsd->bhtd", probs, v).reshape(B, H, t, D)  # [B, H, t, D]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
                           impl: str = "xla", dropout_rate: float = 0.0,
                           dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Softmax attention. q [B, T, H, D], k/v [B, S, H, D], mask [B, 1, T, S] bool or None (causal).
+    """Softmax attention. q [B, T, H, D], k/v [B, S, Hkv, D] (Hkv divides H: grouped-query attention),
+    mask [B, 1, T, S] bool or None (causal).
 
     "manual" is einsum + float32 softmax and is the only path with attention dropout; causal (mask None) it
     runs in blocks of `ATTENTION_BLOCK` query rows that skip the keys after their last row. "xla" and "cudnn"
@@ -161,17 +177,51 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) 
     return dropout(x, rate, module.make_rng("dropout"))
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap): x for |x| << cap, smoothly bounded by +-cap (Gemma 2's logit soft-capping)."""
+    return cap * jnp.tanh(x / cap)
+
+
+def activation(kind: str, h: jax.Array) -> jax.Array:
+    """The MLP's nonlinearity: tanh GELU (GPT-2's "gelu_new"; also GeGLU's gate), SiLU (SwiGLU's gate), ReLU^2."""
+    if kind == "swiglu":
+        return nn.silu(h)
+    if kind == "relu2":
+        return jnp.square(nn.relu(h))
+    return nn.gelu(h, approximate=True)  # gelu, geglu
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
+
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, C] -> q [B, T, H, D], k and v [B, T, Hkv, D]: one fused c_attn, or c_q, c_k and c_v."""
+        cfg = self.config
+        B, T, _ = x.shape
+        H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        use_bias = cfg.bias or cfg.qkv_bias
+
+        def dense(width: int, name: str) -> jax.Array:
+            return Dense(width, use_bias, cfg.compute_dtype, cfg.params_dtype, name=name)(x)
+
+        if cfg.fused_qkv:
+            qkv = dense((H + 2 * Hkv) * D, "c_attn")  # [B, T, (H + 2 Hkv) D]: q, then k, then v
+            q, k, v = jnp.split(qkv, [H * D, (H + Hkv) * D], axis=-1)
+        else:
+            q, k, v = dense(H * D, "c_q"), dense(Hkv * D, "c_k"), dense(Hkv * D, "c_v")
+        return q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any,
                  deterministic: bool) -> tuple[jax.Array, Any]:
         cfg = self.config
         B, T, C = x.shape  # [B, T, C]
-        H, D = cfg.n_head, cfg.head_dim
-        qkv = Dense(3 * C, cfg.bias, cfg.compute_dtype, cfg.params_dtype, name="c_attn")(x)  # [B, T, 3C]
-        q, k, v = (t.reshape(B, T, H, D) for t in jnp.split(qkv, 3, axis=-1))  # [B, T, H, D] each
+        q, k, v = self.qkv(x)  # [B, T, H, D], [B, T, Hkv, D], [B, T, Hkv, D]
+        if cfg.qk_norm:  # each head's q and k to unit RMS (times a learned scale [D]), before the rotation
+            q = nn.RMSNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                           name="q_norm")(q)
+            k = nn.RMSNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                           name="k_norm")(k)
         if cfg.pos_embedding == "rope":
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
@@ -181,7 +231,7 @@ class CausalSelfAttention(nn.Module):
             mask = None  # plain causal over the T tokens
         else:
             layer_cache = layer_cache.write(k, v, positions[:, 0])
-            k, v = layer_cache.read(cfg.compute_dtype)  # [B, S, H, D]
+            k, v = layer_cache.read(cfg.compute_dtype)  # [B, S, Hkv, D]
             S = k.shape[1]
             # key j is visible to the query at position p iff j <= p; rows may sit at different offsets
             mask = jnp.arange(S)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
@@ -189,23 +239,33 @@ class CausalSelfAttention(nn.Module):
         use_dropout = cfg.dropout > 0.0 and not deterministic
         y = dot_product_attention(
             q, k, v, mask, impl=cfg.attention, dropout_rate=cfg.dropout if use_dropout else 0.0,
-            dropout_rng=self.make_rng("dropout") if use_dropout else None)
-        y = constrain_batch(y.reshape(B, T, C))  # [B, T, C]
+            dropout_rng=self.make_rng("dropout") if use_dropout else None)  # [B, T, H, D]
+        y = constrain_batch(y.reshape(B, T, cfg.n_head * cfg.head_dim))  # [B, T, H D]
         y = Dense(C, cfg.bias, cfg.compute_dtype, cfg.params_dtype, std=0.02 / math.sqrt(2 * cfg.n_layer),
-                  name="c_proj")(y)
+                  name="c_proj")(y)  # [B, T, C]
         return _dropout(self, y, cfg.dropout, deterministic), layer_cache
 
 
 class MLP(nn.Module):
+    """GPT-2's act(x W_fc) W_proj (gelu, relu2), or a gated MLP (act(x W_gate) * (x W_fc)) W_proj (swiglu, geglu)."""
+
     config: GPTConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
-        h = Dense(4 * cfg.n_embd, cfg.bias, cfg.compute_dtype, cfg.params_dtype, name="c_fc")(x)
-        h = constrain_batch(nn.gelu(h, approximate=True))  # [B, T, 4C]; GPT-2's tanh GELU ("gelu_new")
-        h = Dense(cfg.n_embd, cfg.bias, cfg.compute_dtype, cfg.params_dtype,
-                  std=0.02 / math.sqrt(2 * cfg.n_layer), name="c_proj")(h)
+        F = cfg.mlp_width
+
+        def dense(width: int, name: str, std: float = 0.02) -> Any:
+            return Dense(width, cfg.bias, cfg.compute_dtype, cfg.params_dtype, std=std, name=name)
+
+        h = dense(F, "c_fc")(x)  # [B, T, F]: GPT-2's c_fc; the up projection of a gated MLP
+        if cfg.gated:
+            h = activation(cfg.mlp, dense(F, "c_gate")(x)) * h  # [B, T, F]
+        else:
+            h = activation(cfg.mlp, h)  # [B, T, F]; GPT-2's tanh GELU ("gelu_new")
+        h = constrain_batch(h)
+        h = dense(cfg.n_embd, "c_proj", std=0.02 / math.sqrt(2 * cfg.n_layer))(h)  # [B, T, C]
         return _dropout(self, h, cfg.dropout, deterministic)
 
 
@@ -300,7 +360,10 @@ class GPT(nn.Module):
             logits = wte.attend(x)
         else:
             logits = Dense(cfg.vocab_size, False, cfg.compute_dtype, cfg.params_dtype, name="lm_head")(x)
-        logits = constrain_batch(logits.astype(jnp.float32))  # [B, T, V]
+        logits = logits.astype(jnp.float32)  # [B, T, V]
+        if cfg.logit_softcap:
+            logits = soft_cap(logits, cfg.logit_softcap)
+        logits = constrain_batch(logits)  # [B, T, V]
         if logits_at is not None and jnp.ndim(logits_at) == 1:
             logits = logits[:, 0]  # [B, V]
         if cache is None:
