@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from jaxgpt import sharding
 from jaxgpt.io import lock as workdir_lock
+from jaxgpt.io import paths
 from jaxgpt.train import compilation_cache, host_memory, trainer
 from jaxgpt.train import config as train_config
 
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> int:
                                           on_cpu=train_cfg.compilation_cache_on_cpu)
     try:
         summary = trainer.train(train_cfg, workdir)
-    except workdir_lock.WorkdirLocked as e:  # another run holds the workdir: say so in one line
+    except (workdir_lock.WorkdirLocked, paths.MissingBackend) as e:  # held, or a bucket without its package
         raise SystemExit(f"train.py: {e}") from None
     if summary.get("interrupted"):
         return 1  # stopped by a signal after saving: not finished

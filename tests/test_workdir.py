@@ -6,14 +6,17 @@ config trained straight through, and transformers' GPT2LMHeadModel on the export
 from __future__ import annotations
 
 import io
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import chex
 import jax
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, xla_env
 
 from jaxgpt.io.hf import export_hf_gpt2
 from jaxgpt.io.workdir import Workdir, load_model
@@ -29,10 +32,54 @@ def test_every_file_of_a_run_keeps_the_name_earlier_runs_wrote(tmp_path):
     names = {"model_config": "config.json", "tokenizer": "tokenizer.json", "train_config": "train_config.json",
              "lora_run": "lora_run.json", "checkpoints": "checkpoints", "metrics": "metrics.jsonl",
              "tensorboard": "tensorboard", "plot": "loss.png", "sample": "sample.txt", "adapters": "lora",
-             "hf_export": "hf", "profile": "profile", "data": "data", "lock": ".lock", "lock_guard": ".lock.guard"}
+             "hf_export": "hf", "profile": "profile", "data": "data", "lock": ".lock", "lock_guard": ".lock.guard",
+             "metrics_parts": "metrics.jsonl.parts"}
     assert {k: getattr(wd, k) for k in names} == {k: tmp_path / v for k, v in names.items()}
     assert wd.checkpoint(250) == tmp_path / "checkpoints" / "250"
     assert {p.name for p in BEFORE.iterdir()} <= set(names.values())  # the old run holds no other file
+
+
+def test_a_bucket_workdir_names_its_files_under_its_url_and_its_dataset_in_a_local_cache(tmp_path, monkeypatch):
+    pytest.importorskip("gcsfs")
+    monkeypatch.setenv("JAXGPT_CACHE_DIR", str(tmp_path))
+    wd = Workdir("gs://bkt/runs/a")
+    assert wd.in_bucket and not Workdir(tmp_path).in_bucket
+    assert str(wd.checkpoint(250)) == "gs://bkt/runs/a/checkpoints/250" and str(wd.lock) == "gs://bkt/runs/a/.lock"
+    assert str(wd.metrics_parts) == "gs://bkt/runs/a/metrics.jsonl.parts"
+    assert wd.data == tmp_path / "buckets" / "gs" / "bkt" / "runs" / "a" / "data"
+
+
+def test_a_bucket_workdir_without_gcsfs_is_refused_in_one_line_naming_the_extra(monkeypatch, capsys):
+    from jaxgpt import sample
+    from jaxgpt.io import paths
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # `import gcsfs` raises ImportError
+    want = "gs://bkt/run needs the gcs extra: pip install 'jaxgpt[gcs]'"
+    with pytest.raises(paths.MissingBackend) as e:
+        Workdir("gs://bkt/run")
+    assert str(e.value) == want
+    with pytest.raises(paths.MissingBackend, match=re.escape(want)):
+        trainer.train(train_config.load_config_file(str(REPO / "configs" / "tiny.py")), "gs://bkt/run")
+    assert sample.main(["--init-from", "gs://bkt/run"]) == 2
+    assert capsys.readouterr().err == f"jaxgpt-sample: error: {want}\n"
+
+
+def test_train_py_refuses_a_bucket_workdir_without_gcsfs_in_one_line(tmp_path):
+    hidden = tmp_path / "site" / "gcsfs"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('gcsfs is not installed')\n")
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / 'tiny.py'}",
+                        "--workdir=gs://bkt/run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=xla_env(PYTHONPATH=str(tmp_path / "site")))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == "train.py: gs://bkt/run needs the gcs extra: pip install 'jaxgpt[gcs]'"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["site"]  # no ./gs: folder
+
+
+def test_a_url_of_an_unknown_scheme_is_refused_not_made_a_local_folder():
+    with pytest.raises(ValueError, match=r"memory://x/run: the scheme memory:// is not supported; use a local path "
+                                         "or a gs://"):
+        Workdir("memory://x/run")
 
 
 def test_a_workdir_that_is_not_a_run_is_refused_with_the_fix(tmp_path):
