@@ -27,7 +27,8 @@ ONE = CFG.replace(n_layer=1)  # for what compiles a model: one block is enough
 def _optim(**changes) -> SimpleNamespace:
     """The optimizer settings make_optimizer and lr_schedule read (the training config's names)."""
     o = dict(learning_rate=3e-3, decay_lr=True, warmup_iters=4, lr_decay_iters=20, min_lr=3e-4, weight_decay=0.1,
-             beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0)
+             beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95,
+             muon_weight_decay=0.0)
     return SimpleNamespace(**{**o, **changes})
 
 

@@ -52,6 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     train_cfg.beta2 = 0.99
     train_cfg.eps = 1e-8
     train_cfg.grad_clip = 1.0  # 0 disables clipping
+    # "adamw", or "muon": Muon (optax.contrib's update: Nesterov momentum, then 5 Newton-Schulz steps) on the 2-D
+    # hidden matrices of the blocks, AdamW (the settings above) on embeddings, head, norms and biases
+    # (jaxgpt.train.steps.make_optimizer). Muon's learning rate follows the same warmup + cosine, scaled by
+    # muon_lr / learning_rate
+    train_cfg.optimizer = "adamw"
+    train_cfg.muon_lr = 0.02
+    train_cfg.muon_momentum = 0.95
+    train_cfg.muon_weight_decay = 0.0
 
     # evaluation, logging, checkpoints
     train_cfg.eval_interval = 250
@@ -132,9 +140,31 @@ def validate(train_cfg: ml_collections.ConfigDict) -> None:
     if not 0.0 <= float(train_cfg.beta1) < 1.0 or not 0.0 <= float(train_cfg.beta2) < 1.0:
         raise ValueError(f"config.beta1={train_cfg.beta1} / beta2={train_cfg.beta2} are not valid; "
                          "use values in [0, 1)")
+    validate_optimizer(train_cfg)
     profile = tuple(train_cfg.profile_steps or ())
     if profile and (len(profile) != 2 or not 0 <= profile[0] <= profile[1]):
         raise ValueError(f"config.profile_steps={profile} is not valid; use (first, last) steps, e.g. (10, 12)")
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def validate_optimizer(train_cfg: ml_collections.ConfigDict) -> None:
+    """One-line errors for the optimizer's settings: its name, Muon's values, and Muon with nothing to act on."""
+    name = train_cfg.optimizer
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer={name!r} is not valid; use one of {', '.join(OPTIMIZERS)}")
+    if name != "muon":
+        return
+    if not float(train_cfg.muon_lr) > 0:
+        raise ValueError(f"config.muon_lr={train_cfg.muon_lr} is not valid; use a value > 0")
+    if not 0.0 <= float(train_cfg.muon_momentum) < 1.0:
+        raise ValueError(f"config.muon_momentum={train_cfg.muon_momentum} is not valid; use a value in [0, 1)")
+    if not float(train_cfg.muon_weight_decay) >= 0:
+        raise ValueError(f"config.muon_weight_decay={train_cfg.muon_weight_decay} is not valid; use a value >= 0")
+    if int(train_cfg.lora.rank) > 0:
+        raise ValueError("config.optimizer='muon' has no 2-D hidden matrix to act on in a LoRA run (only the "
+                         "adapters are trained); use config.optimizer='adamw' with config.lora.rank > 0")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,7 +184,8 @@ class _Part:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(_Part):
-    """AdamW and nanoGPT's warmup + cosine schedule (`jaxgpt.train.steps.make_optimizer`)."""
+    """AdamW (or Muon on the hidden matrices) and nanoGPT's warmup + cosine schedule
+    (`jaxgpt.train.steps.make_optimizer`)."""
 
     learning_rate: float
     decay_lr: bool
@@ -166,6 +197,10 @@ class OptimConfig(_Part):
     beta2: float
     eps: float
     grad_clip: float
+    optimizer: str = "adamw"  # "adamw" | "muon"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

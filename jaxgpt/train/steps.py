@@ -11,12 +11,14 @@ Parameters are split into `trainable` (in the state, seen by the optimizer) and 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from jaxgpt import sharding as sh
 from jaxgpt.nn import stacking
@@ -83,13 +85,83 @@ def decay_mask(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(lambda path, x: jnp.ndim(x) - stacking.in_stacked(path) >= 2, params)
 
 
+# The blocks' 2-D matrices that Muon updates (attention and MLP projections, modded-nanogpt's split); every other
+# leaf (wte, wpe, lm_head, norms, biases) stays with AdamW.
+HIDDEN_MATRICES = ("c_attn", "c_q", "c_k", "c_v", "c_proj", "c_fc", "c_gate")
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Newton-Schulz quintic of modded-nanogpt and optax.contrib.muon
+NS_STEPS = 5
+_LAYER = re.compile(r"h_\d+$")  # an unrolled block's key
+
+
+def is_hidden_matrix(path: Any, x: Any) -> bool:
+    """A block's projection kernel, 2-D per layer (a stacked leaf [L, in, out] counts per layer)."""
+    keys = [str(getattr(k, "key", "")) for k in path]
+    in_block = any(k == stacking.STACKED or _LAYER.match(k) for k in keys)
+    return (in_block and len(keys) >= 2 and keys[-1] == "kernel" and keys[-2] in HIDDEN_MATRICES
+            and jnp.ndim(x) - stacking.in_stacked(path) == 2)
+
+
+def muon_labels(params: Params) -> Params:
+    """"muon" for each hidden matrix, "adamw" for every other leaf; refuses a tree without hidden matrices."""
+    labels = jax.tree_util.tree_map_with_path(lambda p, x: "muon" if is_hidden_matrix(p, x) else "adamw", params)
+    if "muon" not in jax.tree.leaves(labels):
+        raise ValueError("config.optimizer='muon' found no 2-D hidden matrix (block kernels c_attn, c_q, c_k, c_v, "
+                         "c_proj, c_fc, c_gate) among the trained params; use config.optimizer='adamw'")
+    return labels
+
+
+def _matrix_axes(updates: Params) -> Params:
+    """Muon's dimension numbers for its (masked) leaves: the matrix is the last two axes, any leading axis (the
+    layer of a stacked leaf) is a batch axis, so each layer's matrix is orthogonalised on its own."""
+    return jax.tree.map(lambda x: MuonDimensionNumbers(reduction_axis=-2, output_axis=-1), updates)
+
+
+def scale_by_shape() -> optax.GradientTransformation:
+    """Each matrix update times sqrt(max(1, out / in)) over its last two axes [..., in, out] (Muon's width rule,
+    as optax.contrib.muon's default)."""
+    def update_fn(updates: Params, state: Any, params: Params = None) -> tuple[Params, Any]:
+        del params
+        return jax.tree.map(lambda u: u * max(1.0, u.shape[-1] / u.shape[-2]) ** 0.5, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def muon_rule(optim: OptimConfig) -> optax.GradientTransformation:
+    """Muon on matrices, as optax.contrib.muon's Muon branch: Nesterov momentum and Newton-Schulz
+    orthogonalisation (optax.contrib.scale_by_muon), sqrt(max(1, out/in)) scaling, decoupled weight decay, then
+    -muon_lr on nanoGPT's schedule shape (min_lr scaled by muon_lr / learning_rate)."""
+    scale = float(optim.muon_lr) / float(optim.learning_rate)
+    base = lr_schedule(optim)
+
+    def schedule(count: jax.Array) -> jax.Array:  # AdamW's warmup + cosine, times muon_lr / learning_rate
+        return base(count) * scale
+
+    return optax.chain(
+        scale_by_muon(ns_coeffs=NS_COEFFS, ns_steps=NS_STEPS, beta=float(optim.muon_momentum), nesterov=True,
+                      weight_dimension_numbers=_matrix_axes),
+        scale_by_shape(),
+        optax.add_decayed_weights(float(optim.muon_weight_decay)),
+        optax.scale_by_learning_rate(schedule))
+
+
+def adamw_rule(optim: OptimConfig) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay on 2-D weights and nanoGPT's schedule."""
+    return optax.adamw(lr_schedule(optim), b1=float(optim.beta1), b2=float(optim.beta2), eps=float(optim.eps),
+                       weight_decay=float(optim.weight_decay), mask=decay_mask)
+
+
 def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with decoupled weight decay on 2-D weights and nanoGPT's schedule."""
+    """Global-norm clipping, then AdamW on every leaf (optimizer "adamw"), or Muon on the blocks' hidden matrices
+    and the same AdamW on the rest (optimizer "muon", `muon_labels`)."""
     parts = []
     if optim.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
-    parts.append(optax.adamw(lr_schedule(optim), b1=float(optim.beta1), b2=float(optim.beta2),
-                             eps=float(optim.eps), weight_decay=float(optim.weight_decay), mask=decay_mask))
+    if optim.optimizer == "adamw":
+        parts.append(adamw_rule(optim))
+    elif optim.optimizer == "muon":
+        parts.append(optax.partition({"muon": muon_rule(optim), "adamw": adamw_rule(optim)}, muon_labels))
+    else:
+        raise ValueError(f"optimizer={optim.optimizer!r} is not valid; use 'adamw' or 'muon'")
     return optax.chain(*parts)
 
 
