@@ -343,3 +343,38 @@ def test_a_failed_save_into_a_bucket_names_the_bucket_and_the_error_not_a_disk(g
     assert "\n" not in msg and f"saving checkpoint step 3 to {ckpt} failed (PermissionError: " in msg
     assert f"bucket {paths.bucket_and_key(ckpt)[0]}" in msg and "step 2 is kept and restorable" in msg
     assert "MiB free" not in msg and "disk mounted" not in msg
+
+
+def test_a_step_saved_part_way_into_a_bucket_is_ignored_by_readers_and_removed_by_the_next_run(gcs):
+    """In a bucket orbax writes a step in place and commits it last: a step folder without its commit file (a save
+    in progress, or a killed one) is neither listed nor refused, and the next training run's manager removes it."""
+    import jax
+
+    from jaxgpt.io import checkpoint
+    from jaxgpt.nn.config import GPTConfig
+    from jaxgpt.nn.model import init_params
+
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype),
+                          jax.eval_shape(lambda: init_params(cfg, 3)))
+    url = gcs()
+    wd = Workdir(url)
+    mngr = checkpoint.run_checkpoint_manager(wd.checkpoints)
+    checkpoint.save_run_step(mngr, 5, params=params, optimizer={"step": np.int32(5)}, meta={"step": 5})
+    mngr.close()
+    assert (wd.checkpoint(5) / checkpoint.ORBAX_COMMIT_FILE).exists()
+    atomic.write_json(wd.model_config, cfg.to_dict())
+    atomic.write_json(wd.tokenizer, {"kind": "char", "chars": "abcdefghijk", "vocab_size": 11})
+    (wd.checkpoint(6) / "params" / "partial").write_bytes(b"half a save")  # no commit file
+    _, got, _ = wd.load()
+    chex.assert_trees_all_equal(got, params)
+    assert wd.checkpoint(6).is_dir()  # a reader leaves it alone
+    mngr = checkpoint.run_checkpoint_manager(wd.checkpoints)  # as the next training run opens it
+    assert sorted(mngr.all_steps()) == [5]
+    checkpoint.check_run_checkpoints(wd.checkpoints, [5])
+    mngr.close()
+    assert names(str(wd.checkpoints)) == {"5"}
+    (wd.checkpoints / "7x").write_text("a stranger")  # anything else is still refused
+    with pytest.raises(ValueError, match=r"holds \['7x'\], which are not complete orbax checkpoints"):
+        checkpoint.check_run_checkpoints(wd.checkpoints, [5])

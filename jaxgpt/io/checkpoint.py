@@ -56,10 +56,12 @@ def pytree_bytes_on_disk(path: str | os.PathLike) -> int:
 #
 # Each checkpoints/<step>/ holds three items: params (trainable params), optimizer ({"step", "opt_state"}) and
 # meta (JSON). orbax writes each step
-# into a temporary folder and renames it when complete, so a killed save never replaces a complete step.
+# into a temporary folder and renames it when complete, so a killed save never replaces a complete step; in a
+# bucket, which has no rename, it writes the step in place and commits it with ORBAX_COMMIT_FILE, written last.
 
 RUN_ITEMS = ("params", "optimizer", "meta")
 ORBAX_TMP_MARKER = ".orbax-checkpoint-tmp"
+ORBAX_COMMIT_FILE = "commit_success.txt"  # marks a committed step in a bucket
 
 
 def run_checkpoint_manager(directory: str | os.PathLike, keep: int = 3, keep_best: bool = True,
@@ -100,10 +102,18 @@ def check_run_checkpoints(directory: str | os.PathLike, steps: list[int]) -> Non
         return
     known = {str(s) for s in steps}
     strange = sorted(p.name for p in d.iterdir()
-                     if ORBAX_TMP_MARKER not in p.name and p.name not in known and not p.name.startswith("."))
+                     if ORBAX_TMP_MARKER not in p.name and p.name not in known and not p.name.startswith(".")
+                     and not _uncommitted_in_bucket(p))
     if strange:
         raise ValueError(f"{d} holds {strange}, which are not complete orbax checkpoints; move them aside "
                          "(or use a new --workdir) and run again")
+
+
+def _uncommitted_in_bucket(step_dir: Any) -> bool:
+    """In a bucket orbax writes a step in place and commits it by writing ORBAX_COMMIT_FILE last (there is no
+    rename): a step folder without it is a save in progress, or a killed one that the next training run's
+    manager removes."""
+    return paths.is_url(step_dir) and step_dir.name.isdigit() and not (step_dir / ORBAX_COMMIT_FILE).exists()
 
 
 def _run_abstract(tree: Any) -> Any:
