@@ -175,7 +175,8 @@ def compile_train(train_cfg: Any, devices: list, batch_per_chip: int) -> Report:
                     model_cfg.scan_layers)
     n_params = sum(x.size for x in jax.tree.leaves(program.state.params))
     tokens = int(train_cfg.grad_accum) * batch_per_chip * len(devices) * model_cfg.block_size
-    per_token = flops_per_token(model_cfg.n_layer, model_cfg.block_size, model_cfg.n_embd, n_params)
+    attn_width = model_cfg.n_head * model_cfg.head_dim  # the scores' and values' width (n_embd for GPT-2)
+    per_token = flops_per_token(model_cfg.n_layer, model_cfg.block_size, attn_width, n_params)
     return dataclasses.replace(r, model_flops=per_token * tokens)
 
 
@@ -282,7 +283,8 @@ def main(argv: list[str]) -> None:
     model_cfg = model_config(train_cfg.model.to_dict(), train_cfg.mixed_precision)
     print(f"aot: {n} x {devices[0].device_kind}, mesh data={train_cfg.mesh.data} fsdp={train_cfg.mesh.fsdp}, "
           f"n_layer={model_cfg.n_layer} n_embd={model_cfg.n_embd} T={model_cfg.block_size} dtype={model_cfg.dtype} "
-          f"remat={model_cfg.remat} scan_layers={model_cfg.scan_layers} grad_accum={train_cfg.grad_accum}", flush=True)
+          f"remat={model_cfg.remat} scan_layers={model_cfg.scan_layers} grad_accum={train_cfg.grad_accum} "
+          f"mlp={model_cfg.mlp} kv_heads={model_cfg.kv_heads}/{model_cfg.n_head}", flush=True)
     reports = []
     if flags.FLAGS["max_batch"].value:
         best, tried = max_batch(train_cfg, devices, start=max(1, bpc), near=flags.FLAGS["near"].value)

@@ -25,7 +25,10 @@ Targets are path patterns over the params pytree, matched against each 2-D `kern
 as "h_3/attn/c_attn": a pattern matches when it equals the path or a trailing run of its segments, with
 shell wildcards (`*`, `?`, `[..]`) allowed, so "c_proj" names both attn/c_proj and mlp/c_proj, "attn/c_proj"
 only the first, "h_0/mlp/c_fc" one layer. A pattern ending in /q, /k or /v names that third of the fused
-c_attn kernel (columns [0, C), [C, 2C), [2C, 3C)). "all" names every kernel inside the blocks.
+c_attn kernel (columns [0, C), [C, 2C), [2C, 3C)). "all" names every kernel inside the blocks. The modern
+switches' kernels are targets like any other: attn/c_q, attn/c_k, attn/c_v (a model with fused_qkv=False; its
+grouped-query k and v are narrower than q) and mlp/c_gate (a gated MLP). A grouped-query model's fused c_attn
+has unequal q/k/v parts and is adapted whole only.
 
 Adapters are saved alone (`save_adapters`) or in peft's format (`save_peft` / `load_peft`, for
 `peft.PeftModel.from_pretrained` on a transformers GPT-2). Both gather arrays sharded over several
@@ -58,7 +61,7 @@ from jaxgpt.nn import weights
 from jaxgpt.quantize import QuantizedArray
 
 SLICES = ("q", "k", "v")  # thirds of the fused attn/c_attn kernel, in GPT-2's order
-ALL_TARGETS = ("h_*/attn/c_attn", "h_*/attn/c_proj", "h_*/mlp/c_fc", "h_*/mlp/c_proj")
+ALL_TARGETS = ("h_*/attn/c_*", "h_*/mlp/c_*")  # c_attn (or c_q, c_k, c_v), c_proj; c_fc, c_gate, c_proj
 META_FILE = "lora.json"
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_DIR = "adapters"  # orbax folder of the first format ("jaxgpt-lora-1"), still read
@@ -175,6 +178,11 @@ def resolve_targets(params: Any, cfg: LoraConfig) -> list[Target]:
                 if _matches(pattern, name):
                     hits.append(Target(path, None, fan_in, fan_out))
             elif path[-1] == "c_attn":
+                q_width = kernels.get(path[:-1] + ("c_proj",), (fan_out // 3,))[0]  # attn/c_proj is [H D, C]
+                if 3 * q_width != fan_out:
+                    raise ValueError(f"{name}/kernel [{fan_in}, {fan_out}] holds q [{q_width}] and narrower "
+                                     "grouped-query k and v, not three equal parts; target the whole kernel, or "
+                                     "build the model with fused_qkv=False and target attn/c_q, attn/c_k, attn/c_v")
                 if fan_out % 3:
                     raise ValueError(f"{name}/kernel has {fan_out} outputs, not 3 equal q/k/v parts; "
                                      f"target the whole kernel instead of {pattern!r}")

@@ -83,6 +83,18 @@ def test_greedy_equals_reference_across_refills(pos, seed):
         chex.assert_trees_all_close(out.logits[b, :lengths[b]], logits[b, :lengths[b]], atol=1e-5, rtol=0)
 
 
+def test_grouped_query_model_slides_its_window_like_the_reference():
+    """A cache of n_kv_head = 1 heads (multi-query) with QK-norm, refilled past the block like any other."""
+    cfg = GPTConfig.preset("tiny", pos_embedding="rope", block_size=BLOCK, n_layer=1, n_head=4, n_embd=32,
+                           n_kv_head=1, qk_norm=True, mlp="swiglu", tie_embeddings=False)
+    params = random_params(cfg, 3)
+    out = G.generate(params, cfg, PROMPTS, N, DecodeOptions(temperature=0), return_logits=True)
+    toks, _, logits = reference(cfg, params, PROMPTS, N, BLOCK // 2)
+    np.testing.assert_array_equal(out.tokens, toks)
+    chex.assert_trees_all_close(out.logits, logits, atol=1e-5, rtol=0)
+    assert len(set(np.asarray(toks).ravel().tolist())) > 3  # not one repeated token
+
+
 def test_window_block_minus_one_is_nanogpt_crop():
     """nanoGPT: idx_cond = idx[:, -block_size:]; logits = model(idx_cond)[:, -1, :]; append argmax."""
     cfg = config("learned")

@@ -1,13 +1,14 @@
 """The KV cache: a plain pytree passed into the model and returned updated, never hidden state.
 
-Layout per layer: keys and values in fixed buffers [B, S, H, D] (batch, max_len, heads, head_dim). This is
-the [B, T, N, H] layout `jax.nn.dot_product_attention` takes, so reads need no transpose; bytes and
+Layout per layer: keys and values in fixed buffers [B, S, Hkv, D] (batch, max_len, key/value heads, head_dim;
+Hkv = `GPTConfig.kv_heads`, fewer than the query heads under grouped-query attention). This is the [B, T, N, H]
+layout `jax.nn.dot_product_attention` takes, so reads need no transpose; bytes and
 semantics are the same as [B, H, S, D]. Buffers never change shape: a step writes with
 `lax.dynamic_update_slice` at each row's own offset, so a decode loop compiles once.
 
 A layer entry is any pytree with two methods, which is how compressed caches plug in:
-  write(k, v, starts) -> new entry    k, v: [B, T, H, D]; starts: [B] int32 first position of each row
-  read(dtype) -> (k, v)               dense [B, S, H, D] for attention
+  write(k, v, starts) -> new entry    k, v: [B, T, Hkv, D]; starts: [B] int32 first position of each row
+  read(dtype) -> (k, v)               dense [B, S, Hkv, D] for attention
 `init_cache` builds the uncompressed entries (LayerKV); `jaxgpt.decode.kv_compress` holds int8 / TurboQuant
 ones in the same KVCache; `jaxgpt.decode.cache_kinds.new_cache` builds either from a kind string.
 
@@ -50,7 +51,7 @@ def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class LayerKV:
-    """Uncompressed keys and values of one layer, [B, S, H, D] each."""
+    """Uncompressed keys and values of one layer, [B, S, Hkv, D] each."""
 
     k: jax.Array
     v: jax.Array
@@ -83,7 +84,7 @@ def init_cache(config: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.flo
     """An empty cache for `batch` rows of up to `max_len` positions."""
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must both be positive")
-    shape = (batch, max_len, config.n_head, config.head_dim)
+    shape = (batch, max_len, config.kv_heads, config.head_dim)  # [B, S, Hkv, D]
     layers = tuple(
         LayerKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(config.n_layer)
     )
@@ -91,8 +92,10 @@ def init_cache(config: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.flo
 
 
 def cache_bytes(config: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> int:
-    """Bytes of the key/value buffers: layers x 2 x batch x max_len x n_embd x bytes per value.
+    """Bytes of the key/value buffers: layers x 2 x batch x max_len x kv_heads x head_dim x bytes per value
+    (n_embd in place of kv_heads x head_dim for GPT-2; a quarter of it with n_head / 4 kv heads).
 
     Excludes the [B] int32 lengths (KVCache.nbytes counts them).
     """
-    return config.n_layer * 2 * batch * max_len * config.n_embd * jnp.dtype(dtype).itemsize
+    per_token = config.kv_heads * config.head_dim  # K or V values per token and layer
+    return config.n_layer * 2 * batch * max_len * per_token * jnp.dtype(dtype).itemsize

@@ -3,6 +3,7 @@
 Each entry is a flax.struct pytree with the two methods `kv_cache.KVCache` asks of a layer:
   write(k, v, starts) -> new entry    k, v: [B, T, H, D] new keys/values, starts: [B] int32 row offsets
   read(dtype) -> (k, v)               dense [B, S, H, D], decoded from the compressed buffers
+(H here is the model's key/value heads, `GPTConfig.kv_heads`: a grouped-query model caches fewer heads)
 so `GPT.apply(..., cache=new_cache(kind, ...))` compresses every write (prefill and decode) and
 decodes on every read, with no change to the model. Buffers never change shape, so a lax.scan decode
 loop compiles once. What is stored per (token, head) vector of D values:
@@ -280,7 +281,7 @@ def init_compressed_cache(model_cfg: GPTConfig, batch: int, max_len: int, spec: 
 
     Rotations and QJL matrices are drawn per (layer, keys/values, part) from `seed`.
     """
-    B, S, H, D = batch, max_len, model_cfg.n_head, model_cfg.head_dim
+    B, S, H, D = batch, max_len, model_cfg.kv_heads, model_cfg.head_dim
     if spec.family == "int8":
         layers = tuple(Int8LayerKV(k=jnp.zeros((B, S, H, D), jnp.int8), v=jnp.zeros((B, S, H, D), jnp.int8),
                                    k_scale=jnp.zeros((B, S, H), SIDE_DTYPE), v_scale=jnp.zeros((B, S, H), SIDE_DTYPE))
@@ -323,7 +324,7 @@ def compressed_cache_bytes(model_cfg: GPTConfig, batch: int, max_len: int, kind:
     """Bytes `new_cache(kind, ...).nbytes` holds, from the shapes alone (everything counted: indices, norms,
     scales, QJL signs, channel orders, rotations, QJL matrices and the [B] lengths)."""
     spec = parse_kind(kind)
-    B, S, H, D, L = batch, max_len, model_cfg.n_head, model_cfg.head_dim, model_cfg.n_layer
+    B, S, H, D, L = batch, max_len, model_cfg.kv_heads, model_cfg.head_dim, model_cfg.n_layer
     lengths = 4 * B
     if spec.family == DENSE:
         return L * 2 * B * S * H * D * jnp.dtype(spec.dtype or model_cfg.compute_dtype).itemsize + lengths
