@@ -21,8 +21,12 @@ Multi-host runs call `maybe_initialize_distributed` first, before anything touch
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -294,21 +298,106 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     Must run before any computation or `jax.devices()`. No-op (returns False) for a single process or when
     already initialized; returns True when it initialized. On CPU, cross-process collectives use gloo.
 
-    heartbeat_timeout_s (default $JAXGPT_HEARTBEAT_TIMEOUT_S, else JAX's default): a process that sends no
-    heartbeat for this long is declared dead and JAX terminates every other process with an error, so a
-    dead or unreachable host stops the run within about this bound instead of leaving it in a collective.
+    heartbeat_timeout_s (default $JAXGPT_HEARTBEAT_TIMEOUT_S, else 100 s, JAX's default): a process that is
+    silent this long (dead, stopped, hung, unreachable) ends every other one within about this bound instead of
+    leaving it in a collective. `PeerWatchdog` ends them with one line naming the silent process; JAX's own
+    heartbeat, given twice the bound, stays behind it as a backstop (it aborts with a stack trace).
     """
     env = os.environ if environ is None else environ
     args = distributed_args(coordinator, num_processes, process_id, env)
     if args is None or jax.distributed.is_initialized():
         return False
-    heartbeat = heartbeat_timeout_s or env.get("JAXGPT_HEARTBEAT_TIMEOUT_S")
-    if heartbeat:
-        if not str(heartbeat).isdigit() or int(heartbeat) < 1:
-            raise ValueError(f"heartbeat timeout {heartbeat!r} is not valid; use a whole number of seconds >= 1 "
-                             "(JAXGPT_HEARTBEAT_TIMEOUT_S)")
-        args["heartbeat_timeout_seconds"] = int(heartbeat)
+    heartbeat = heartbeat_timeout_s or env.get(HEARTBEAT_ENV) or DEFAULT_HEARTBEAT_S
+    if not str(heartbeat).isdigit() or int(heartbeat) < 1:
+        raise ValueError(f"heartbeat timeout {heartbeat!r} is not valid; use a whole number of seconds >= 1 "
+                         f"({HEARTBEAT_ENV})")
+    args["heartbeat_timeout_seconds"] = 2 * int(heartbeat)
     # Cross-process collectives of the CPU backend (CPU-only runs and tests); accelerators are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**args)
+    from jax._src.distributed import global_state
+
+    PeerWatchdog(global_state.client, jax.process_index(), jax.process_count(), int(heartbeat)).start()
     return True
+
+
+HEARTBEAT_ENV = "JAXGPT_HEARTBEAT_TIMEOUT_S"
+DEFAULT_HEARTBEAT_S = 100  # JAX's default heartbeat timeout
+ALIVE_PREFIX = "jaxgpt/alive/"  # the key-value store's directory of the processes' counters
+DONE = "done"  # the counter's last value, written at exit: a finished process is not a silent one
+
+
+class PeerWatchdog:
+    """Ends this process, with one line naming the culprit, when another process of the run goes silent.
+
+    JAX's coordination service notices a dead or stopped process only when its own heartbeat times out, then
+    aborts the others with a stack trace, and when process 0 (which hosts the service) is the silent one its
+    message does not say so (jaxlib 0.10's missed-heartbeat callback cannot be set from Python). So each
+    process runs two daemon threads over the service's key-value store: `beat` sets `jaxgpt/alive/<process>`
+    to a new counter every `timeout_s / 10` s and reads every process's counter; `watch` exits the process
+    (status 1) when a peer's counter has not moved for `timeout_s`, or when the service has not answered for
+    that long (process 0 is stopped or unreachable). A stalled process's threads stall with it (SIGSTOP, a
+    frozen VM), so the others notice it; a process whose main thread holds the GIL for `timeout_s` would look
+    silent too, which is why the bound is seconds on the tests' tiny runs and JAX's 100 s by default.
+    At exit each process writes "done" and stops watching, so one that finishes (or fails) first is not taken
+    for a silent one; JAX's heartbeat covers the rest.
+    """
+
+    def __init__(self, client: Any, process: int, n_processes: int, timeout_s: float) -> None:
+        self.client, self.process, self.n, self.timeout_s = client, process, n_processes, timeout_s
+        self.interval = min(max(timeout_s / 10, 0.1), 10.0)
+        now = time.monotonic()
+        self.answered = now  # when the service last answered this process
+        self.changed = {p: now for p in range(n_processes) if p != process}  # when each peer's counter last moved
+        self.values: dict[int, str] = {}
+        self.stopped = threading.Event()
+
+    def start(self) -> PeerWatchdog:
+        for fn in (self.beat, self.watch):
+            threading.Thread(target=fn, name=f"jaxgpt-{fn.__name__}", daemon=True).start()
+        atexit.register(self.stop)  # after jax's own exit handler is registered, so it runs before it
+        return self
+
+    def beat(self) -> None:
+        count = 0
+        while not self.stopped.wait(self.interval):
+            count += 1
+            try:
+                self.client.key_value_set(f"{ALIVE_PREFIX}{self.process}", str(count), allow_overwrite=True)
+                seen = self.client.key_value_dir_get(ALIVE_PREFIX)
+            except Exception:  # noqa: BLE001 - the service did not answer: `watch` counts the time
+                continue
+            self.saw(seen, time.monotonic())
+
+    def saw(self, seen: Sequence[tuple[str, str]], now: float) -> None:
+        """The counters read back: `(key, value)` pairs of every process that has set one."""
+        self.answered = now
+        for key, value in seen:
+            peer = int(key.rsplit("/", 1)[1])
+            if peer != self.process and self.values.get(peer) != value:
+                self.values[peer], self.changed[peer] = value, now
+
+    def watch(self) -> None:
+        while not self.stopped.wait(self.interval):
+            line = self.silent(time.monotonic())
+            if line and not self.stopped.is_set():
+                print(line, file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def silent(self, now: float) -> str | None:
+        """The one line naming a silent process, or None when every one is heard from (or has finished)."""
+        t, me = self.timeout_s, f"process {self.process} stops too; rerun the job to resume from its last checkpoint"
+        if now - self.answered > t:
+            return (f"process 0 of {self.n} (it hosts the coordination service) did not answer for {t:g} s: it is "
+                    f"stopped, hung or unreachable; {me}")
+        for peer, changed in sorted(self.changed.items()):
+            if self.values.get(peer) != DONE and now - changed > t:
+                return (f"process {peer} of {self.n} sent no heartbeat for {t:g} s: it is stopped, hung or "
+                        f"unreachable; {me}")
+        return None
+
+    def stop(self) -> None:
+        """At exit: stop watching and tell the others this process is done."""
+        self.stopped.set()
+        with contextlib.suppress(Exception):
+            self.client.key_value_set(f"{ALIVE_PREFIX}{self.process}", DONE, allow_overwrite=True)

@@ -229,8 +229,8 @@ while True:
 """
 
 
-@pytest.mark.parametrize("victim", [1, 0])  # a worker; the coordinator (it hosts JAX's coordination service)
-def test_a_dead_process_stops_the_other_within_the_heartbeat_bound(tmp_path, victim):
+def start_collectives(tmp_path: Path) -> list[subprocess.Popen]:
+    """Two processes running COLLECTIVES, returned once both have done an all-gather."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -241,12 +241,20 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_bound(tmp_path, vic
         log = (tmp_path / f"p{i}.log").open("w")
         procs.append(subprocess.Popen([sys.executable, "-c", COLLECTIVES, str(tmp_path)], env=env, cwd=REPO,
                                       stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.time() + TIMEOUT_S
+    while not all((tmp_path / f"step_{i}").is_file() for i in range(2)):
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail((tmp_path / "p0.log").read_text()[-2000:])
+        time.sleep(0.1)
+    return procs
+
+
+@pytest.mark.parametrize("victim", [1, 0])  # a worker; the coordinator (it hosts JAX's coordination service)
+def test_a_dead_process_stops_the_other_within_the_heartbeat_bound(tmp_path, victim):
+    procs = start_collectives(tmp_path)
     try:
-        deadline = time.time() + TIMEOUT_S
-        while not all((tmp_path / f"step_{i}").is_file() for i in range(2)):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                (tmp_path / "p0.log").read_text()[-2000:]
-            time.sleep(0.1)
         procs[victim].send_signal(signal.SIGKILL)
         t0 = time.time()
         survivor = procs[1 - victim]
@@ -258,8 +266,51 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_bound(tmp_path, vic
                 p.kill()
     log = (tmp_path / f"p{1 - victim}.log").read_text()
     assert code != 0 and waited < HEARTBEAT_S + 30, (code, waited)  # the bound, with slack for a loaded machine
-    assert ("Terminating process because the JAX distributed service detected fatal errors" in log
-            or "Connection reset by peer" in log), log[-3000:]
+    assert ("Terminating process because the JAX distributed service detected fatal errors" in log  # socket closed
+            or "Connection reset by peer" in log or f"process {victim} of 2 sent no heartbeat" in log
+            or "(it hosts the coordination service)" in log), log[-3000:]
+
+
+@pytest.mark.parametrize("victim", [1, 0])  # a worker; process 0, which hosts JAX's coordination service
+def test_a_stopped_process_ends_the_other_within_the_heartbeat_with_one_line_naming_it(tmp_path, victim):
+    """SIGSTOP: the victim's sockets stay open (no connection reset) and it answers nothing, as a frozen host
+    does on TPU and GPU pods. The survivor exits, non-zero, within the heartbeat timeout (+ 5 s for a loaded
+    machine), with jaxgpt's one line naming the silent process, before JAX's own heartbeat (twice as long)."""
+    procs, survivor = start_collectives(tmp_path), 1 - victim
+    try:
+        procs[victim].send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        code = procs[survivor].wait(timeout=HEARTBEAT_S + 60)  # never a hang: a TimeoutExpired fails the test
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()
+    log = (tmp_path / f"p{survivor}.log").read_text()
+    assert code == 1 and waited < HEARTBEAT_S + 5, (code, waited, log[-3000:])
+    lines = [ln for ln in log.splitlines() if "sent no heartbeat" in ln or "did not answer" in ln]
+    named = (f"process 1 of 2 sent no heartbeat for {HEARTBEAT_S} s" if victim == 1 else
+             f"process 0 of 2 (it hosts the coordination service) did not answer for {HEARTBEAT_S} s")
+    assert lines == [f"{named}: it is stopped, hung or unreachable; process {survivor} stops too; rerun the job to "
+                     "resume from its last checkpoint"], log[-3000:]
+    assert "Connection reset by peer" not in log and "Terminating process" not in log, log[-3000:]
+
+
+def test_the_watchdog_names_a_peer_whose_counter_stands_still_and_forgets_a_finished_one():
+    """PeerWatchdog's bookkeeping with the clock passed in (no threads, no service): process 2 of 3 watches."""
+    from jaxgpt import sharding as sh
+
+    dog = sh.PeerWatchdog(client=None, process=2, n_processes=3, timeout_s=2)
+    t0 = dog.answered
+    tail = "it is stopped, hung or unreachable; process 2 stops too; rerun the job to resume from its last checkpoint"
+    dog.saw([("jaxgpt/alive/0", "1"), ("jaxgpt/alive/1", "1"), ("jaxgpt/alive/2", "1")], t0 + 1)
+    assert dog.silent(t0 + 2.9) is None  # both peers moved at t0 + 1
+    dog.saw([("jaxgpt/alive/0", "2"), ("jaxgpt/alive/1", "1"), ("jaxgpt/alive/2", "2")], t0 + 2.5)
+    assert dog.silent(t0 + 3.1) == f"process 1 of 3 sent no heartbeat for 2 s: {tail}"  # 1 stood still since t0 + 1
+    dog.saw([("jaxgpt/alive/0", "3"), ("jaxgpt/alive/1", sh.DONE)], t0 + 3.2)
+    assert dog.silent(t0 + 5.0) is None  # process 1 finished; process 0 moved at t0 + 3.2
+    assert dog.silent(t0 + 5.3) == f"process 0 of 3 (it hosts the coordination service) did not answer for 2 s: {tail}"
 
 
 def test_a_bad_heartbeat_timeout_is_refused():
