@@ -145,6 +145,39 @@ def test_each_switch_matches_a_float64_numpy_forward(name):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())  # float32 vs float64
 
 
+def test_qwen3_style_block_matches_transformers_qwen3():
+    """transformers' Qwen3ForCausalLM with the same weights: RMSNorm, SwiGLU, GQA (repeat_kv's head order),
+    QK-norm before RoPE (rotate_half layout, theta 1e6), head_dim != n_embd / n_head, an untied head."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = GPTConfig.preset("tiny", style="qwen3", **GQA, head_size=12)
+    assert (cfg.kv_heads, cfg.mlp_width, cfg.qk_norm, cfg.rope_theta, cfg.fused_qkv) == (2, 96, True, 1e6, False)
+    params = random_params(cfg, seed=9, std=0.3)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_width,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.layer_norm_eps,
+        tie_word_embeddings=False, attention_bias=False)).eval()
+    names = {"self_attn.q_proj": "attn/c_q", "self_attn.k_proj": "attn/c_k", "self_attn.v_proj": "attn/c_v",
+             "self_attn.o_proj": "attn/c_proj", "mlp.gate_proj": "mlp/c_gate", "mlp.up_proj": "mlp/c_fc",
+             "mlp.down_proj": "mlp/c_proj"}
+    state = {"model.embed_tokens.weight": params["wte"]["embedding"], "model.norm.weight": params["ln_f"]["scale"],
+             "lm_head.weight": params["lm_head"]["kernel"].T}
+    for i in range(cfg.n_layer):
+        h, pre = params[f"h_{i}"], f"model.layers.{i}."
+        state |= {pre + t + ".weight": h[m.split("/")[0]][m.split("/")[1]]["kernel"].T for t, m in names.items()}
+        state |= {pre + "input_layernorm.weight": h["ln_1"]["scale"],
+                  pre + "post_attention_layernorm.weight": h["ln_2"]["scale"],
+                  pre + "self_attn.q_norm.weight": h["attn"]["q_norm"]["scale"],
+                  pre + "self_attn.k_norm.weight": h["attn"]["k_norm"]["scale"]}
+    missing, unexpected = hf.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()}, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (2, 13), 0, cfg.vocab_size))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(_logits(cfg, params, tokens), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("impl,hkv,rate,masked", [("manual", 2, 0.0, False), ("manual", 1, 0.2, False),
                                                   ("xla", 2, 0.0, False), ("manual", 2, 0.0, True),
                                                   ("xla", 1, 0.0, True)])
