@@ -19,7 +19,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
-from helpers import REPO, xla_env
+from helpers import REPO, free_port, xla_env
 
 from jaxgpt.io import atomic, paths
 from jaxgpt.io import lock as wl
@@ -129,6 +129,59 @@ def test_the_sampling_cli_reads_a_bucket_run_as_it_reads_a_local_one(bucket_run,
         assert sample.main(["--init-from", init_from, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "3"]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].startswith("def ") and len(outs[0]) == len("def ") + 12 + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two processes (gloo collectives on localhost, one CPU device each) on one bucket workdir
+
+
+def train_py_processes(workdir: str, n: int, data_dir: Path, env: dict[str, str], cwd: Path) -> None:
+    """`train.py` as the n processes of one run (n=1: a plain single-process run), to max_iters=20."""
+    port, procs = free_port(), []
+    for i in range(n):
+        dist = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n),
+                "JAX_PROCESS_ID": str(i)} if n > 1 else {}
+        cmd = [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / 'tiny.py'}",
+               f"--workdir={workdir}", "--config.max_iters=20", f"--config.data.dir={data_dir}",
+               *(f"--config.{k}={v}" for k, v in {**TINIEST, "sample_tokens": 0, "tensorboard": False}.items())]
+        log = open(cwd / f"{workdir.rsplit('/', 1)[-1]}_{i}.log", "w")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen(cmd, cwd=cwd, env={**env, **dist}, stdout=log, stderr=subprocess.STDOUT), log))
+    for p, log in procs:
+        code = p.wait(timeout=600)
+        log.close()
+        assert code == 0, Path(log.name).read_text()[-3000:]
+
+
+def copy_step(src: str, dst: str, step: int) -> None:
+    """A workdir holding only `src`'s identity files and its checkpoint of `step` (as if saved at `step` last)."""
+    for name in ("config.json", "tokenizer.json", "train_config.json"):
+        paths.as_path(f"{dst}/{name}").write_bytes(paths.as_path(f"{src}/{name}").read_bytes())
+    folder = paths.as_path(f"{src}/checkpoints/{step}")
+    for f in paths.files_under(folder):
+        (paths.as_path(f"{dst}/checkpoints/{step}") / str(f.relative_to(folder))).write_bytes(f.read_bytes())
+
+
+@pytest.mark.run
+def test_a_two_process_run_in_a_bucket_resumes_bitwise_on_two_processes_and_on_one_on_another_mesh(
+        gcs, run_env, pydoc_char_dir, tmp_path):
+    """Two processes train 20 steps into the bucket (orbax writes the checkpoints from both, process 0 the rest);
+    its checkpoint of step 10 alone, resumed by two processes, gives its steps 10..19 bit for bit, and resumed by
+    one process (one device: another mesh) gives them within float32 rounding."""
+    straight, resumed, one = gcs() + "/straight", gcs() + "/resumed", gcs() + "/one"
+    train_py_processes(straight, 2, pydoc_char_dir, run_env, tmp_path)
+    assert {"10", "15", "20"} <= names(straight + "/checkpoints") and "metrics.jsonl.parts" in names(straight)
+    for wd in (resumed, one):
+        copy_step(straight, wd, 10)
+    train_py_processes(resumed, 2, pydoc_char_dir, run_env, tmp_path)
+    train_py_processes(one, 1, pydoc_char_dir, run_env, tmp_path)
+    want = {s: r["loss"] for s, r in per_step(straight + "/metrics.jsonl").items() if s >= 10}
+    assert sorted(want) == list(range(10, 20))
+    assert {s: r["loss"] for s, r in per_step(resumed + "/metrics.jsonl").items()} == want
+    chex.assert_trees_all_equal(Workdir(resumed).load(20)[1], Workdir(straight).load(20)[1])
+    got = per_step(one + "/metrics.jsonl")
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s]["loss"] for s in want], list(want.values()), rtol=1e-5)
+    chex.assert_trees_all_close(Workdir(one).load(20)[1], Workdir(straight).load(20)[1], rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,8 +335,8 @@ def test_the_metrics_log_in_a_bucket_writes_one_object_per_batch_and_reads_back_
     assert got == want and [r["loss"] for r in got if r["kind"] == "train"] == \
            [r["loss"] for r in first[:4] + resumed]  # later records of a step win
     # a workdir copied into the bucket: its metrics.jsonl is read first, then the parts
-    paths.as_path(url + "/metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 0.5}) + "\n"
-                                                             for s in (2, 99)))
+    copied = "".join(json.dumps({"kind": "train", "step": s, "loss": 0.5}) + "\n" for s in (2, 99))
+    paths.as_path(url + "/metrics.jsonl").write_text(copied)
     got = per_step(url + "/metrics.jsonl")
     assert got[2]["loss"] == first[2]["loss"] and got[99]["loss"] == 0.5
 
