@@ -431,3 +431,34 @@ def test_a_step_saved_part_way_into_a_bucket_is_ignored_by_readers_and_removed_b
     (wd.checkpoints / "7x").write_text("a stranger")  # anything else is still refused
     with pytest.raises(ValueError, match=r"holds \['7x'\], which are not complete orbax checkpoints"):
         checkpoint.check_run_checkpoints(wd.checkpoints, [5])
+
+
+def test_a_hugging_face_export_and_lora_adapters_saved_into_a_bucket_read_back_exactly(gcs, tmp_path):
+    import jax
+    from helpers import random_params
+
+    from jaxgpt import lora
+    from jaxgpt.io.hf import export_hf_gpt2, load_hf_gpt2
+    from jaxgpt.nn.config import GPTConfig
+
+    cfg = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    params = random_params(cfg, seed=5, norm_scales="uniform")
+    url = gcs()
+    assert str(export_hf_gpt2(cfg, params, url + "/hf")) == url + "/hf"
+    assert names(url + "/hf") == {"config.json", "model.safetensors"}
+    got_cfg, got = load_hf_gpt2(url + "/hf")  # read from the bucket, as --init-from gs://.../hf does
+    assert got_cfg == cfg
+    chex.assert_trees_all_equal(got, params)
+    lcfg = lora.LoraConfig(rank=2, alpha=3.0, targets=("attn/c_attn", "mlp/c_fc"))
+    rng = np.random.default_rng(6)
+    adapters = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), lora.init_lora(0, params, lcfg))
+    lora.save_adapters(url + "/lora", adapters, lcfg)
+    local = tmp_path / "lora"
+    local.mkdir()
+    for f in paths.as_path(url + "/lora").iterdir():
+        (local / f.name).write_bytes(f.read_bytes())
+    got_adapters, got_lcfg = lora.load_adapters(local, params)
+    assert got_lcfg == lcfg
+    chex.assert_trees_all_equal(got_adapters, adapters)
+    with pytest.raises(FileExistsError, match="already exists"):
+        lora.save_adapters(url + "/lora", adapters, lcfg)
