@@ -121,6 +121,7 @@ class RunSpec:
     eval_interval: int = 0  # 0: evaluate once, at the end
     eval_iters: int = 10
     seed: int = 1337
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)  # other training-config keys (e.g. optimizer)
 
 
 def training_config(spec: RunSpec, data_dir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -148,6 +149,10 @@ def training_config(spec: RunSpec, data_dir: str | os.PathLike) -> ml_collection
     c.keep_checkpoints = 1
     c.keep_best = False
     c.sample_tokens = 0
+    for k, v in spec.train.items():
+        if k not in c or isinstance(c[k], ml_collections.ConfigDict):
+            raise ValueError(f"RunSpec {spec.name!r}: {k!r} is not a training-config key; see jaxgpt/train/config.py")
+        c[k] = v
     return c
 
 

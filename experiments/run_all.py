@@ -30,6 +30,7 @@ STUDIES: tuple[tuple[str, str], ...] = (
     ("lora_rank", "docs/figures/lora_*"),
     ("quantize_layernorm", "docs/figures/quant_layernorm*"),
     ("kv_compression", "docs/figures/kv_compression*"),
+    ("ladder", "docs/figures/ladder*"),
 )
 
 

@@ -232,3 +232,35 @@ def test_run_all_lists_every_study(capsys):
     assert capsys.readouterr().out.startswith("python -m experiments.positions")
     with pytest.raises(ValueError, match="unknown studies"):
         run_all.available(["nope"])
+
+
+def test_ladder_steps_to_target_interpolates_between_the_straddling_evaluations():
+    from experiments import ladder
+
+    evals = [{"step": 50, "val_loss": 2.4}, {"step": 100, "val_loss": 2.0}, {"step": 150, "val_loss": 1.9}]
+    assert ladder.steps_to(evals, 2.1) == pytest.approx(87.5)  # 2.4 -> 2.0 over 50 steps: 2.1 a quarter before
+    assert ladder.steps_to(evals, 2.5) == 50.0 and ladder.steps_to(evals, 1.9) == 150.0
+    assert ladder.steps_to(evals, 1.8) is None
+
+
+@pytest.mark.run
+def test_ladder_tiny(tmp_path, data_dir):
+    """GPT-2 and the top rung (every model switch, then Muon) at a tiny size: the JSON, the target, the KV bytes of
+    an empty cache (1 layer x K and V x heads x 4 float32 values), the parameters of the pytree, the figure."""
+    from configs import ladder as ladder_config
+    from experiments import ladder
+
+    s = ladder.LadderStudy(rungs=("gpt2", "muon"), seeds=(0,), steps=4, eval_interval=2, eval_iters=1, n_layer=1,
+                           n_embd=16, block_size=16, batch_size=4, warmup_iters=1)
+    res = ladder.run(s, data_dir=data_dir, workdir=tmp_path / "runs", out_dir=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "ladder.json").read_text())
+    assert saved["summary"] == res["summary"] and (tmp_path / "ladder.png").stat().st_size > 10_000
+    gpt2, top = res["summary"]["rungs"]
+    assert res["summary"]["target_val_loss"] == gpt2["final_val_loss"]["median"] == res["runs"][0]["final_val_loss"]
+    assert gpt2["steps_to_target"]["median"] <= 4 and [e["step"] for e in res["runs"][0]["evals"]] == [2, 4]
+    assert (gpt2["kv_bytes_per_token"], top["kv_bytes_per_token"]) == (2 * 4 * 4 * 4, 2 * 1 * 4 * 4)
+    cfg = GPTConfig(vocab_size=65, n_layer=1, n_head=4, n_embd=16, block_size=16, bias=False,
+                    **ladder_config.switches("muon")[0])
+    assert top["params"] == sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(cfg, 0))))
+    assert top["switches"]["train"] == {"optimizer": "muon"} and top["ms_per_step"]["median"] > 0
+    assert "| muon |" in ladder.table(res)
