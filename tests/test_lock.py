@@ -233,3 +233,13 @@ def test_train_and_train_py_refuse_a_held_workdir_before_writing(tmp_path, pydoc
         assert last.startswith("train.py: ") and f"PID {os.getpid()}" in last and "Traceback" not in p.stderr, \
             p.stderr[-2000:]
         assert sorted(f.name for f in wd.iterdir()) == [Workdir(wd).lock.name, Workdir(wd).lock_guard.name]  # nothing written
+
+
+def test_a_bucket_workdir_gets_the_bucket_lock_and_missing_credentials_are_named(tmp_path, monkeypatch):
+    pytest.importorskip("gcsfs")
+    assert type(wl.WorkdirLock(tmp_path)) is wl.WorkdirLock  # a local folder keeps the flock lock
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    with pytest.raises(RuntimeError, match=r"gs://bkt/run/\.lock: no Google Cloud credentials to reach the bucket "
+                                           r"\(DefaultCredentialsError\); run `gcloud auth application-default login`"):
+        wl.WorkdirLock("gs://bkt/run")

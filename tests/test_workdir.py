@@ -76,10 +76,12 @@ def test_train_py_refuses_a_bucket_workdir_without_gcsfs_in_one_line(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["site"]  # no ./gs: folder
 
 
-def test_a_url_of_an_unknown_scheme_is_refused_not_made_a_local_folder():
+def test_a_url_of_an_unknown_scheme_or_a_mangled_one_is_refused_not_made_a_local_folder():
     with pytest.raises(ValueError, match=r"memory://x/run: the scheme memory:// is not supported; use a local path "
                                          "or a gs://"):
         Workdir("memory://x/run")
+    with pytest.raises(ValueError, match=r"gs:/b/run is a bucket URL that lost a slash .* pass the URL as a string"):
+        Workdir(Path("gs://b/run"))
 
 
 def test_a_workdir_that_is_not_a_run_is_refused_with_the_fix(tmp_path):

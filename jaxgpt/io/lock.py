@@ -379,7 +379,12 @@ def _gcs_blob(path: Any) -> Any:
     from google.cloud import storage
 
     bucket, key = paths.bucket_and_key(path)
-    return storage.Client(project=None).bucket(bucket).blob(key)
+    try:
+        client = storage.Client(project=None)
+    except Exception as e:  # noqa: BLE001 - google.auth raises its own types for missing or bad credentials
+        raise RuntimeError(f"{path}: no Google Cloud credentials to reach the bucket ({type(e).__name__}); run "
+                           "`gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
+    return client.bucket(bucket).blob(key)
 
 
 def holder_of(workdir: str | os.PathLike) -> dict[str, Any] | None:

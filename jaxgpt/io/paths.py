@@ -44,6 +44,9 @@ def as_path(path: str | os.PathLike) -> Any:
     s = os.fspath(path)
     if "://" in s:
         require_backend(s)
+    elif any(s.startswith(f"{sch}:/") for sch in BACKENDS):
+        raise ValueError(f"{s} is a bucket URL that lost a slash (pathlib.Path('gs://b/x') makes 'gs:/b/x'); pass "
+                         "the URL as a string")
     return epath.Path(s)
 
 
