@@ -276,6 +276,7 @@ def test_gqa_cached_greedy_decode_follows_the_uncached_argmax_chain_and_int8_sta
         np.testing.assert_allclose(out.logits[b], chain, atol=1e-5, rtol=0)
     int8 = G.generate(params, cfg, PROMPTS, N, opts.replace(cache_kind="int8"), return_logits=True)
     assert not np.array_equal(int8.logits, out.logits)  # the int8 entries were really used
+    np.testing.assert_array_equal(int8.tokens, out.tokens)  # the same greedy chain, so the logits compare
     dense = np.asarray(out.logits)
     spread = np.linalg.norm(dense - dense.mean(-1, keepdims=True))
     assert np.linalg.norm(int8.logits - dense) / spread < 0.03  # test_kv_compress's int8 bound (relative error)
