@@ -211,7 +211,61 @@ def test_the_default_optimizer_is_adamw_and_reaches_optim_config():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A whole run
+# On a mesh, and a whole run
+
+# runs in a fresh interpreter with 4 CPU devices: the train program (build_program, as the trainer and jaxgpt.aot
+# build it) of a scanned model with Muon, on data=1 x fsdp=4 and on one device
+MESH_MUON = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jaxgpt import sharding as sh
+from jaxgpt.nn.config import GPTConfig
+from jaxgpt.nn.model import init_params
+from jaxgpt.train import steps
+from jaxgpt.train.config import MeshConfig, OptimConfig, base_config
+from jaxgpt.train.program import build_program
+
+c = base_config()
+c.optimizer, c.warmup_iters, c.lr_decay_iters = "muon", 1, 10
+cfg = GPTConfig(vocab_size=37, block_size=8, n_layer=2, n_head=2, n_embd=32, dropout=0.0, scan_layers=True)
+rng = np.random.default_rng(0)
+x, y = (jnp.asarray(rng.integers(0, 37, (1, 4, 8)), jnp.int32) for _ in range(2))
+out = {}
+for name, devices, fsdp in (("mesh", jax.devices(), 4), ("one", jax.devices()[:1], 1)):
+    prog = build_program(cfg, OptimConfig.of(c), MeshConfig(data=1, fsdp=fsdp, min_shard_size=256), grad_accum=1,
+                         batch_rows=4, devices=devices)
+    state = jax.device_put(prog.layout.inward(steps.init_state(init_params(cfg, 0), prog.tx)), prog.shardings.state)
+    losses = []
+    for _ in range(3):
+        state, m = prog.train_step(state, (x, y), jax.random.PRNGKey(0), None)
+        losses.append(float(m["loss"]))
+    out[name] = {"losses": losses, "params": [np.asarray(p).tolist() for p in jax.tree.leaves(state.params)],
+                 "specs": {k: [str(a) for a in v] for k, v in sh.spec_summary(prog.shardings.state).items()}}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.run
+def test_muon_state_shards_like_its_params_and_a_mesh_step_equals_one_device(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO, xla_env
+
+    proc = subprocess.run([sys.executable, "-c", MESH_MUON], check=False, cwd=REPO, env=xla_env(4),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    specs = out["mesh"]["specs"]
+    momentum = {k: v for k, v in specs.items() if "/muon/" in k and "/mu/" in k}
+    assert len(momentum) == 4  # c_attn, attn c_proj, c_fc, mlp c_proj, each one stacked [L, in, out] leaf
+    for key, spec in momentum.items():
+        param = "params/" + key.split("/mu/", 1)[1]
+        assert spec == specs[param], key  # Muon's momentum is placed as its matrix, layer axis unsplit
+    assert specs["params/h/mlp/c_fc/kernel"][0] == "None" and "fsdp" in str(specs["params/h/mlp/c_fc/kernel"])
+    np.testing.assert_allclose(out["mesh"]["losses"], out["one"]["losses"], rtol=1e-5)
+    for a, b in zip(out["mesh"]["params"], out["one"]["params"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
 
 
 @pytest.mark.run
