@@ -59,6 +59,7 @@ class LadderStudy:
     warmup_iters: int = 0  # 0: steps / 20 (the recipe's 100 of 2000)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    cost_rounds: int = 5  # rounds of step_costs after the runs (0: none)
 
 
 def recipe_model(s: LadderStudy) -> dict[str, Any]:
@@ -93,6 +94,43 @@ def ms_per_step(r: common.RunResult, tokens_per_step: int) -> float | None:
     tps = [float(x["tokens_per_s"]) for x in metrics.read_metrics(Path(r.workdir) / "metrics.jsonl")
            if x.get("kind") == "train" and x.get("tokens_per_s")]
     return 1000.0 * tokens_per_step / float(np.median(tps)) if tps else None
+
+
+def step_costs(s: LadderStudy, vocab_size: int, rounds: int = 5, steps_per_round: int = 20) -> dict[str, Any]:
+    """ms per train step of every rung measured back to back: each round times `steps_per_round` steps of every
+    rung in turn (programs compiled once, before the first round), so every rung sees the same load; the median
+    over rounds per rung, and each round's ratio to GPT-2's, whose median is the load-independent cost."""
+    import jax.numpy as jnp
+
+    from jaxgpt.nn.config import GPTConfig
+    from jaxgpt.nn.model import init_params
+    from jaxgpt.train import steps as steps_lib
+    from jaxgpt.train.config import MeshConfig, OptimConfig
+    from jaxgpt.train.program import build_program
+
+    progs = {}
+    x = jnp.asarray(np.random.default_rng(0).integers(0, vocab_size, (1, s.batch_size, s.block_size)), jnp.int32)
+    for rung in s.rungs:
+        spec = rung_spec(s, rung, 0)
+        c = common.training_config(spec, "unused")
+        cfg = GPTConfig.from_dict({**c.model.to_dict(), "vocab_size": vocab_size})
+        prog = build_program(cfg, OptimConfig.of(c), MeshConfig.of(c.mesh), grad_accum=1, batch_rows=s.batch_size)
+        state = prog.layout.inward(steps_lib.init_state(init_params(cfg, 0), prog.tx))
+        state, m = prog.train_step(state, (x, x), jax.random.PRNGKey(0), None)  # compiles
+        jax.block_until_ready(m)
+        progs[rung] = [prog, state]
+    times: dict[str, list[float]] = {r: [] for r in s.rungs}
+    for _ in range(rounds):
+        for rung, ps in progs.items():
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
+                ps[1], m = ps[0].train_step(ps[1], (x, x), jax.random.PRNGKey(0), None)
+            jax.block_until_ready(m)
+            times[rung].append(1000.0 * (time.perf_counter() - t0) / steps_per_round)
+    base = times[s.rungs[0]]
+    return {"rounds": rounds, "steps_per_round": steps_per_round, "load": round(os.getloadavg()[0], 2),
+            "ms_per_step": {r: float(np.median(t)) for r, t in times.items()},
+            "vs_gpt2": {r: float(np.median(np.asarray(t) / np.asarray(base))) for r, t in times.items()}}
 
 
 def steps_to(evals: Sequence[dict[str, float]], target: float) -> float | None:
@@ -132,8 +170,10 @@ def _spread(values: Sequence[float | None]) -> dict[str, Any]:
             "n": len(known), "of": len(values)}
 
 
-def summarize(s: LadderStudy, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per rung: final val loss, steps and wall time to the GPT-2 target, over the seeds finished so far."""
+def summarize(s: LadderStudy, runs: Sequence[dict[str, Any]], cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per rung: final val loss, steps and wall time to the GPT-2 target, over the seeds finished so far. Wall time
+    to the target against GPT-2's whole budget comes twice: with each run's own ms/step (taken at whatever load
+    the machine had then), and with the step cost of `step_costs` (every rung timed back to back) when given."""
     base = [r for r in runs if r["rung"] == s.rungs[0]]
     target = float(np.median([r["final_val_loss"] for r in base])) if base else None
     base_ms = _spread([r["ms_per_step"] for r in base])["median"]
@@ -151,6 +191,8 @@ def summarize(s: LadderStudy, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                      "final_val_loss": _spread([r["final_val_loss"] for r in rs]),
                      "steps_to_target": _spread(to_target), "ms_per_step": ms,
                      "wall_to_target_vs_gpt2": _spread(ratios),
+                     "wall_to_target_vs_gpt2_back_to_back": _spread(
+                         [t * cost["vs_gpt2"][rung] / s.steps if t is not None and cost else None for t in to_target]),
                      "load": [r["load_before"] for r in rs] + [r["load_after"] for r in rs],
                      "params": rs[0]["params"], "kv_bytes_per_token": rs[0]["kv_bytes_per_token"]})
     return {"target_val_loss": target, "gpt2_ms_per_step": base_ms, "rungs": rows}
@@ -171,7 +213,31 @@ def run(s: LadderStudy, *, data_dir: str | Path | None = None, workdir: str | Pa
                    "cpu_count": os.cpu_count(), "wall_s": round(time.perf_counter() - t0, 1),
                    "summary": summarize(s, runs), "runs": runs}
             common.write_json(out / f"ladder{suffix}.json", res)
+    if s.cost_rounds:
+        res = with_step_costs(s, res, ddir)
+        common.write_json(out / f"ladder{suffix}.json", res)
     plot(res, out / f"ladder{suffix}.png")
+    return res
+
+
+def with_step_costs(s: LadderStudy, res: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """`res` with the back-to-back step costs of every rung (`step_costs`) and its summary recomputed."""
+    from jaxgpt import data as data_lib
+
+    cost = step_costs(s, int(data_lib.load_meta(data_dir)["vocab_size"]), rounds=s.cost_rounds)
+    return {**res, "step_cost": cost, "summary": summarize(s, res["runs"], cost)}
+
+
+def cost_only(path: Path, data_dir: str | Path | None, rounds: int) -> dict[str, Any]:
+    """Add the back-to-back step costs to a finished ladder's JSON, with the study it was run with."""
+    import json
+
+    res = json.loads(path.read_text())
+    s = LadderStudy(**{**res["study"], "rungs": tuple(res["study"]["rungs"]), "seeds": tuple(res["study"]["seeds"]),
+                       "cost_rounds": rounds})
+    res = with_step_costs(s, {**res, "study": dataclasses.asdict(s)}, common.char_data(data_dir))
+    common.write_json(path, res)
+    plot(res, path.with_suffix(".png"))
     return res
 
 
@@ -229,13 +295,16 @@ def table(res: dict[str, Any]) -> str:
 
     rows = []
     for r in res["summary"]["rungs"]:
+        cost = res.get("step_cost", {}).get("vs_gpt2", {}).get(r["rung"])
         rows.append([r["rung"], f"{r['params']:,}", f"{r['kv_bytes_per_token']:,}",
                      spread(r["final_val_loss"], ".3f"), spread(r["steps_to_target"], ".0f"),
                      spread(r["ms_per_step"], ".1f"), f"{min(r['load']):.1f}-{max(r['load']):.1f}",
-                     spread(r["wall_to_target_vs_gpt2"], ".2f")])
+                     spread(r["wall_to_target_vs_gpt2"], ".2f"), "-" if cost is None else f"{cost:.2f}",
+                     spread(r["wall_to_target_vs_gpt2_back_to_back"], ".2f")])
     return common.markdown_table(["rung (+ all above)", "params", "KV bytes/token", "final val loss",
-                                  "steps to GPT-2's final val", "ms/step", "load (1 min)",
-                                  "wall to target / GPT-2's"], rows)
+                                  "steps to GPT-2's final val", "ms/step (in its runs)", "load (1 min)",
+                                  "wall to target / GPT-2's (runs' ms/step)", "step cost / GPT-2's (back to back)",
+                                  "wall to target / GPT-2's (back to back)"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -244,12 +313,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.add_argument("--seeds", type=int, nargs="+", default=list(LadderStudy.seeds))
         ap.add_argument("--eval-interval", type=int, default=LadderStudy.eval_interval)
         ap.add_argument("--eval-iters", type=int, default=LadderStudy.eval_iters)
+        ap.add_argument("--cost-rounds", type=int, default=LadderStudy.cost_rounds,
+                        help="rounds of back-to-back step timing after the runs (0: none)")
+        ap.add_argument("--cost-only", action="store_true",
+                        help="only add the back-to-back step costs to an existing ladder.json (and redraw)")
         ap.add_argument("--rungs", nargs="+", default=list(LadderStudy.rungs), choices=ladder_config.rung_names())
 
     a = common.study_args(__doc__, "no bigger version: the ladder is a CPU study", argv, extra)
     study = LadderStudy(steps=a.steps, seeds=tuple(a.seeds), rungs=tuple(a.rungs), eval_interval=a.eval_interval,
-                        eval_iters=a.eval_iters)
-    res = run(study, data_dir=a.data_dir, workdir=a.workdir, out_dir=a.out, fresh=a.fresh, progress=not a.quiet)
+                        eval_iters=a.eval_iters, cost_rounds=a.cost_rounds)
+    if a.cost_only:
+        res = cost_only(Path(a.out) / "ladder.json", a.data_dir, a.cost_rounds)
+    else:
+        res = run(study, data_dir=a.data_dir, workdir=a.workdir, out_dir=a.out, fresh=a.fresh,
+                  progress=not a.quiet)
     print(f"target (GPT-2's final val loss, median over seeds): {res['summary']['target_val_loss']:.4f}")
     print(table(res))
 

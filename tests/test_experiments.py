@@ -251,7 +251,7 @@ def test_ladder_tiny(tmp_path, data_dir):
     from experiments import ladder
 
     s = ladder.LadderStudy(rungs=("gpt2", "muon"), seeds=(0,), steps=4, eval_interval=2, eval_iters=1, n_layer=1,
-                           n_embd=16, block_size=16, batch_size=4, warmup_iters=1)
+                           n_embd=16, block_size=16, batch_size=4, warmup_iters=1, cost_rounds=1)
     res = ladder.run(s, data_dir=data_dir, workdir=tmp_path / "runs", out_dir=tmp_path, progress=False)
     saved = json.loads((tmp_path / "ladder.json").read_text())
     assert saved["summary"] == res["summary"] and (tmp_path / "ladder.png").stat().st_size > 10_000
@@ -264,3 +264,7 @@ def test_ladder_tiny(tmp_path, data_dir):
     assert top["params"] == sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(cfg, 0))))
     assert top["switches"]["train"] == {"optimizer": "muon"} and top["ms_per_step"]["median"] > 0
     assert "| muon |" in ladder.table(res)
+    cost = res["step_cost"]  # the two rungs timed back to back: GPT-2 against itself is 1
+    assert cost["vs_gpt2"]["gpt2"] == 1.0 and cost["ms_per_step"]["muon"] > 0
+    got, steps_ = top["wall_to_target_vs_gpt2_back_to_back"]["median"], top["steps_to_target"]["median"]
+    assert got == (None if steps_ is None else pytest.approx(steps_ * cost["vs_gpt2"]["muon"] / 4))
