@@ -61,37 +61,36 @@ def train_py(workdir: str | Path, max_iters: int, env: dict[str, str], cwd: Path
     return p
 
 
-@pytest.fixture(scope="module")
-def bucket_run(gcs, run_env, tmp_path_factory):
-    """(url, local reference, cwd): 10 steps into the bucket, then the same command with max_iters=20 resuming
-    there; the reference trains the 20 steps straight through in a local workdir."""
-    url, cwd = gcs() + "/run", tmp_path_factory.mktemp("cwd")
-    train_py(url, 10, run_env, cwd)
-    first = names(url + "/checkpoints")
-    train_py(url, 20, run_env, cwd)
-    ref = tmp_path_factory.mktemp("ref") / "run"
-    train_py(ref, 20, run_env, cwd.parent)
-    return url, ref, cwd, first
-
-
 @pytest.mark.run
-def test_train_py_on_a_bucket_writes_every_file_there_and_nothing_locally(bucket_run, run_env, monkeypatch):
-    url, _, cwd, first = bucket_run
+def test_train_py_on_a_bucket_writes_there_resumes_bit_for_bit_and_samples(gcs, run_env, tmp_path, monkeypatch, capsys):
+    """10 steps into the bucket, then the same command with max_iters=20 resuming there, against 20 steps
+    trained straight through in a local workdir (one test, so that pytest-xdist runs the trainings once)."""
+    url, cwd, ref = gcs() + "/run", tmp_path / "cwd", tmp_path / "ref"
+    cwd.mkdir()
+    train_py(url, 10, run_env, cwd)
+    assert names(url + "/checkpoints") == {"5", "10"}
+    train_py(url, 20, run_env, cwd)
+    train_py(ref, 20, run_env, tmp_path)
     assert list(cwd.iterdir()) == []  # no ./gs: folder, nothing else either
-    assert first == {"5", "10"}
+    monkeypatch.setenv(paths.CACHE_ENV, run_env["JAXGPT_CACHE_DIR"])
+    check_bucket_files(url, run_env)
+    check_same_run(url, ref)
+    check_tensorboard(url, tmp_path / "tb")
+    check_samples(url, ref, capsys)
+
+
+def check_bucket_files(url: str, run_env: dict[str, str]) -> None:
     assert {"config.json", "tokenizer.json", "train_config.json", "checkpoints", "metrics.jsonl.parts", "tensorboard",
             "loss.png", "sample.txt"} == names(url)  # the lock object is gone: released at the end
     assert names(url + "/checkpoints") >= {"10", "15", "20"}
     assert paths.as_path(url + "/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(paths.as_path(url + "/sample.txt").read_text()) == 8
-    monkeypatch.setenv(paths.CACHE_ENV, run_env["JAXGPT_CACHE_DIR"])
     data = Workdir(url).data  # the memory-mapped dataset: a local folder of this machine
     assert str(data).startswith(run_env["JAXGPT_CACHE_DIR"]) and (data / "meta.json").is_file()
 
 
-@pytest.mark.run
-def test_a_run_resumed_from_a_bucket_equals_one_trained_straight_through(bucket_run):
-    url, ref, _, _ = bucket_run
+def check_same_run(url: str, ref: Path) -> None:
+    """The run resumed from the bucket equals the one trained straight through, bit for bit."""
     got, want = per_step(url + "/metrics.jsonl"), per_step(ref / "metrics.jsonl")
     assert sorted(got) == sorted(want) == list(range(20))
     diff = [s for s in want if got[s]["loss"] != want[s]["loss"]]
@@ -102,12 +101,10 @@ def test_a_run_resumed_from_a_bucket_equals_one_trained_straight_through(bucket_
     chex.assert_trees_all_equal(Workdir(url).load(20)[1], Workdir(ref).load(20)[1])
 
 
-@pytest.mark.run
-def test_tensorboard_event_files_in_the_bucket_hold_every_logged_loss(bucket_run, tmp_path):
+def check_tensorboard(url: str, local: Path) -> None:
+    """The event files in the bucket, read by tensorboard's own reader, hold every logged loss."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    url, _, _, _ = bucket_run
-    local = tmp_path / "tb"
     local.mkdir()
     for f in paths.as_path(url + "/tensorboard").iterdir():
         (local / f.name).write_bytes(f.read_bytes())
@@ -119,11 +116,10 @@ def test_tensorboard_event_files_in_the_bucket_hold_every_logged_loss(bucket_run
     np.testing.assert_allclose([v for _, v in got], [want[s]["loss"] for s, _ in got], rtol=1e-6)  # float32
 
 
-@pytest.mark.run
-def test_the_sampling_cli_reads_a_bucket_run_as_it_reads_a_local_one(bucket_run, capsys):
+def check_samples(url: str, ref: Path, capsys) -> None:
+    """`python -m jaxgpt.sample --init-from gs://...` prints what it prints for the local run."""
     from jaxgpt import sample
 
-    url, ref, _, _ = bucket_run
     outs = []
     for init_from in (url, str(ref)):
         assert sample.main(["--init-from", init_from, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "3"]) == 0
