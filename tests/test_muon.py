@@ -298,3 +298,9 @@ def test_a_muon_run_learns_and_resumes_bitwise(pydoc_char_dir, tmp_path):
     (_, a, _), (_, b, _) = Workdir(tmp_path / "whole").load(), Workdir(tmp_path / "halves").load()
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert json.loads((tmp_path / "whole" / "train_config.json").read_text())["optimizer"] == "muon"
+    adamw = config(20)
+    adamw.optimizer = "adamw"
+    with pytest.raises(ValueError, match="holds a run trained with config.optimizer='muon', not 'adamw'; resume it "
+                                         "with --config.optimizer=muon, or start a new --workdir") as err:
+        trainer.train(adamw, tmp_path / "whole")  # AdamW's state is another pytree: refused before restoring
+    assert "\n" not in str(err.value)

@@ -223,8 +223,9 @@ def lora_identity(lora_cfg: LoraSettings, start: StartConfig, trainable: Trainab
             **({"base_quantize": quantized} if quantized else {})}
 
 
-def check_identity(wd: Workdir, steps: list[int], model_cfg: GPTConfig, lora_now: dict[str, Any] | None) -> None:
-    """With checkpoints in wd, the model config and the LoRA settings must be the saved ones."""
+def check_identity(wd: Workdir, steps: list[int], model_cfg: GPTConfig, lora_now: dict[str, Any] | None,
+                   optimizer: str = "adamw") -> None:
+    """With checkpoints in wd, the model config, the LoRA settings and the optimizer must be the saved ones."""
     if not steps:
         return
     saved = wd.read_model_config()
@@ -237,16 +238,23 @@ def check_identity(wd: Workdir, steps: list[int], model_cfg: GPTConfig, lora_now
     if lora_saved != lora_now:
         raise ValueError(f"{wd} holds a run with LoRA settings {lora_saved} but config.lora gives {lora_now}; "
                          "resume with the same config.lora, init_from and init_path, or use a new --workdir")
+    saved_optimizer = (json.loads(wd.train_config.read_text()).get("optimizer", "adamw")  # older runs: AdamW
+                       if wd.train_config.is_file() else optimizer)
+    if saved_optimizer != optimizer:  # another optimizer state: it cannot be restored
+        raise ValueError(f"{wd} holds a run trained with config.optimizer={saved_optimizer!r}, not {optimizer!r}; "
+                         f"resume it with --config.optimizer={saved_optimizer}, or start a new --workdir from it "
+                         "(init_from='run', init_path=that workdir)")
 
 
-def open_checkpoints(loop: LoopConfig, wd: Workdir, model_cfg: GPTConfig, lora_now: dict | None):
+def open_checkpoints(loop: LoopConfig, wd: Workdir, model_cfg: GPTConfig, lora_now: dict | None,
+                     optimizer: str = "adamw"):
     """The run's orbax CheckpointManager and its complete steps, after the identity checks."""
     mngr = checkpoint.run_checkpoint_manager(wd.checkpoints, keep=loop.keep_checkpoints, keep_best=loop.keep_best,
                                              async_save=loop.async_checkpointing)
     try:
         steps = sorted(mngr.all_steps())
         checkpoint.check_run_checkpoints(wd.checkpoints, steps)
-        check_identity(wd, steps, model_cfg, lora_now)
+        check_identity(wd, steps, model_cfg, lora_now, optimizer)
     except Exception:
         mngr.close()
         raise
@@ -341,7 +349,7 @@ def open_run(train_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | 
     program = build_program(model_cfg, p.optim, p.mesh, grad_accum=p.loop.grad_accum, batch_rows=p.loop.batch_size,
                             tx=tx, trainable=trainable, shardings_fn=shardings_fn)
     lora_now = lora_identity(p.lora, p.start, trainable)
-    mngr, ckpt_steps = open_checkpoints(p.loop, wd, model_cfg, lora_now)
+    mngr, ckpt_steps = open_checkpoints(p.loop, wd, model_cfg, lora_now, p.optim.optimizer)
     tok_meta = init.tokenizer
     try:
         if main:
