@@ -1,8 +1,9 @@
 """Workdirs in a Google Cloud Storage bucket, against a real GCS emulator (fake-gcs-server, the `gcs` fixture):
 train.py on gs:// writes every file of a run into the bucket and nothing locally, resumes bitwise from it and
-samples from it; the bucket lock (generation preconditions, heartbeat, stale takeover, WorkdirLost); the
-metrics log, TensorBoard events and atomic writes there; a failed save names the bucket. References: the same
-run in a local workdir, tensorboard's own event reader, and the local lock's messages."""
+samples from it; a two-process run there resumes on two processes and on one; the bucket lock (generation
+preconditions, heartbeat, stale takeover, WorkdirLost); the metrics log, TensorBoard events, atomic writes,
+partial checkpoint steps, exports and adapters there; a failed save names the bucket. References: the same run
+in a local workdir, tensorboard's own event reader, the local lock's messages, the arrays that were saved."""
 
 from __future__ import annotations
 
