@@ -229,6 +229,15 @@ def test_a_stale_bucket_lock_is_taken_over_and_its_old_holder_stops_at_its_next_
     assert ".lock" not in names(url)
 
 
+def test_a_bucket_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(gcs):
+    url = gcs()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    paths.as_path(url + "/.lock").write_text(json.dumps({**wl.me(), "pid": dead.pid}))
+    with wl.WorkdirLock(url) as lock:  # the default STALE_AFTER_S: the PID alone says it is gone
+        assert lock.taken_over.endswith(f": PID {dead.pid} is gone"), lock.taken_over
+
+
 def test_a_live_holder_on_this_host_is_never_taken_over_however_old_its_lock(gcs):
     url = gcs()
     with wl.WorkdirLock(url, heartbeat_s=3600, stale_after_s=0.1):
