@@ -77,7 +77,7 @@ def test_train_py_on_a_bucket_writes_there_resumes_bit_for_bit_and_samples(gcs, 
     check_bucket_files(url, run_env)
     check_same_run(url, ref)
     check_tensorboard(url, tmp_path / "tb")
-    check_samples(url, ref, capsys)
+    check_samples(url, ref, capsys, tmp_path / "text.py")
 
 
 def check_bucket_files(url: str, run_env: dict[str, str]) -> None:
@@ -117,15 +117,23 @@ def check_tensorboard(url: str, local: Path) -> None:
     np.testing.assert_allclose([v for _, v in got], [want[s]["loss"] for s, _ in got], rtol=1e-6)  # float32
 
 
-def check_samples(url: str, ref: Path, capsys) -> None:
-    """`python -m jaxgpt.sample --init-from gs://...` prints what it prints for the local run."""
+def check_samples(url: str, ref: Path, capsys, text_file: Path) -> None:
+    """`python -m jaxgpt.sample` and `python -m jaxgpt.eval perplexity` with --init-from gs://... print what they
+    print for the local run (its result also written into the bucket with --output)."""
     from jaxgpt import sample
+    from jaxgpt.eval.__main__ import main as eval_main
 
-    outs = []
+    text_file.write_text("def main(argv):\n    return sorted(set(argv))\n" * 3)
+    outs, results = [], []
     for init_from in (url, str(ref)):
         assert sample.main(["--init-from", init_from, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "3"]) == 0
         outs.append(capsys.readouterr().out)
+        assert eval_main(["perplexity", "--init-from", init_from, "--file", str(text_file),
+                          "--output", url + "/ppl.json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
     assert outs[0] == outs[1] and outs[0].startswith("def ") and len(outs[0]) == len("def ") + 12 + 1
+    assert results[0] == results[1] and results[0]["ppl"] > 1
+    assert json.loads(paths.as_path(url + "/ppl.json").read_text()) == results[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
