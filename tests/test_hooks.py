@@ -265,6 +265,14 @@ def test_the_stop_vote_names_the_first_process_that_got_a_signal():
     assert vote.read(np.array([term, term, 0, 0, intr, intr], np.int32)) == "SIGTERM (process 0 of 3)"
 
 
+def test_the_stop_vote_answers_one_cast_late_so_every_process_reads_it_after_the_same_step():
+    vote = hooks.StopVote()  # the all-gather over this process's devices (a pod's vote spans every host's)
+    assert vote.cast(None) is None  # nothing cast before
+    assert vote.cast("SIGTERM") is None  # the previous cast: no signal
+    assert vote.cast(None) == f"SIGTERM (process 0 of {jax.process_count()})"  # read one cast later
+    assert vote.cast(None) is None
+
+
 def test_signal_stop_outside_the_main_thread_installs_nothing():
     before = signal.getsignal(signal.SIGTERM)
     seen = []
