@@ -313,6 +313,31 @@ def test_the_heartbeat_rewrites_the_lock_and_finds_it_replaced(gcs):
     assert wl.holder_of(url)["host"] == "node-3"
 
 
+def test_a_write_of_the_lock_whose_answer_was_lost_still_counts_as_this_runs(gcs, monkeypatch):
+    """The client retries a write whose answer was lost; the retry meets the write itself (412). Acquiring and
+    the heartbeat then read the object, find this run's token and go on."""
+    from google.api_core.exceptions import PreconditionFailed
+
+    url = gcs()
+    lock = wl.WorkdirLock(url, heartbeat_s=0.05)
+    real, calls = lock._write, []
+
+    def landed_then_412(holder, generation):
+        calls.append(real(holder, generation))
+        raise PreconditionFailed("conditionNotMet (the retry of a write that landed)")
+
+    monkeypatch.setattr(lock, "_write", landed_then_412)
+    lock.acquire()
+    assert lock.generation == calls[0] and lock.taken_over is None
+    deadline = time.time() + 20
+    while len(calls) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    assert len(calls) >= 3 and not lock.lost  # it kept beating
+    lock.check()
+    lock.release()
+    assert ".lock" not in names(url)
+
+
 def test_a_foreign_object_and_a_missing_bucket_are_refused_with_the_fix(gcs):
     url = gcs()
     paths.as_path(url + "/.lock").write_text("{not json")

@@ -292,15 +292,20 @@ class BucketLock(WorkdirLock):
     def acquire(self) -> "BucketLock":
         from google.api_core import exceptions as gexc
 
-        holder = me()
+        holder, taken = me(), None
         for _ in range(self.ATTEMPTS):
             found = self._read()
+            if found is not None and found[0].get("token") == holder["token"]:
+                self.generation = found[2]  # our write landed, its answer was lost and the retry met it: 412
+                break
             if found is not None:
                 reason = stale_reason(found[0], found[1], stale_after_s=self.stale_after_s)
                 if reason is None:
                     raise _refused(self.workdir, found[0], self.path)
+                taken = f"took over the lock of {describe(found[0])}: {reason}"
             try:
                 self.generation = self._write(holder, 0 if found is None else found[2])
+                break
             except gexc.PreconditionFailed:
                 continue  # another run created or took it over first: look at the new holder
             except gexc.NotFound as e:
@@ -308,13 +313,10 @@ class BucketLock(WorkdirLock):
                 raise FileNotFoundError(f"{self.workdir}: the bucket {bucket} does not exist or cannot be seen with "
                                         f"these credentials ({e.code}); create it (gcloud storage buckets create "
                                         f"gs://{bucket}) or fix --workdir") from None
-            if found is not None:
-                self.taken_over = f"took over the lock of {describe(found[0])}: {reason}"
-            self.holder, self.beat_at, self.lost = holder, time.time(), False
-            break
         else:
             raise WorkdirLocked(f"{self.path} changes too fast to take; another run is starting there: wait for it or "
                                 "use another --workdir")
+        self.holder, self.taken_over, self.beat_at, self.lost = holder, taken, time.time(), False
         self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock-heartbeat")
         self._beat.start()
@@ -330,10 +332,25 @@ class BucketLock(WorkdirLock):
                 try:
                     self.generation, self.beat_at = self._write(self.holder, self.generation), time.time()
                 except (gexc.PreconditionFailed, gexc.NotFound):
-                    self.lost = True  # taken over or removed: `check` says by whom
-                    return
+                    if not self._confirm_mine():
+                        self.lost = True  # taken over or removed: `check` says by whom
+                        return
                 except Exception:  # noqa: BLE001 - the network for a moment: the next beat tries again
                     pass
+
+    def _confirm_mine(self) -> bool:
+        """After a heartbeat met another generation: is the object still this run's (a retried write of ours
+        that had landed)? Unreadable for a moment counts as still this run's; the next beat looks again."""
+        try:
+            found = self._read()
+        except WorkdirLocked:  # a foreign object in its place
+            return False
+        except Exception:  # noqa: BLE001
+            return True
+        if found is None or found[0].get("token") != self.holder["token"]:
+            return False
+        self.generation, self.beat_at = found[2], time.time() - found[1]
+        return True
 
     def check(self) -> None:
         """Raise WorkdirLost when the lock is no longer this run's (see `WorkdirLock.check`)."""
