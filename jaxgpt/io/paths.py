@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from etils.epath import Path as EPath
 
 # the URL schemes etils.epath reads and writes, and the package each needs
 BACKENDS = {"gs": ("gcsfs", "the gcs extra: pip install 'jaxgpt[gcs]'"), "s3": ("s3fs", "s3fs: pip install s3fs"),
@@ -34,7 +37,7 @@ def scheme(path: str | os.PathLike) -> str | None:
     return s.split("://", 1)[0] if "://" in s else None
 
 
-def as_path(path: str | os.PathLike) -> Any:
+def as_path(path: str | os.PathLike) -> EPath:
     """An `etils.epath.Path` for a local path or a bucket URL; one line naming the fix when the URL's scheme is
     not supported or its package is missing."""
     from etils import epath
@@ -50,7 +53,7 @@ def as_path(path: str | os.PathLike) -> Any:
     return epath.Path(s)
 
 
-def absolute(path: str | os.PathLike) -> Any:
+def absolute(path: str | os.PathLike) -> EPath:
     """`as_path(path)`, made absolute when local (a bucket URL already is)."""
     p = as_path(path)
     return p if is_url(p) else p.absolute()
@@ -97,7 +100,7 @@ def local_cache(url: str | os.PathLike) -> Path:
     return base / "buckets" / str(scheme(url)) / bucket / key.strip("/")
 
 
-def files_under(folder: Any) -> list[Any]:
+def files_under(folder: EPath) -> list[EPath]:
     """Every file below `folder` (an epath path), recursively; [] when it does not exist."""
     if not folder.is_dir():
         return []
@@ -109,13 +112,13 @@ def files_under(folder: Any) -> list[Any]:
     return out
 
 
-def parts_of(path: Any) -> Any:
+def parts_of(path: EPath) -> EPath:
     """The folder of objects that stand for appends to `path` where appending is impossible (a bucket):
     metrics.jsonl -> metrics.jsonl.parts/ holding 00000000.jsonl, 00000001.jsonl, ... in write order."""
     return path.parent / f"{path.name}.parts"
 
 
-def next_part(parts: Any) -> int:
+def next_part(parts: EPath) -> int:
     """The number of the next part in `parts` (0 when there is none)."""
     if not parts.is_dir():
         return 0
@@ -127,7 +130,7 @@ def part_name(number: int, suffix: str) -> str:
     return f"{number:08d}{suffix}"
 
 
-def sorted_parts(parts: Any) -> list[Any]:
+def sorted_parts(parts: EPath) -> list[EPath]:
     """The parts in write order ([] when the folder does not exist)."""
     if not parts.is_dir():
         return []

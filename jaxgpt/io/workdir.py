@@ -33,10 +33,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxgpt.io import atomic, paths
 from jaxgpt.nn.config import GPTConfig
+
+if TYPE_CHECKING:
+    from etils.epath import Path as EPath
 
 Params = Any
 
@@ -45,7 +48,7 @@ Params = Any
 class Workdir:
     """The files of one training run under `root`."""
 
-    root: Any  # etils.epath.Path: a local folder or a bucket URL
+    root: EPath  # a local folder or a bucket URL (given as a str or os.PathLike)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", paths.as_path(self.root))
@@ -63,74 +66,74 @@ class Workdir:
 
     # the files, each named once
     @property
-    def model_config(self) -> Any:
+    def model_config(self) -> EPath:
         return self.root / "config.json"
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> EPath:
         return self.root / "tokenizer.json"
 
     @property
-    def train_config(self) -> Any:
+    def train_config(self) -> EPath:
         return self.root / "train_config.json"
 
     @property
-    def lora_run(self) -> Any:
+    def lora_run(self) -> EPath:
         return self.root / "lora_run.json"
 
     @property
-    def checkpoints(self) -> Any:
+    def checkpoints(self) -> EPath:
         return self.root / "checkpoints"
 
-    def checkpoint(self, step: int) -> Any:
+    def checkpoint(self, step: int) -> EPath:
         return self.checkpoints / str(step)
 
     @property
-    def metrics(self) -> Any:
+    def metrics(self) -> EPath:
         return self.root / "metrics.jsonl"
 
     @property
-    def metrics_parts(self) -> Any:
+    def metrics_parts(self) -> EPath:
         """metrics.jsonl's records in a bucket: one object per flush (`jaxgpt.train.metrics.MetricsLog`)."""
         return paths.parts_of(self.metrics)
 
     @property
-    def tensorboard(self) -> Any:
+    def tensorboard(self) -> EPath:
         return self.root / "tensorboard"
 
     @property
-    def plot(self) -> Any:
+    def plot(self) -> EPath:
         return self.root / "loss.png"
 
     @property
-    def sample(self) -> Any:
+    def sample(self) -> EPath:
         return self.root / "sample.txt"
 
     @property
-    def adapters(self) -> Any:
+    def adapters(self) -> EPath:
         return self.root / "lora"
 
     @property
-    def hf_export(self) -> Any:
+    def hf_export(self) -> EPath:
         return self.root / "hf"
 
     @property
-    def profile(self) -> Any:
+    def profile(self) -> EPath:
         return self.root / "profile"
 
     @property
-    def data(self) -> Any:
+    def data(self) -> EPath:
         """The prepared dataset, memory-mapped: under a bucket workdir, this machine's `paths.local_cache`."""
         if self.in_bucket:
             return paths.as_path(paths.local_cache(self.root) / "data")
         return self.root / "data"
 
     @property
-    def lock(self) -> Any:
+    def lock(self) -> EPath:
         return self.root / ".lock"
 
     @property
-    def lock_guard(self) -> Any:
+    def lock_guard(self) -> EPath:
         return self.root / ".lock.guard"
 
     def __str__(self) -> str:
@@ -206,7 +209,7 @@ def _pick_step(mngr: Any, wd: Workdir, which: str | int) -> int:
 # A model for sampling and evaluation: a training workdir or a Hugging Face GPT-2
 
 
-def is_hf_dir(path: Any) -> bool:
+def is_hf_dir(path: EPath) -> bool:
     """config.json beside model.safetensors or a sharded checkpoint's model.safetensors.index.json."""
     weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     return (path / "config.json").is_file() and weights
