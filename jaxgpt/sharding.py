@@ -366,8 +366,9 @@ class PeerWatchdog:
                 self.client.key_value_set(f"{ALIVE_PREFIX}{self.process}", str(count), allow_overwrite=True)
                 seen = self.client.key_value_dir_get(ALIVE_PREFIX)
             except Exception:  # noqa: BLE001 - the service did not answer: `watch` counts the time
-                continue
-            self.saw(seen, time.monotonic())
+                seen = None
+            if seen is not None:
+                self.saw(seen, time.monotonic())
 
     def saw(self, seen: Sequence[tuple[str, str]], now: float) -> None:
         """The counters read back: `(key, value)` pairs of every process that has set one."""

@@ -292,8 +292,9 @@ def test_a_stopped_process_ends_the_other_within_the_heartbeat_with_one_line_nam
     lines = [ln for ln in log.splitlines() if "sent no heartbeat" in ln or "did not answer" in ln]
     named = (f"process 1 of 2 sent no heartbeat for {HEARTBEAT_S} s" if victim == 1 else
              f"process 0 of 2 (it hosts the coordination service) did not answer for {HEARTBEAT_S} s")
-    assert lines == [f"{named}: it is stopped, hung or unreachable; process {survivor} stops too; rerun the job to "
-                     "resume from its last checkpoint"], log[-3000:]
+    want = (f"{named}: it is stopped, hung or unreachable; process {survivor} stops too; rerun the job to resume "
+            "from its last checkpoint")
+    assert lines == [want], log[-3000:]
     assert "Connection reset by peer" not in log and "Terminating process" not in log, log[-3000:]
 
 
