@@ -243,7 +243,8 @@ class StopVote:
 
     def cast(self, local: str | None) -> str | None:
         code = int(signal.Signals[local]) if local else 0
-        codes = jax.make_array_from_process_local_data(self.sharding, np.full(self.n_local, code, np.int32))
+        local_codes = np.full(self.n_local, code, np.int32)  # [local devices]
+        codes = jax.make_array_from_process_local_data(self.sharding, local_codes, (len(self.owner),))  # [D]
         previous, self.pending = self.pending, self.gather(codes)  # [D] replicated on every device
         return None if previous is None else self.read(np.asarray(previous))
 
