@@ -421,9 +421,9 @@ def test_atomic_writes_in_a_bucket_replace_each_object_whole(gcs):
     folder = paths.as_path(url + "/dir")
     got = {str(p.relative_to(folder)): p.read_bytes() for p in paths.files_under(folder)}
     assert got == {"w.bin": b"2", "meta.json": b"[]"}  # the old folder's other files are gone
-    with pytest.raises(FileExistsError, match="already exists; pick a new path or pass force=True"):
-        with atomic.directory(url + "/dir"):
-            pass
+    with pytest.raises(FileExistsError, match="already exists; pick a new path or pass force=True"), \
+            atomic.directory(url + "/dir"):
+        pass
 
 
 def test_a_failed_save_into_a_bucket_names_the_bucket_and_the_error_not_a_disk(gcs):

@@ -117,10 +117,8 @@ class WorkdirLock:
     there was none). A bucket URL gets a `BucketLock`.
     """
 
-    def __new__(cls, workdir: str | os.PathLike, *args: Any, **kwargs: Any) -> "WorkdirLock":
-        if cls is WorkdirLock and paths.is_url(workdir):
-            cls = BucketLock
-        return super().__new__(cls)
+    def __new__(cls, workdir: str | os.PathLike, *args: Any, **kwargs: Any) -> WorkdirLock:
+        return super().__new__(BucketLock if cls is WorkdirLock and paths.is_url(workdir) else cls)
 
     def __init__(self, workdir: str | os.PathLike, heartbeat_s: float = HEARTBEAT_S,
                  stale_after_s: float = STALE_AFTER_S) -> None:
@@ -289,7 +287,7 @@ class BucketLock(WorkdirLock):
         blob.upload_from_string(json.dumps(holder), content_type="application/json", if_generation_match=generation)
         return int(blob.generation)
 
-    def acquire(self) -> "BucketLock":
+    def acquire(self) -> BucketLock:
         from google.api_core import exceptions as gexc
 
         holder, taken = me(), None
@@ -323,20 +321,23 @@ class BucketLock(WorkdirLock):
         return self
 
     def _heartbeat(self) -> None:
-        from google.api_core import exceptions as gexc
-
         while not self._stop.wait(self.heartbeat_s):
             with self._mutex:
-                if self.lost or self.holder is None:
+                if self.lost or self.holder is None or not self._beat_once():
                     return
-                try:
-                    self.generation, self.beat_at = self._write(self.holder, self.generation), time.time()
-                except (gexc.PreconditionFailed, gexc.NotFound):
-                    if not self._confirm_mine():
-                        self.lost = True  # taken over or removed: `check` says by whom
-                        return
-                except Exception:  # noqa: BLE001 - the network for a moment: the next beat tries again
-                    pass
+
+    def _beat_once(self) -> bool:
+        """Rewrite the lock object on the precondition that it is the generation this run wrote last; False once
+        the lock is lost (taken over or removed: `check` says by whom)."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            self.generation, self.beat_at = self._write(self.holder, self.generation), time.time()
+        except (gexc.PreconditionFailed, gexc.NotFound):
+            self.lost = not self._confirm_mine()
+        except Exception:  # noqa: BLE001 - the network for a moment: the next beat tries again
+            return True
+        return not self.lost
 
     def _confirm_mine(self) -> bool:
         """After a heartbeat met another generation: is the object still this run's (a retried write of ours
