@@ -92,7 +92,8 @@ def gcs(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                pytest.fail(f"fake-gcs-server did not start: {(data.parent / 'fake-gcs-server.log').read_text()[-2000:]}")
+                log_text = (data.parent / "fake-gcs-server.log").read_text()
+                pytest.fail(f"fake-gcs-server did not start: {log_text[-2000:]}")
             time.sleep(0.05)
     counter = itertools.count()
     with pytest.MonkeyPatch.context() as mp:

