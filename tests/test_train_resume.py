@@ -172,7 +172,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(pydoc_char_dir, env, tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     log = proc.log.read_text()
-    assert proc.returncode == 1, log[-3000:]
+    assert proc.returncode == 0, log[-3000:]  # saved as planned: not an error
     stop = [r for r in metrics.read_metrics(wd / "metrics.jsonl") if r.get("event") == "stopped by SIGTERM"]
     assert len(stop) == 1 and stop[0]["step"] > 5
     assert [p.name for p in (wd / "checkpoints").iterdir()] == [str(stop[0]["step"])]
