@@ -54,7 +54,7 @@ def test_install_copies_this_checkout(tmp_path):
     assert cmds[1] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, "pod:jaxgpt-src.tar.gz", *TPU,
                        "--worker=all"]
     assert cmds[2] == [*SSH, "--worker=all", "--command=set -e; mkdir -p jaxgpt && tar -xzf jaxgpt-src.tar.gz "
-                       "-C jaxgpt && python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e jaxgpt"]
+                       "-C jaxgpt && python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e jaxgpt'[gcs]'"]
     assert cmds[3][:-1] == [*SSH, "--worker=all"] and "import jax, jaxgpt" in cmds[3][-1]
     assert len(cmds) == 4
 

@@ -13,7 +13,7 @@ parse_common "$@"
 require_gcloud
 
 dir="$(quote "$TPU_REMOTE_DIR")"
-pip_install="python3 -m pip install -U $(quote "$TPU_JAX") && python3 -m pip install -e $dir"
+pip_install="python3 -m pip install -U $(quote "$TPU_JAX") && python3 -m pip install -e $dir'[gcs]'"  # gcsfs: gs:// workdirs
 if [[ -z "$TPU_GIT_URL" ]]; then
   tarball="${TMPDIR:-/tmp}/jaxgpt-src.tar.gz"
   run git -C "$REPO_ROOT" archive --format=tar.gz -o "$tarball" HEAD
