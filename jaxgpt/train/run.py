@@ -327,7 +327,8 @@ class Run:
         c = self.model_cfg
         n_params = weights.count_params((self.state.params, self.frozen))
         n_params -= c.block_size * c.n_embd if c.pos_embedding == "learned" else 0
-        return metrics.flops_per_token(c.n_layer, c.block_size, c.n_embd, n_params)
+        attn_width = c.n_head * c.head_dim  # the scores' and values' width (n_embd for GPT-2)
+        return metrics.flops_per_token(c.n_layer, c.block_size, attn_width, n_params)
 
 
 def open_run(train_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir, *, main: bool = True,
