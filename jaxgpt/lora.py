@@ -48,7 +48,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -273,7 +273,8 @@ def init_lora(rng: jax.Array | int, params: Any, cfg: LoraConfig, dtype: Any = j
 def _uniform_fan_in(rng: jax.Array, shapes: tuple[tuple[int, int], ...], dtype: str) -> list[jax.Array]:
     """One U(-1/sqrt(in), 1/sqrt(in)) draw per [in, r] shape, all in one compiled program."""
     keys = jax.random.split(rng, len(shapes))
-    return [jax.random.uniform(k, s, dtype, -1.0 / math.sqrt(s[0]), 1.0 / math.sqrt(s[0])) for k, s in zip(keys, shapes)]
+    return [jax.random.uniform(k, s, dtype, -1.0 / math.sqrt(s[0]), 1.0 / math.sqrt(s[0]))
+            for k, s in zip(keys, shapes)]
 
 
 def _group(adapters: Any) -> dict[tuple[str, ...], list[tuple]]:
@@ -532,11 +533,29 @@ def save_adapters(path: str | os.PathLike, adapters: Any, cfg: LoraConfig, *, fo
     return path
 
 
+def _read_folder(path: str | os.PathLike, params: Any, read: Callable[[Path, Any], Any]) -> Any:
+    """read(local folder, params) on `path`, a local folder or a bucket URL (read from a local copy; errors name
+    the URL)."""
+    from jaxgpt.io import paths
+
+    with paths.local_folder(path) as local:
+        try:
+            return read(local, params)
+        except (FileNotFoundError, ValueError) as e:
+            if not paths.is_url(path):
+                raise
+            raise type(e)(str(e).replace(str(local), os.fspath(path))) from None
+
+
 def load_adapters(path: str | os.PathLike, params: Any) -> tuple[dict, LoraConfig]:
-    """(adapters, LoraConfig) saved by save_adapters, after checking they fit `params` (the base)."""
+    """(adapters, LoraConfig) saved by save_adapters, after checking they fit `params` (the base); `path` may be
+    a bucket URL."""
+    return _read_folder(path, params, _load_adapters)
+
+
+def _load_adapters(path: Path, params: Any) -> tuple[dict, LoraConfig]:
     from safetensors.numpy import load_file
 
-    path = Path(path).absolute()
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file} does not exist; pass a folder written by save_adapters")
@@ -768,10 +787,14 @@ def _is_llama_peft(conf: Mapping[str, Any]) -> bool:
 def load_peft(path: str | os.PathLike, params: Any) -> tuple[dict, LoraConfig]:
     """(adapters, LoraConfig) from a peft LoRA folder for a GPT-2 (save_pretrained, or save_peft) that fit
     `params`: wrap(params, adapters, cfg) gives peft's logits. Folders save_peft wrote come back with their
-    q/k/v slices; any other becomes whole-kernel adapters at the largest rank (see _peft_as_whole)."""
+    q/k/v slices; any other becomes whole-kernel adapters at the largest rank (see _peft_as_whole). `path` may
+    be a bucket URL."""
+    return _read_folder(path, params, _load_peft)
+
+
+def _load_peft(path: Path, params: Any) -> tuple[dict, LoraConfig]:
     from safetensors import safe_open
 
-    path = Path(path).absolute()
     conf = _read_peft_config(path)
     modules = _read_peft_modules(path)
     with safe_open(str(path / PEFT_WEIGHTS), "np") as f:

@@ -496,8 +496,14 @@ def test_a_hugging_face_export_and_lora_adapters_saved_into_a_bucket_read_back_e
     local.mkdir()
     for f in paths.as_path(url + "/lora").iterdir():
         (local / f.name).write_bytes(f.read_bytes())
-    got_adapters, got_lcfg = lora.load_adapters(local, params)
-    assert got_lcfg == lcfg
+    for where in (local, url + "/lora"):  # a local copy, and straight from the bucket (--adapters gs://...)
+        got_adapters, got_lcfg = lora.load_adapters(where, params)
+        assert got_lcfg == lcfg
+        chex.assert_trees_all_equal(got_adapters, adapters)
+    lora.save_peft(url + "/peft", adapters, lcfg)
+    got_adapters, got_lcfg = lora.load_peft(url + "/peft", params)
     chex.assert_trees_all_equal(got_adapters, adapters)
+    with pytest.raises(FileNotFoundError, match=f"{url}/nothing/lora.json does not exist"):
+        lora.load_adapters(url + "/nothing", params)
     with pytest.raises(FileExistsError, match="already exists"):
         lora.save_adapters(url + "/lora", adapters, lcfg)

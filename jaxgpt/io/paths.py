@@ -10,7 +10,10 @@ disk asks `is_url` first. This module imports no JAX.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,6 +113,23 @@ def files_under(folder: EPath) -> list[EPath]:
         rel = os.fspath(root).split("://", 1)[-1][len(base):].strip("/")
         out += [(folder / rel / name) if rel else folder / name for name in names]
     return out
+
+
+@contextlib.contextmanager
+def local_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """`with local_folder(p) as d:` a local folder holding p's files: p itself when local, else a temporary copy of
+    the bucket folder's files (for readers that need a local file, such as safetensors' memory map), removed after."""
+    if not is_url(path):
+        yield Path(path).absolute()
+        return
+    folder = as_path(path)
+    with tempfile.TemporaryDirectory(prefix="jaxgpt-") as tmp:
+        base = os.fspath(folder).rstrip("/")
+        for f in files_under(folder):
+            dest = Path(tmp) / os.fspath(f)[len(base):].lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+        yield Path(tmp)
 
 
 def parts_of(path: EPath) -> EPath:
