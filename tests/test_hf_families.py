@@ -87,7 +87,7 @@ def test_config_maps_every_field_the_math_depends_on(family):
     kind, model, _, cfg, params = family
     c = model.config
     assert (cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.head_dim) == (
-        c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, getattr(c, "head_dim", 16))
     assert (cfg.n_embd, cfg.mlp_hidden, cfg.vocab_size, cfg.block_size) == (64, 96, VOCAB, 64)
     assert cfg.rope_theta == c.rope_parameters["rope_theta"] and cfg.layer_norm_eps == 1e-5
     assert cfg.tie_embeddings == (kind == "llama_tied") and ("lm_head" in params) == (kind != "llama_tied")
@@ -290,22 +290,19 @@ def _edit_config(src, dst, **changes):
     ({"attention_bias": True}, "attention_bias=true"),
     ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
 ])
-def test_unsupported_config_fields_are_refused_by_name(family, tmp_path, change, message):
-    kind, _, folder, _, _ = family
-    if kind != "llama":
-        pytest.skip("one family is enough for the config checks")
-    bad = _edit_config(folder, tmp_path / "bad", **change)
+def test_unsupported_config_fields_are_refused_by_name(tmp_path, change, message):
+    _make("llama", tmp_path / "good")
+    bad = _edit_config(tmp_path / "good", tmp_path / "bad", **change)
     with pytest.raises(ValueError, match=message) as e:
         load_hf(bad)
     assert "config.json" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_missing_misshapen_and_extra_tensors_are_refused_by_name(family, tmp_path):
+def test_missing_misshapen_and_extra_tensors_are_refused_by_name(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    kind, _, folder, _, _ = family
-    if kind != "qwen2":
-        pytest.skip("one family is enough for the tensor checks")
+    folder = tmp_path / "good"
+    _make("qwen2", folder)
     tensors = load_file(str(folder / "model.safetensors"))
 
     def variant(name, sd):
@@ -347,9 +344,11 @@ def test_llama_and_qwen3_style_presets_export_to_transformers(tmp_path, style, f
 
 
 def test_export_refuses_what_no_family_expresses(tmp_path):
-    from jaxgpt import GPTConfig, init_params
+    from helpers import random_params
+
+    from jaxgpt import GPTConfig
 
     cfg = GPTConfig.preset("tiny", pos_embedding="rope", norm="rmsnorm", bias=False, mlp="relu2")
     with pytest.raises(ValueError, match=r"mlp='relu2' \(they use swiglu\)"):
-        export_hf(cfg, init_params(cfg, 0), tmp_path)
+        export_hf(cfg, random_params(cfg), tmp_path)
     assert not (tmp_path / "model.safetensors").exists()

@@ -201,14 +201,24 @@ def base_quantizer(kind: str) -> Callable[[Params], Params]:
 
 
 def check_lora_export(model_cfg: GPTConfig, lora_cfg: LoraSettings, trainable: Trainable) -> None:
-    """Refuse before training, not after, a merged Hugging Face export of a model GPT-2 cannot hold."""
+    """Refuse before training, not after, a merged Hugging Face export of a model no supported family (GPT-2,
+    Llama, Qwen2, Qwen3: `hf.export_hf`) can hold."""
+    from jaxgpt.io import hf_families
+
     if trainable.lora is None or not lora_cfg.export:
         return
     c = model_cfg
-    if not (c.pos_embedding == "learned" and c.norm == "layernorm" and c.norm_position == "pre" and c.bias):
-        raise ValueError("config.lora.export=True needs a GPT-2 architecture (learned positions, pre-LN "
-                         "LayerNorm, biases) for the Hugging Face export; set config.lora.export=False to "
-                         "keep the adapters only")
+    if c.pos_embedding == "learned" and c.norm == "layernorm":  # export_hf writes GPT-2
+        if not (c.norm_position == "pre" and c.bias):
+            raise ValueError("config.lora.export=True needs a GPT-2 architecture (learned positions, pre-LN "
+                             "LayerNorm, biases) for the Hugging Face export; set config.lora.export=False to "
+                             "keep the adapters only")
+        return
+    try:
+        hf_families.family_of(c)
+    except ValueError as e:
+        raise ValueError(f"config.lora.export=True: {e}; set config.lora.export=False to keep the adapters "
+                         "only") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
