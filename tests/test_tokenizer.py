@@ -80,7 +80,7 @@ def test_hf_tokenizer_json_gives_transformers_ids_and_text(tmp_path, shared_dir)
         assert ours.encode_prompt(text) == ref.encode(text) and ours.encode_prompt(text)[:1] == [0]
         ids = ours.encode_prompt(text) + [1]
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True) == text
-    assert len(ours.encode(texts[0])) < len(texts[0].encode()) / 2  # BPE merges, not bytes
+    assert max(len(ours.decode([i])) for i in ours.encode(texts[0])) > 2  # BPE merges, not single bytes
     assert (ours.bos_id, ours.eot_id, ours.vocab_size) == (0, 1, len(ref))
 
     (tmp_path / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": [5, 1]}')
