@@ -301,7 +301,7 @@ def table(res: dict[str, Any]) -> str:
                      spread(r["final_val_loss"], ".3f"), spread(r["steps_to_target"], ".0f"),
                      spread(r["ms_per_step"], ".1f"), f"{min(r['load']):.1f}-{max(r['load']):.1f}",
                      spread(r["wall_to_target_vs_gpt2"], ".2f"), "-" if cost is None else f"{cost:.2f}",
-                     spread(r["wall_to_target_vs_gpt2_back_to_back"], ".2f")])
+                     "-" if cost is None else spread(r["wall_to_target_vs_gpt2_back_to_back"], ".2f")])
     return common.markdown_table(["rung (+ all above)", "params", "KV bytes/token", "final val loss",
                                   "steps to GPT-2's final val", "ms/step (in its runs)", "load (1 min)",
                                   "wall to target / GPT-2's (runs' ms/step)", "step cost / GPT-2's (back to back)",
