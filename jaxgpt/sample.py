@@ -118,9 +118,12 @@ class TextStream:
         self.printed = max(self.printed, len(text))
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> list[str]:
-    """Load, decode, print; returns the generated texts (without the prompt)."""
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> list[str]:
+    """Load, decode, print to `out` / `err` (default: sys.stdout / sys.stderr at the time of the call); returns the
+    generated texts (without the prompt)."""
     from jaxgpt.decode.generation import stream
+
+    out, err = out or sys.stdout, err or sys.stderr
 
     check_args(args)
     config, params, tokenizer = load_model(args.init_from, args.bpe_file)
