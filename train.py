@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     compilation_cache.enable_for_training(train_cfg.compilation_cache_dir, train_cfg.compilation_cache_min_secs,
                                           on_cpu=train_cfg.compilation_cache_on_cpu)
     try:
-        summary = trainer.train(train_cfg, workdir)
+        trainer.train(train_cfg, workdir)
     except (workdir_lock.WorkdirLocked, paths.MissingBackend) as e:  # held, or a bucket without its package
         raise SystemExit(f"train.py: {e}") from None
     # a run stopped by SIGTERM / SIGINT has saved its state and exits 0 too, on every process: a preemption
