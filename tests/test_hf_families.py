@@ -211,7 +211,7 @@ def test_peft_adapters_load_into_jaxgpt_with_peft_logits(tmp_path):
 # The folder through load_model and the sampling CLI
 
 
-def test_sample_cli_on_a_llama_folder_prints_transformers_greedy_text(tmp_path, capsys):
+def test_sample_and_eval_clis_on_a_llama_folder_give_transformers_text_and_loss(tmp_path, capsys):
     from jaxgpt.data.tokenizer import HFTokenizer
     from jaxgpt.io.workdir import load_model
     from jaxgpt.sample import main
@@ -231,6 +231,19 @@ def test_sample_cli_on_a_llama_folder_prints_transformers_greedy_text(tmp_path, 
     assert main(["--init-from", str(tmp_path), "--prompt", "ROMEO: what light", "--max-new-tokens", str(n),
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out == "ROMEO: what light" + tok.decode(ref) + "\n"
+
+    from jaxgpt.eval.__main__ import main as eval_main
+
+    text = "But, soft! what light through yonder window breaks?"
+    (tmp_path / "text.txt").write_text(text)
+    assert eval_main(["perplexity", "--init-from", str(tmp_path), "--file", str(tmp_path / "text.txt"),
+                      "--output", str(tmp_path / "ppl.json")]) == 0
+    ids = torch.tensor([tok.encode(text)])  # one window: the text is shorter than block_size
+    assert ids.shape[1] < cfg.block_size
+    with torch.no_grad():
+        ref_nll = float(model(ids, labels=ids).loss)
+    got = json.loads((tmp_path / "ppl.json").read_text())
+    assert got["n_tokens"] == ids.shape[1] - 1 and abs(got["nll"] - ref_nll) < 1e-5
 
 
 @pytest.mark.run
