@@ -141,11 +141,13 @@ def test_killed_worker_is_reported_and_resumes(tmp_path, sources, tok, docs, ref
     import psutil
 
     files = corpus.expand_inputs(str(sources["jsonl"]))
+    others = {c.pid for c in psutil.Process().children()}  # e.g. a GCS emulator a fixture started: not a worker
 
     def kill_a_worker_at(pieces, at):
         for i, p in enumerate(pieces):
             if i == at:
-                os.kill(psutil.Process().children()[0].pid, signal.SIGKILL)
+                workers = [c for c in psutil.Process().children() if c.pid not in others]
+                os.kill(workers[0].pid, signal.SIGKILL)
             yield p
 
     with pytest.raises(RuntimeError, match="exited with code -9; rerun the same command"):
