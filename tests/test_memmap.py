@@ -39,7 +39,7 @@ def test_missing_empty_and_short_data_errors(tmp_path):
         memmap.load_split(tmp_path, "train", 8)
     assert len(memmap.load_split(tmp_path, "train", 7)) == 8  # exactly block_size + 1 is enough
     (tmp_path / "train.bin").write_bytes(b"abc")
-    with pytest.raises(ValueError, match="odd number of bytes"):
+    with pytest.raises(ValueError, match="has 3 bytes, not a whole number of uint16 tokens"):
         memmap.load_split(tmp_path, "train", 1)
     with pytest.raises(ValueError, match="fewer than block_size"):
         memmap.get_batch(np.arange(4, dtype=np.uint16), 2, 4, memmap.batch_rng(0, 0))

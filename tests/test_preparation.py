@@ -56,6 +56,37 @@ def test_gpt2_bpe_dataset(tmp_path):
     assert ref_enc.decode(train.tolist()) == text[:n]
 
 
+class BigVocab:
+    """A tokenizer of 151,936 ids (Qwen's vocabulary size) whose ids go past uint16: one id per character."""
+
+    kind, vocab_size = "big", 151_936
+
+    def encode(self, text: str) -> list[int]:
+        return [(ord(c) * 7919) % self.vocab_size for c in text]
+
+
+def test_a_vocabulary_over_65536_is_stored_as_uint32_and_read_back(tmp_path, monkeypatch):
+    """Ids above 65,535 survive preparation and loading (uint32 memmaps, named in meta.json); a uint16 dataset's
+    meta.json stays as it was."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:3000]
+    src = tmp_path / "slice.txt"
+    src.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(preparation, "make_tokenizer", lambda *args: BigVocab())
+    meta = preparation.prepare(tmp_path / "big", dataset="text", tokenizer="char", input_path=src)
+    assert meta["token_dtype"] == "uint32" and meta["vocab_size"] == 151_936
+    n = int(len(text) * 0.9)
+    for split, part in (("train", text[:n]), ("val", text[n:])):
+        data = memmap.load_split(tmp_path / "big", split, block_size=8)
+        assert data.dtype == np.uint32
+        np.testing.assert_array_equal(data, BigVocab().encode(part))
+    assert int(np.max(memmap.load_split(tmp_path / "big", "train", 8))) > 65_535
+    x, y = memmap.get_batch(memmap.load_split(tmp_path / "big", "train", 8), 4, 8, memmap.batch_rng(0, 0))
+    assert x.dtype == np.int32 and int(x.max()) > 65_535 and (x[:, 1:] == y[:, :-1]).all()
+    monkeypatch.undo()
+    small = preparation.prepare(tmp_path / "char", dataset="text", tokenizer="char", input_path=src)
+    assert "token_dtype" not in small and memmap.load_split(tmp_path / "char", "train", 8).dtype == np.uint16
+
+
 def test_builtin_corpus_needs_no_file(tmp_path):
     text = preparation.builtin_corpus()
     assert len(text) > 100_000 and "for" in text

@@ -1,4 +1,5 @@
-"""A prepared dataset directory read back: meta.json, the uint16 token memmaps of each split, and batches of
+"""A prepared dataset directory read back: meta.json, the token memmaps of each split (uint16, or the
+`token_dtype` meta.json names: uint32 for vocabularies over 65,536), and batches of
 random windows drawn by a NumPy RNG seeded by (seed, split, step) alone."""
 
 from __future__ import annotations
@@ -25,20 +26,23 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_split(data_dir: str | os.PathLike, split: str, block_size: int) -> np.memmap:
-    """The uint16 token memmap of one split, checked to hold at least block_size + 1 tokens."""
+    """The token memmap of one split (uint16, or meta.json's `token_dtype`), checked to hold at least
+    block_size + 1 tokens."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
     f = Path(data_dir) / f"{split}.bin"
     if not f.is_file():
         raise FileNotFoundError(f"{f} does not exist; prepare the data first (python -m jaxgpt.data --out {data_dir})")
-    size = f.stat().st_size
-    if size % 2:
-        raise ValueError(f"{f} has an odd number of bytes ({size}), so it is not a uint16 token file; "
+    meta = Path(data_dir) / "meta.json"
+    dtype = np.dtype(load_meta(data_dir).get("token_dtype", "uint16") if meta.is_file() else "uint16")
+    size, width = f.stat().st_size, dtype.itemsize
+    if size % width:
+        raise ValueError(f"{f} has {size} bytes, not a whole number of {dtype.name} tokens; "
                          "prepare the data again with --overwrite")
-    if size // 2 < block_size + 1:
-        raise ValueError(f"{f} holds {size // 2} tokens, fewer than block_size + 1 = {block_size + 1}; "
+    if size // width < block_size + 1:
+        raise ValueError(f"{f} holds {size // width} tokens, fewer than block_size + 1 = {block_size + 1}; "
                          "use more text or a smaller block_size")
-    return np.memmap(f, dtype=np.uint16, mode="r")
+    return np.memmap(f, dtype=dtype, mode="r")
 
 
 def batch_rng(seed: int, step: int, split: str = "train", stream: int = 0) -> np.random.Generator:

@@ -116,12 +116,16 @@ def tokenizer_meta(tok: Tokenizer) -> dict[str, Any]:
     return {"kind": tok.kind, "vocab_size": tok.vocab_size}
 
 
+def token_dtype(vocab_size: int) -> str:
+    """The memmaps' token type: uint16 (nanoGPT's) up to 65,536 ids, uint32 above (Llama 3, Qwen vocabularies)."""
+    return "uint16" if vocab_size <= MAX_UINT16_VOCAB else "uint32"
+
+
 def encode(tok: Tokenizer, text: str) -> np.ndarray:
-    """Token ids of `text` as uint16 [N] (GPT-2 BPE: ordinary text, `<|endoftext|>` is not special here)."""
-    if tok.vocab_size > MAX_UINT16_VOCAB:
-        raise ValueError(f"vocab_size {tok.vocab_size} does not fit uint16 memmaps (max {MAX_UINT16_VOCAB})")
+    """Token ids of `text` as `token_dtype(vocab)` [N] (GPT-2 BPE: ordinary text, `<|endoftext|>` is not special
+    here)."""
     ids = tok.encode_ordinary(text) if hasattr(tok, "encode_ordinary") else tok.encode(text)
-    return np.asarray(ids, dtype=np.uint16)
+    return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
 
 
 def prepare(out_dir: str | os.PathLike, *, dataset: str = "pydoc", tokenizer: str = "char",
@@ -146,6 +150,8 @@ def prepare(out_dir: str | os.PathLike, *, dataset: str = "pydoc", tokenizer: st
     splits = {"train": encode(tok, text[:n]), "val": encode(tok, text[n:])}
     meta = {**tokenizer_meta(tok), "dataset": dataset, "source": str(input_path or dataset),
             "train_tokens": int(splits["train"].size), "val_tokens": int(splits["val"].size)}
+    if token_dtype(tok.vocab_size) != "uint16":  # absent: uint16, as every dataset prepared before
+        meta["token_dtype"] = token_dtype(tok.vocab_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
