@@ -32,6 +32,10 @@ FAMILIES = {  # (config class, model class, fields beyond SHAPE)
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM",
                    dict(num_key_value_heads=1, tie_word_embeddings=True,
                         rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    "llama_scaled": ("LlamaConfig", "LlamaForCausalLM",  # Llama 3.1+'s rope scaling (3.2 1B: 32, 1, 4, 8192)
+                     dict(num_key_value_heads=2, rope_parameters={
+                         "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
               dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
@@ -102,12 +106,34 @@ def test_logits_match_transformers_and_export_round_trips(family, tmp_path):
     np.testing.assert_allclose(ours, _hf_logits(model, TOKENS), atol=TOL, rtol=0)
 
     export_hf(cfg, params, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind.removesuffix("_tied")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind.split("_")[0]
     back = type(model).from_pretrained(tmp_path).eval()
     np.testing.assert_allclose(_hf_logits(back, TOKENS), ours, atol=TOL, rtol=0)
     cfg2, params2 = load_hf(tmp_path)  # and back into jaxgpt: the same config and pytree
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+def test_llama3_rope_scaling_changes_the_low_frequencies_as_transformers_does():
+    """The scaled frequencies equal transformers' llama3 inv_freq (float32), and differ from the plain ones."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from jaxgpt.nn.rope import inverse_frequencies
+
+    cfg_cls, _, extra = FAMILIES["llama_scaled"]
+    hf_cfg = getattr(transformers, cfg_cls)(**SHAPE, **extra)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    cfg = load_hf_config_of(hf_cfg)
+    ours = np.asarray(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_params))
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=0)
+    plain = np.asarray(inverse_frequencies(cfg.head_dim, cfg.rope_theta))
+    assert (ours < plain).sum() >= 2 and ours[0] == plain[0]  # low frequencies slowed, the highest kept
+
+
+def load_hf_config_of(hf_cfg):
+    from jaxgpt.io.hf_families import config_from_hf
+
+    return config_from_hf(hf_cfg.to_dict(), "config.json")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
@@ -295,7 +321,9 @@ def _edit_config(src, dst, **changes):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+     "rope_parameters of rope_type 'llama3' has no 'low_freq_factor'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope_type 'yarn'"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling has rope_type 'linear'"),
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),

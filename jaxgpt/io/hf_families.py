@@ -40,24 +40,34 @@ Params = Any
 # config.json <-> GPTConfig
 
 
-def _rope(hf: dict[str, Any], where: str) -> float:
-    """rope_theta from transformers 5's `rope_parameters` or older `rope_theta`; scaled ropes are refused."""
+def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """GPTConfig's rope fields from transformers 5's `rope_parameters` or older `rope_theta` / `rope_scaling`:
+    the default rope, or Llama 3.1's scaling ("llama3"); other scalings are refused."""
     params = hf.get("rope_parameters") or {}
     if isinstance(params, dict) and "rope_type" not in params and params and all(isinstance(v, dict) for v in
                                                                                  params.values()):
         raise ValueError(f"{where}: rope_parameters per layer type ({sorted(params)}) is not supported; jaxgpt "
                          "has one rope for every layer")
     scaling = hf.get("rope_scaling") or {}
+    fields: dict[str, Any] = {}
     for d, name in ((params, "rope_parameters"), (scaling, "rope_scaling")):
         kind = d.get("rope_type", d.get("type", "default")) if d else "default"
-        if kind != "default":
-            raise ValueError(f"{where}: {name} has rope_type {kind!r}; jaxgpt implements only the default rope "
-                             "(no Llama 3.1 / YaRN / linear / dynamic scaling)")
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"{where}: {name} has rope_type {kind!r}; jaxgpt implements the default rope and "
+                             "Llama 3.1's 'llama3' scaling (no YaRN / linear / dynamic scaling)")
         if float(d.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError(f"{where}: {name} sets partial_rotary_factor={d['partial_rotary_factor']}; jaxgpt "
                              "rotates the whole head")
+        if kind == "llama3":
+            try:
+                fields = {"rope_scaling": "llama3", "rope_factor": float(d["factor"]),
+                          "rope_low_freq_factor": float(d["low_freq_factor"]),
+                          "rope_high_freq_factor": float(d["high_freq_factor"]),
+                          "rope_original_context": int(d["original_max_position_embeddings"])}
+            except KeyError as e:
+                raise ValueError(f"{where}: {name} of rope_type 'llama3' has no {e.args[0]!r}") from None
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+    return {"rope_theta": float(theta), **fields}
 
 
 def _refuse_unsupported(hf: dict[str, Any], family: str, where: str) -> None:
@@ -85,7 +95,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", **overrides: 
     if family not in FAMILIES:
         raise ValueError(f"{where}: model_type {family!r} is not one of {', '.join(FAMILIES)}")
     _refuse_unsupported(hf, family, where)
-    theta = _rope(hf, where)
+    rope = _rope(hf, where)
     try:
         C, H = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         fields = {"vocab_size": int(hf["vocab_size"]), "n_layer": int(hf["num_hidden_layers"]), "n_head": H,
@@ -97,7 +107,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", **overrides: 
     return GPTConfig(
         **fields, block_size=int(hf.get("max_position_embeddings", 2048)),
         n_kv_head=0 if kv == H else kv, head_size=0 if H * head == C else head,
-        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), **rope,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bias=False, pos_embedding="rope", norm="rmsnorm", norm_position="pre", mlp="swiglu", fused_qkv=False,
         qkv_bias=family == "qwen2", qk_norm=family == "qwen3", **overrides,
@@ -132,6 +142,11 @@ def config_to_hf(model_cfg: GPTConfig, family: str) -> dict[str, Any]:
         "rope_scaling": None, "tie_word_embeddings": c.tie_embeddings, "attention_dropout": 0.0,
         "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32", "dtype": "float32",
     }
+    if c.rope_scaling == "llama3":  # Llama 3.1+'s scaling, in both spellings transformers reads
+        factor, low, high, context = c.rope_scaling_params
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                   "original_max_position_embeddings": context}
+        hf.update(rope_scaling=scaling, rope_parameters={**scaling, "rope_theta": c.rope_theta})
     if family == "llama":
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     else:

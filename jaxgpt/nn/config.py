@@ -21,6 +21,7 @@ NORM_POSITIONS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "manual")
 REMATS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ROPE_SCALINGS = ("none", "llama3")
 MLPS = ("gelu", "swiglu", "geglu", "relu2")
 GATED_MLPS = ("swiglu", "geglu")  # three matrices: c_gate, c_fc (up), c_proj (down)
 STYLES = ("gpt2", "llama", "qwen3")
@@ -56,6 +57,14 @@ class GPTConfig:
     norm_position: str = "pre"  # pre (GPT-2) | post (original Transformer: x = LN(x + f(x)))
     tie_embeddings: bool = True  # lm_head shares wte
     rope_theta: float = 10000.0
+    # Llama 3.1+'s rope frequency scaling ("none" | "llama3"): wavelengths longer than original_context /
+    # low_freq_factor are divided by rope_factor, shorter than original_context / high_freq_factor kept, smoothed
+    # between (jaxgpt.nn.rope.inverse_frequencies)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 0
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
@@ -116,12 +125,26 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.layer_norm_eps={self.layer_norm_eps!r} is not valid; use a value > 0")
         if not float(self.rope_theta) > 0:
             raise ValueError(f"GPTConfig.rope_theta={self.rope_theta!r} is not valid; use a value > 0")
+        choice("rope_scaling", ROPE_SCALINGS)
+        if self.rope_scaling == "llama3" and not (
+                float(self.rope_factor) >= 1.0 and 0 < float(self.rope_low_freq_factor)
+                < float(self.rope_high_freq_factor) and int(self.rope_original_context) > 0):
+            raise ValueError("GPTConfig: rope_scaling='llama3' needs rope_factor >= 1, 0 < rope_low_freq_factor < "
+                             "rope_high_freq_factor and rope_original_context > 0 (Llama 3.2: 32, 1, 4, 8192)")
         cap = self.logit_softcap
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= cap < float("inf"):
             raise ValueError(f"GPTConfig.logit_softcap={cap!r} is not valid; use a cap > 0 (e.g. 30.0), or 0 for off")
         for f in ("bias", "tie_embeddings", "scan_layers", "qk_norm", "fused_qkv", "qkv_bias"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"GPTConfig.{f}={getattr(self, f)!r} is not valid; use True or False")
+
+    @property
+    def rope_scaling_params(self) -> tuple[float, float, float, int] | None:
+        """(factor, low_freq_factor, high_freq_factor, original_context) of llama3 scaling, or None."""
+        if self.rope_scaling == "none":
+            return None
+        return (float(self.rope_factor), float(self.rope_low_freq_factor), float(self.rope_high_freq_factor),
+                int(self.rope_original_context))
 
     @property
     def head_dim(self) -> int:

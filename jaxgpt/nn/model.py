@@ -223,8 +223,8 @@ class CausalSelfAttention(nn.Module):
             k = nn.RMSNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                            name="k_norm")(k)
         if cfg.pos_embedding == "rope":
-            q = apply_rope(q, positions, cfg.rope_theta)
-            k = apply_rope(k, positions, cfg.rope_theta)
+            q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling_params)
+            k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling_params)
         q, k, v = constrain_batch(q), constrain_batch(k), constrain_batch(v)
 
         if layer_cache is None:
