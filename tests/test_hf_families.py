@@ -237,6 +237,41 @@ def test_peft_adapters_load_into_jaxgpt_with_peft_logits(tmp_path):
 # The folder through load_model and the sampling CLI
 
 
+def test_a_hub_name_downloads_weights_shards_configs_and_tokenizer_and_loads_with_its_tokenizer(tmp_path,
+                                                                                               monkeypatch):
+    """`--init-from org/name`: one snapshot of the files a family folder needs (stood in for by a local folder:
+    no network here), then the model and the folder's own tokenizer."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from jaxgpt.data.tokenizer import HFTokenizer
+    from jaxgpt.io.workdir import load_model
+
+    repo = tmp_path / "repo"
+    model = _make("llama", repo, seed=12)
+    write_bpe_tokenizer(repo)
+    (repo / "README.md").write_text("not downloaded")
+    asked = []
+
+    def snapshot_download(name, allow_patterns):
+        asked.append(name)
+        out = tmp_path / "cache" / name.replace("/", "--")
+        out.mkdir(parents=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, pat) for pat in allow_patterns):
+                shutil.copy(f, out / f.name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    cfg, params, tok = load_model("org/tiny-llama")
+    assert asked == ["org/tiny-llama"] and isinstance(tok, HFTokenizer)
+    got = sorted(p.name for p in (tmp_path / "cache" / "org--tiny-llama").iterdir())
+    assert got == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                   "tokenizer_config.json"], got
+    np.testing.assert_allclose(_ours(cfg, params, TOKENS), _hf_logits(model, TOKENS), atol=TOL, rtol=0)
+
+
 def test_sample_and_eval_clis_on_a_llama_folder_give_transformers_text_and_loss(tmp_path, capsys):
     from jaxgpt.data.tokenizer import HFTokenizer
     from jaxgpt.io.workdir import load_model

@@ -19,13 +19,16 @@ from jaxgpt.nn import weights
 from jaxgpt.nn.config import GPTConfig
 
 HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+# what a Hub download fetches: the weights (one file or shards with their index), the configs, the tokenizer
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Hugging Face GPT-2
 
 
-def _hf_dir(path_or_name: str | os.PathLike) -> Any:
+def model_dir(path_or_name: str | os.PathLike) -> Any:
     """A local directory or bucket URL, or a Hub model name downloaded with huggingface_hub (needs the network)."""
     p = paths.as_path(path_or_name)
     if p.is_dir():
@@ -33,12 +36,13 @@ def _hf_dir(path_or_name: str | os.PathLike) -> Any:
     if paths.is_url(p):
         raise FileNotFoundError(f"{p} is not a directory with config.json and model.safetensors")
     name = str(path_or_name)
-    if p.exists() or os.sep in name or name.startswith("."):
+    hub_id = name.count("/") <= 1 and not name.startswith(("/", ".", "~")) and "\\" not in name  # org/name
+    if p.exists() or not hub_id:
         raise FileNotFoundError(f"{name} is not a directory with config.json and model.safetensors")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(
             f"cannot download {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}); "
@@ -73,7 +77,7 @@ def load_hf_gpt2(path_or_name: str | os.PathLike, **config_overrides: Any) -> tu
     """
     from safetensors.numpy import load, load_file
 
-    d = _hf_dir(path_or_name)
+    d = model_dir(path_or_name)
     cfg_file, weights = d / "config.json", d / "model.safetensors"
     for f in (cfg_file, weights):
         if not f.is_file():
@@ -203,7 +207,7 @@ def load_hf(path_or_name: str | os.PathLike, **config_overrides: Any) -> tuple[G
     """(GPTConfig, params) of a Hugging Face folder of any supported model_type: gpt2, llama, qwen2, qwen3."""
     from jaxgpt.io import hf_families
 
-    d = _hf_dir(path_or_name)
+    d = model_dir(path_or_name)
     hf_cfg = read_hf_config(d)
     model_type = hf_cfg.get("model_type", "gpt2")
     if model_type == "gpt2":

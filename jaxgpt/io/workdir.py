@@ -217,7 +217,7 @@ def is_hf_dir(path: EPath) -> bool:
 
 def load_model(init_from: str | os.PathLike, bpe_file: str | None = None) -> tuple[GPTConfig, Params, Any]:
     """(model_cfg, params, tokenizer) from a Hugging Face directory (GPT-2, or Llama / Qwen2 / Qwen3 with its
-    tokenizer.json), a GPT-2 Hub name, or a jaxgpt training workdir."""
+    tokenizer.json), a Hub name of either (downloaded), or a jaxgpt training workdir."""
     from jaxgpt.data.tokenizer import from_meta, gpt2_tokenizer, hf_tokenizer
     from jaxgpt.io import hf, hf_families
 
@@ -229,8 +229,9 @@ def load_model(init_from: str | os.PathLike, bpe_file: str | None = None) -> tup
     if path.is_dir() and not is_hf_dir(path):
         model_cfg, params, meta = wd.load()
         return model_cfg, params, from_meta(meta, bpe_file)
-    model_cfg, params = hf.load_hf(init_from)
-    return model_cfg, params, hf_tokenizer(path) if hf_families.is_family_dir(path) else gpt2_tokenizer(bpe_file)
+    folder = hf.model_dir(init_from)  # a Hub name is downloaded here, once
+    model_cfg, params = hf.load_hf(folder)
+    return model_cfg, params, hf_tokenizer(folder) if hf_families.is_family_dir(folder) else gpt2_tokenizer(bpe_file)
 
 
 def transform_params(params: Params, adapters: str | None, quantize: str) -> Params:

@@ -108,8 +108,9 @@ def initial_model(start: StartConfig, model: dict[str, Any], data_meta: dict[str
     if not start.init_path:
         raise ValueError(f"config.init_from={src!r} needs config.init_path (a directory or a model name)")
     if src == "hf":  # GPT-2, Llama, Qwen2 or Qwen3 (config.json's model_type); the latter with their tokenizer.json
-        model_cfg, params = hf.load_hf(start.init_path)
-        tok = (hf_tokenizer(start.init_path).meta() if hf_families.is_family_dir(start.init_path)
+        folder = hf.model_dir(start.init_path)  # a Hub name is downloaded here, once
+        model_cfg, params = hf.load_hf(folder)
+        tok = (hf_tokenizer(folder).meta() if hf_families.is_family_dir(folder)
                else {"kind": "gpt2", "vocab_size": 50257})
     else:
         model_cfg, params, tok = Workdir(start.init_path).load(start.init_which)
