@@ -169,9 +169,7 @@ class WorkdirLock:
             tmp.write_text(json.dumps(holder))
             os.replace(tmp, self.path)
             self.holder = holder
-        self._stop.clear()
-        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock-heartbeat")
-        self._beat.start()
+        self._start_heartbeat()
         return self
 
     def _still_mine(self) -> bool:
@@ -202,13 +200,21 @@ class WorkdirLock:
             return
         raise _lost(self.workdir, now, self.stale_after_s)
 
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock-heartbeat")
+        self._beat.start()
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+
     def release(self) -> None:
         """Remove the lock if this process still holds it (never a lock another run has taken over since)."""
         if self.holder is None:
             return
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
+        self._stop_heartbeat()
         with self._guard():
             if self._still_mine():
                 self.path.unlink()
@@ -315,9 +321,7 @@ class BucketLock(WorkdirLock):
             raise WorkdirLocked(f"{self.path} changes too fast to take; another run is starting there: wait for it or "
                                 "use another --workdir")
         self.holder, self.taken_over, self.beat_at, self.lost = holder, taken, time.time(), False
-        self._stop.clear()
-        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock-heartbeat")
-        self._beat.start()
+        self._start_heartbeat()
         return self
 
     def _heartbeat(self) -> None:
@@ -378,9 +382,7 @@ class BucketLock(WorkdirLock):
 
         if self.holder is None:
             return
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
+        self._stop_heartbeat()
         with self._mutex:
             if not self.lost:
                 with contextlib.suppress(gexc.PreconditionFailed, gexc.NotFound):
